@@ -1,0 +1,333 @@
+"""The codecs: NumPy encoders, and NumPy decoders that are the reference for every other decoder.
+
+An encoded tensor is an :class:`EncodedTensor`: a JSON-able record plus named uint arrays, exactly what the
+checkpoint stores (docs/FORMAT.md). Codecs:
+
+- ``bf16-lossless``: the byte holding a float's exponent is rANS coded; the other bits are stored raw.
+  Works for bfloat16, float16 and float32 sources, bit-exact for every bit pattern.
+- ``int8``: symmetric per-row (output channel) quantisation, a residual predictor chosen per tile, rANS.
+- ``zstd``: byte planes compressed with zstandard, decoded on the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+
+import ml_dtypes
+import numpy as np
+import zstandard
+
+from jcodec import rans
+
+CODECS = ("bf16-lossless", "int8", "zstd")
+RANS_CODECS = ("bf16-lossless", "int8")
+DEFAULT_LANES = 128
+DEFAULT_STEPS = 1024
+MAX_LANES = 4096
+
+# dtype name -> (numpy dtype, unsigned view, raw bytes per value)
+FLOAT_DTYPES = {
+    "bfloat16": (np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16), 1),
+    "float16": (np.dtype(np.float16), np.dtype(np.uint16), 1),
+    "float32": (np.dtype(np.float32), np.dtype(np.uint32), 3),
+}
+PREDICTORS = ("none", "left", "up")
+
+
+class FormatError(ValueError):
+    """An encoded tensor that is inconsistent, corrupted, or of an unknown kind."""
+
+
+@dataclasses.dataclass
+class EncodedTensor:
+    """One encoded tensor: its metadata record and its arrays (keyed by entry suffix, e.g. ``words``)."""
+
+    record: dict
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored for this tensor, metadata record included."""
+        return sum(a.nbytes for a in self.arrays.values()) + len(json.dumps(self.record))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.record["shape"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return FLOAT_DTYPES[self.record["dtype"]][0]
+
+
+def dtype_name(dtype) -> str:
+    for name, (dt, _, _) in FLOAT_DTYPES.items():
+        if np.dtype(dtype) == dt:
+            return name
+    raise ValueError(f"unsupported dtype {np.dtype(dtype)}; jcodec codes bfloat16, float16 and float32")
+
+
+# ---------------------------------------------------------------------------------------------- floats
+def split_float(bits: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Unsigned bit patterns -> (symbol byte holding the exponent, raw bytes [n, raw_bytes])."""
+    if dtype == "bfloat16":  # s eeeeeeee mmmmmmm: symbol = exponent, raw = s mmmmmmm
+        sym = (bits >> 7).astype(np.uint8)
+        raw = (((bits >> 8) & 0x80) | (bits & 0x7F)).astype(np.uint8)[:, None]
+    elif dtype == "float16":  # s eeeee mm | mmmmmmmm: symbol = high byte, raw = low byte
+        sym = (bits >> 8).astype(np.uint8)
+        raw = (bits & 0xFF).astype(np.uint8)[:, None]
+    else:  # float32: symbol = exponent, raw = s + 23 mantissa bits, 3 bytes little-endian
+        sym = ((bits >> 23) & 0xFF).astype(np.uint8)
+        raw24 = ((bits >> 8) & 0x800000) | (bits & 0x7FFFFF)
+        raw = raw24.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :3]
+    return sym, np.ascontiguousarray(raw)
+
+
+def join_float(sym: np.ndarray, raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Inverse of :func:`split_float`: unsigned bit patterns."""
+    if dtype == "bfloat16":
+        s, r = sym.astype(np.uint16), raw[:, 0].astype(np.uint16)
+        return ((r & 0x80) << 8) | (s << 7) | (r & 0x7F)
+    if dtype == "float16":
+        return (sym.astype(np.uint16) << 8) | raw[:, 0].astype(np.uint16)
+    raw24 = raw[:, 0].astype(np.uint32) | (raw[:, 1].astype(np.uint32) << 8) | (raw[:, 2].astype(np.uint32) << 16)
+    return ((raw24 & 0x800000) << 8) | (sym.astype(np.uint32) << 23) | (raw24 & 0x7FFFFF)
+
+
+def _tile_crcs(data: np.ndarray, tile_elems: int, tiles: int) -> np.ndarray:
+    """CRC-32 of each tile's slice of ``data`` (elements in symbol order)."""
+    flat = np.ascontiguousarray(data).reshape(-1)
+    return np.array([zlib.crc32(flat[t * tile_elems:(t + 1) * tile_elems].tobytes()) for t in range(tiles)],
+                    dtype=np.uint32)
+
+
+def _rans_arrays(symbols, lanes, steps):
+    """rANS-code ``symbols`` with a per-tensor table: freqs, states, counts, words and the word bases."""
+    freqs = rans.normalize_freqs(np.bincount(symbols, minlength=rans.ALPHABET))
+    states, counts, words = rans.encode(symbols, freqs, lanes, steps)
+    if words.size >= 1 << 32:
+        raise ValueError("tensor too large for one stream; split it")
+    bases = rans.lane_offsets(counts)[::lanes].astype(np.uint32)
+    return freqs, states, counts, words, bases
+
+
+def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS) -> EncodedTensor:
+    """``bf16-lossless``: rANS on the exponent byte, raw sign+mantissa. Bit-exact for every pattern."""
+    name = dtype_name(x.dtype)
+    _, udt, _ = FLOAT_DTYPES[name]
+    bits = np.ascontiguousarray(x).reshape(-1).view(udt)
+    n = bits.size
+    if n == 0:
+        raise ValueError("cannot encode an empty tensor")
+    sym, raw = split_float(bits, name)
+    freqs, states, counts, words, bases = _rans_arrays(sym, lanes, steps)
+    t = rans.num_tiles(n, lanes, steps)
+    tiles = np.zeros((t, 3), np.uint32)
+    tiles[:, 0] = bases
+    tiles[:, 1] = _tile_crcs(bits, lanes * steps, t)
+    record = dict(codec="bf16-lossless", shape=list(x.shape), dtype=name, lanes=lanes, steps=steps,
+                  prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size))
+    arrays = dict(freqs=freqs, states=states, counts=counts, words=words, raw=raw.reshape(-1), tiles=tiles)
+    return EncodedTensor(record, arrays)
+
+
+# ---------------------------------------------------------------------------------------------- int8
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row quantisation of a [rows, cols] float array: (q int8, scales float32[rows])."""
+    x = np.asarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("int8 needs finite weights (NaN or Inf found); use bf16-lossless for this tensor")
+    amax = np.max(np.abs(x), axis=1)
+    scales = (amax / 127.0).astype(np.float32)
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scales
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray, dtype: str) -> np.ndarray:
+    """float32(q) * scale[row], rounded once to ``dtype`` (round to nearest even): the exact definition."""
+    return (q.astype(np.float32) * scales.astype(np.float32)[:, None]).astype(FLOAT_DTYPES[dtype][0])
+
+
+def _predict(q: np.ndarray, cols: int, tile_elems: int, predictor: int) -> np.ndarray:
+    """Residuals (uint8, mod 256) of flat int8 ``q`` under one predictor; neighbours stay inside a tile."""
+    q8 = q.view(np.uint8).astype(np.int16)
+    if predictor == 0:
+        return q.view(np.uint8).copy()
+    idx = np.arange(q.size)
+    back = 1 if predictor == 1 else cols
+    has = (idx % tile_elems) >= back
+    if predictor == 1:
+        has &= (idx % cols) != 0
+    prev = np.zeros_like(q8)
+    prev[back:] = q8[:-back] if back < q.size else prev[back:]
+    return ((q8 - np.where(has, prev, 0)) & 0xFF).astype(np.uint8)
+
+
+def _unpredict(r: np.ndarray, cols: int, tile_elems: int, predictors: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_predict` per tile: prefix sums along the predictor's direction, mod 256."""
+    n = r.size
+    out = np.empty(n, np.uint8)
+    for t, p in enumerate(predictors):
+        lo, hi = t * tile_elems, min(n, (t + 1) * tile_elems)
+        seg = r[lo:hi].astype(np.int64)
+        if p == 0:
+            out[lo:hi] = seg
+        elif p == 1:  # running sum that restarts at every row start and at the tile start
+            cs = np.cumsum(seg)
+            starts = np.flatnonzero((np.arange(lo, hi) % cols == 0) | (np.arange(lo, hi) == lo))
+            run_start = np.maximum.accumulate(np.where(np.isin(np.arange(hi - lo), starts), np.arange(hi - lo), 0))
+            before = np.where(run_start > 0, cs[run_start - 1], 0)
+            out[lo:hi] = (cs - before) & 0xFF
+        else:  # chains j, j-cols, ... inside the tile: columns of the tile folded into rows of width cols
+            m = hi - lo
+            rows = -(-m // cols)
+            folded = np.zeros(rows * cols, np.int64)
+            folded[:m] = seg
+            out[lo:hi] = (np.cumsum(folded.reshape(rows, cols), axis=0).reshape(-1)[:m]) & 0xFF
+    return out
+
+
+def encode_int8(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS) -> EncodedTensor:
+    """``int8``: quantise per row, pick each tile's predictor by coded size, rANS code the residuals."""
+    name = dtype_name(x.dtype)
+    if x.ndim < 2:
+        raise ValueError("int8 quantises per output channel and needs a tensor of 2 or more dimensions")
+    rows = x.shape[0]
+    cols = int(np.prod(x.shape[1:]))
+    q, scales = quantize_int8(np.asarray(x, np.float32).reshape(rows, cols))
+    flat = q.reshape(-1)
+    n, te = flat.size, lanes * steps
+    t = rans.num_tiles(n, lanes, steps)
+    residuals = np.stack([_predict(flat, cols, te, p) for p in range(len(PREDICTORS))])  # [P, n]
+    tile_of = np.arange(n) // te
+    hist = np.stack([np.bincount(tile_of * 256 + r, minlength=t * 256).reshape(t, 256) for r in residuals], 1)
+    # first pick by each tile's own entropy, then re-pick twice under the shared table that choice gives
+    p_hist = hist / np.maximum(hist.sum(-1, keepdims=True), 1)
+    choice = np.argmin(-np.sum(hist * np.log2(np.where(p_hist > 0, p_hist, 1)), -1), axis=1)
+    for _ in range(2):
+        freqs = rans.normalize_freqs(hist[np.arange(t), choice].sum(0))
+        f = freqs.astype(np.float64)
+        bits_per_symbol = np.where(f > 0, rans.PROB_BITS - np.log2(np.maximum(f, 1)), 1e9)  # 1e9: not codable
+        cost = hist @ bits_per_symbol
+        choice = np.argmin(cost, axis=1)
+    symbols = residuals[choice[tile_of], np.arange(n)]
+    freqs, states, counts, words, bases = _rans_arrays(symbols, lanes, steps)
+    tiles = np.zeros((t, 3), np.uint32)
+    tiles[:, 0] = bases
+    tiles[:, 1] = _tile_crcs(flat, te, t)
+    tiles[:, 2] = choice
+    record = dict(codec="int8", shape=list(x.shape), dtype=name, lanes=lanes, steps=steps,
+                  prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size), rows=rows, cols=cols)
+    arrays = dict(freqs=freqs, states=states, counts=counts, words=words, scales=scales, tiles=tiles)
+    return EncodedTensor(record, arrays)
+
+
+# ---------------------------------------------------------------------------------------------- zstd
+def encode_zstd(x: np.ndarray, level: int = 3) -> EncodedTensor:
+    """``zstd``: the value bytes regrouped into byte planes (all low bytes, then ...), one zstd frame."""
+    name = dtype_name(x.dtype)
+    data = np.ascontiguousarray(x).reshape(-1)
+    planes = data.view(np.uint8).reshape(data.size, data.itemsize).T
+    frame = zstandard.ZstdCompressor(level=level).compress(np.ascontiguousarray(planes).tobytes())
+    record = dict(codec="zstd", shape=list(x.shape), dtype=name, level=level, crc32=zlib.crc32(data.tobytes()))
+    return EncodedTensor(record, dict(zstd=np.frombuffer(frame, np.uint8).copy()))
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _need(cond: bool, what: str):
+    if not cond:
+        raise FormatError(what)
+
+
+def validate(enc: EncodedTensor) -> None:
+    """Check every field and array size of an encoded tensor before anything is decoded from it."""
+    r, a = enc.record, enc.arrays
+    _need(isinstance(r, dict) and r.get("codec") in CODECS, f"unknown codec {r.get('codec') if isinstance(r, dict) else r!r}")
+    _need(r.get("dtype") in FLOAT_DTYPES, f"unknown dtype {r.get('dtype')!r}")
+    shape = r.get("shape")
+    _need(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape), f"bad shape {shape!r}")
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    _need(n > 0, "empty tensors are stored raw, not encoded")
+    expected = {"zstd": {"zstd"}, "bf16-lossless": {"freqs", "states", "counts", "words", "raw", "tiles"},
+                "int8": {"freqs", "states", "counts", "words", "scales", "tiles"}}[r["codec"]]
+    _need(set(a) == expected, f"entries {sorted(a)} do not match codec {r['codec']} (expected {sorted(expected)})")
+    if r["codec"] == "zstd":
+        _need(a["zstd"].dtype == np.uint8 and a["zstd"].ndim == 1, "zstd frame must be uint8[m]")
+        _need(type(r.get("crc32")) is int, "zstd record lacks its crc32")
+        return
+    lanes, steps = r.get("lanes"), r.get("steps")
+    _need(type(lanes) is int and 1 <= lanes <= MAX_LANES, f"lanes={lanes!r} out of range")
+    _need(type(steps) is int and 1 <= steps < 1 << 16, f"steps={steps!r} out of range")
+    _need(r.get("prob_bits") == rans.PROB_BITS, f"prob_bits={r.get('prob_bits')!r}, this version reads {rans.PROB_BITS}")
+    t = rans.num_tiles(n, lanes, steps)
+    _need(r.get("tiles") == t, f"tiles={r.get('tiles')!r} but shape and geometry give {t}")
+    for key, dt, shp in [("freqs", np.uint16, (rans.ALPHABET,)), ("states", np.uint32, (t * lanes,)),
+                         ("counts", np.uint16, (t * lanes,)), ("tiles", np.uint32, (t, 3))]:
+        _need(a[key].dtype == dt and a[key].shape == shp, f"{key} must be {np.dtype(dt).name}{list(shp)}, "
+                                                          f"found {a[key].dtype.name}{list(a[key].shape)}")
+    _need(int(a["freqs"].astype(np.int64).sum()) == rans.PROB_SCALE, "frequency table does not sum to 4096")
+    total = int(a["counts"].astype(np.int64).sum())
+    _need(a["words"].dtype == np.uint16 and a["words"].shape == (total,) and r.get("words") == total,
+          f"words must be uint16[{total}] (the sum of lane counts), found {a['words'].dtype.name}{list(a['words'].shape)}")
+    _need(np.array_equal(a["tiles"][:, 0], rans.lane_offsets(a["counts"])[::lanes].astype(np.uint32)),
+          "tile word offsets disagree with lane counts")
+    if r["codec"] == "bf16-lossless":
+        rb = FLOAT_DTYPES[r["dtype"]][2]
+        _need(a["raw"].dtype == np.uint8 and a["raw"].shape == (n * rb,), f"raw must be uint8[{n * rb}]")
+    else:
+        rows, cols = r.get("rows"), r.get("cols")
+        _need(type(rows) is int and type(cols) is int and rows == shape[0] and rows * cols == n,
+              f"rows={rows!r}, cols={cols!r} do not fit shape {shape}")
+        _need(a["scales"].dtype == np.float32 and a["scales"].shape == (rows,), f"scales must be float32[{rows}]")
+        _need(bool(np.all(np.isfinite(a["scales"]))) and bool(np.all(a["scales"] >= 0)), "scales must be finite and >= 0")
+        _need(int(a["tiles"][:, 2].max()) < len(PREDICTORS), "unknown predictor id")
+
+
+# ---------------------------------------------------------------------------------------------- decode
+def decode(enc: EncodedTensor) -> np.ndarray:
+    """Decode to the original dtype and shape with NumPy, checking every tile's CRC-32."""
+    validate(enc)
+    r, a = enc.record, enc.arrays
+    shape, name = tuple(r["shape"]), r["dtype"]
+    dt, udt, rb = FLOAT_DTYPES[name]
+    n = int(np.prod(shape, dtype=np.int64))
+    if r["codec"] == "zstd":
+        try:
+            data = zstandard.ZstdDecompressor().decompress(a["zstd"].tobytes(), max_output_size=n * dt.itemsize)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"zstd frame corrupt: {e}") from None
+        _need(len(data) == n * dt.itemsize, f"zstd frame holds {len(data)} bytes, shape needs {n * dt.itemsize}")
+        values = np.frombuffer(data, np.uint8).reshape(dt.itemsize, n).T.copy().reshape(-1).view(dt)
+        _need(zlib.crc32(values.tobytes()) == r["crc32"], "checksum mismatch after zstd decode")
+        return values.reshape(shape)
+    lanes, steps = r["lanes"], r["steps"]
+    try:
+        sym = rans.decode(a["states"], a["counts"], a["words"], a["freqs"], lanes, steps, n)
+    except rans.RansError as e:
+        raise FormatError(str(e)) from None
+    te, t = lanes * steps, r["tiles"]
+    if r["codec"] == "bf16-lossless":
+        bits = join_float(sym, a["raw"].reshape(n, rb), name).astype(udt)
+        _check_tiles(bits, te, a["tiles"][:, 1])
+        return bits.view(dt).reshape(shape)
+    q = _unpredict(sym, r["cols"], te, a["tiles"][:, 2]).view(np.int8)
+    _check_tiles(q, te, a["tiles"][:, 1])
+    return dequantize_int8(q.reshape(r["rows"], r["cols"]), a["scales"], name).reshape(shape)
+
+
+def _check_tiles(data: np.ndarray, tile_elems: int, crcs: np.ndarray) -> None:
+    got = _tile_crcs(data, tile_elems, crcs.size)
+    bad = np.flatnonzero(got != crcs)
+    _need(bad.size == 0, f"checksum mismatch in tile {int(bad[0]) if bad.size else -1} of {crcs.size}")
+
+
+def encode(x: np.ndarray, codec: str, *, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS,
+           zstd_level: int = 3) -> EncodedTensor:
+    if codec == "bf16-lossless":
+        return encode_float(x, lanes, steps)
+    if codec == "int8":
+        return encode_int8(x, lanes, steps)
+    if codec == "zstd":
+        return encode_zstd(x, zstd_level)
+    raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")

@@ -1,0 +1,176 @@
+"""Tile-parallel rANS over byte symbols: the NumPy encoder and the reference decoder.
+
+The layout (docs/FORMAT.md, "rANS streams") in one paragraph: symbols are cut into tiles of
+``lanes * steps``; symbol ``i`` of a tile belongs to lane ``i % lanes`` and is decoded at step
+``i // lanes``. Every lane is an independent rANS coder (32-bit state in [2^16, 2^32), 16-bit words,
+12-bit probabilities) with its own word stream; the streams of all lanes are concatenated lane by lane,
+each in the order the decoder reads it. So a decoder needs, per lane, only its start state and where its
+stream starts: lanes are fully independent, which is what a GPU wants.
+
+Both coders are vectorised over all lanes of all tiles at once: one Python step per symbol position.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PROB_BITS = 12
+PROB_SCALE = 1 << PROB_BITS
+WORD_BITS = 16
+STATE_LOW = 1 << 16  # states live in [STATE_LOW, 2^32); a decoder ends every lane at exactly STATE_LOW
+ALPHABET = 256
+
+
+class RansError(ValueError):
+    """A stream that does not decode: corrupted words, states or counts."""
+
+
+def normalize_freqs(counts: np.ndarray) -> np.ndarray:
+    """Scale symbol counts to frequencies summing to ``PROB_SCALE``; every present symbol gets >= 1.
+
+    Starts from rounded proportional frequencies, then moves single units where they cost (or save)
+    the fewest coded bits, so the table is close to the best 12-bit approximation.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.shape != (ALPHABET,) or counts.min() < 0:
+        raise ValueError(f"counts must be {ALPHABET} non-negative integers, got shape {counts.shape}")
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("cannot build a frequency table for zero symbols")
+    present = counts > 0
+    if int(present.sum()) > PROB_SCALE:
+        raise ValueError("more symbols present than probability slots")
+    freqs = np.where(present, np.maximum(1, np.rint(counts * (PROB_SCALE / total))), 0).astype(np.int64)
+    cnt = counts.astype(np.float64)
+    while (diff := int(freqs.sum()) - PROB_SCALE) != 0:
+        f = freqs.astype(np.float64)
+        if diff > 0:  # take a unit from the symbol whose cost rises least
+            shrinkable = freqs > 1
+            cost = np.full(ALPHABET, np.inf)
+            cost[shrinkable] = cnt[shrinkable] * np.log2(f[shrinkable] / (f[shrinkable] - 1))
+            order = np.argsort(cost, kind="stable")[:diff]
+            order = order[np.isfinite(cost[order])]
+            freqs[order] -= 1
+        else:  # give a unit to the symbol that saves most
+            gain = np.full(ALPHABET, -np.inf)
+            gain[present] = cnt[present] * np.log2((f[present] + 1) / f[present])
+            order = np.argsort(-gain, kind="stable")[:-diff]
+            freqs[order] += 1
+    return freqs.astype(np.uint16)
+
+
+def slot_tables(freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per probability slot: (symbol, frequency, bias = slot - cumulative frequency of the symbol)."""
+    freqs = np.asarray(freqs, dtype=np.int64)
+    if freqs.shape != (ALPHABET,) or int(freqs.sum()) != PROB_SCALE or freqs.min() < 0:
+        raise RansError(f"frequency table must be {ALPHABET} counts summing to {PROB_SCALE}")
+    symbol = np.repeat(np.arange(ALPHABET, dtype=np.int64), freqs)
+    cum = np.concatenate([[0], np.cumsum(freqs)[:-1]])
+    bias = np.arange(PROB_SCALE, dtype=np.int64) - cum[symbol]
+    return symbol.astype(np.uint8), freqs[symbol].astype(np.uint32), bias.astype(np.uint32)
+
+
+def packed_slot_table(freqs: np.ndarray) -> np.ndarray:
+    """One uint32 per slot: ``symbol | (freq - 1) << 8 | bias << 20`` (what the GPU kernels gather)."""
+    symbol, freq, bias = slot_tables(freqs)
+    return (symbol.astype(np.uint32) | ((freq - 1) << 8) | (bias << 20)).astype(np.uint32)
+
+
+def num_tiles(n: int, lanes: int, steps: int) -> int:
+    return max(1, -(-n // (lanes * steps)))
+
+
+def tile_symbols(symbols: np.ndarray, lanes: int, steps: int, pad: int) -> np.ndarray:
+    """[n] -> [tiles, steps, lanes], the last tile padded with ``pad`` (the most frequent symbol)."""
+    n = symbols.size
+    t = num_tiles(n, lanes, steps)
+    padded = np.full(t * lanes * steps, pad, dtype=np.uint8)
+    padded[:n] = symbols
+    return padded.reshape(t, steps, lanes)
+
+
+def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int):
+    """Encode ``symbols`` (uint8[n]) with the table ``freqs``.
+
+    Returns ``(states uint32[T*L], counts uint16[T*L], words uint16[W])``: each lane's decoder start
+    state, the number of words in its stream, and all streams concatenated lane by lane.
+    """
+    symbols = np.asarray(symbols, dtype=np.uint8).reshape(-1)
+    freqs64 = np.asarray(freqs, dtype=np.uint64)
+    if np.any(freqs64[np.unique(symbols)] == 0):
+        raise ValueError("a symbol to encode has frequency 0")
+    if steps >= 1 << 16:
+        raise ValueError(f"{steps=} must be < 65536 so that a lane's word count fits in 16 bits")
+    cum = np.concatenate([[0], np.cumsum(freqs64)[:-1]]).astype(np.uint64)
+    tiled = tile_symbols(symbols, lanes, steps, int(np.argmax(freqs64)))
+    t = tiled.shape[0]
+    x = np.full(t * lanes, STATE_LOW, dtype=np.uint64)
+    emitted = np.empty((steps, t * lanes), dtype=np.uint16)
+    emits = np.empty((steps, t * lanes), dtype=bool)
+    limit_shift = np.uint64(WORD_BITS + 16 - PROB_BITS)  # x_max(s) = freq(s) << 20
+    for k in range(steps - 1, -1, -1):
+        s = tiled[:, k, :].reshape(-1)
+        f = freqs64[s]
+        need = x >= (f << limit_shift)
+        emitted[k] = x.astype(np.uint16)  # low 16 bits; kept only where need
+        emits[k] = need
+        x = np.where(need, x >> np.uint64(WORD_BITS), x)
+        q, r = np.divmod(x, f)
+        x = (q << np.uint64(PROB_BITS)) + r + cum[s]
+    # The decoder reads lane j's words in increasing step order: exactly emitted[k, j] where emits[k, j].
+    words = emitted.T[emits.T]
+    counts = emits.sum(axis=0).astype(np.uint16)
+    return x.astype(np.uint32), counts, words
+
+
+def lane_offsets(counts: np.ndarray) -> np.ndarray:
+    """Where each lane's stream starts in the concatenated words (exclusive prefix sum), int64."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]) if counts.size else counts
+
+
+def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.ndarray,
+           lanes: int, steps: int, n: int) -> np.ndarray:
+    """Reference decoder: the exact inverse of :func:`encode`; uint8[n].
+
+    Raises :class:`RansError` if any lane reads past its stream or does not end in the encoder's start
+    state (which a corrupted stream almost never does by chance).
+    """
+    t = num_tiles(n, lanes, steps)
+    states = np.asarray(states)
+    counts = np.asarray(counts)
+    if states.shape != (t * lanes,) or counts.shape != (t * lanes,):
+        raise RansError(f"expected {t * lanes} lane states and counts, got {states.shape} and {counts.shape}")
+    words = np.asarray(words, dtype=np.uint16).reshape(-1)
+    start = lane_offsets(counts)
+    end = start + counts.astype(np.int64)
+    if t * lanes and int(end[-1]) != words.size:
+        raise RansError(f"lane word counts add up to {int(end[-1])}, stream holds {words.size} words")
+    symbol, freq, bias = slot_tables(freqs)
+    x = states.astype(np.uint32)
+    if np.any(x < STATE_LOW):
+        raise RansError("a lane's start state is below 2^16")
+    ptr = start.copy()
+    last = max(words.size - 1, 0)
+    padded_words = words if words.size else np.zeros(1, np.uint16)
+    out = np.empty((steps, t * lanes), dtype=np.uint8)
+    for k in range(steps):
+        slot = x & np.uint32(PROB_SCALE - 1)
+        out[k] = symbol[slot]
+        x = freq[slot] * (x >> np.uint32(PROB_BITS)) + bias[slot]
+        need = x < np.uint32(STATE_LOW)
+        w = padded_words[np.minimum(ptr, last)].astype(np.uint32)
+        x = np.where(need, (x << np.uint32(WORD_BITS)) | w, x)
+        ptr += need
+    if np.any(ptr != end) or np.any(x != STATE_LOW):
+        bad = np.flatnonzero((ptr != end) | (x != STATE_LOW))
+        raise RansError(f"rANS stream corrupt in tile {int(bad[0]) // lanes} (lane {int(bad[0]) % lanes})")
+    # [steps, tiles*lanes] -> [tiles, steps, lanes] -> flat, symbol order
+    return out.reshape(steps, t, lanes).transpose(1, 0, 2).reshape(-1)[:n]
+
+
+def coded_bits(symbol_counts: np.ndarray, freqs: np.ndarray) -> float:
+    """Ideal coded size in bits of symbols with these counts under the table (for choosing predictors)."""
+    c = np.asarray(symbol_counts, dtype=np.float64)
+    f = np.asarray(freqs, dtype=np.float64)
+    used = c > 0
+    return float(np.sum(c[used] * (PROB_BITS - np.log2(f[used]))))
