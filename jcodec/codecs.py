@@ -49,7 +49,7 @@ class EncodedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes stored for this tensor, metadata record included."""
-        return sum(a.nbytes for a in self.arrays.values()) + len(json.dumps(self.record))
+        return sum(a.nbytes for a in self.arrays.values()) + len(json.dumps(self.record, separators=(",", ":")))
 
     @property
     def shape(self) -> tuple[int, ...]:

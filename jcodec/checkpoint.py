@@ -1,0 +1,275 @@
+"""The compressed checkpoint folder: writing it safely and reading it defensively (docs/FORMAT.md).
+
+A jcodec checkpoint looks like an HF checkpoint: ``config.json``, tokenizer files, safetensors shards and
+``model.safetensors.index.json``. A tensor kept raw is the entry ``NAME``; an encoded tensor is the entries
+``NAME.<array>`` plus a JSON record under ``jcodec.tensor.NAME`` in its shard's ``__metadata__``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import safetensors
+from safetensors.numpy import save_file
+
+from jcodec import codecs
+
+FORMAT_VERSION = 1
+VERSION_KEY = "jcodec.version"
+RECORD_PREFIX = "jcodec.tensor."
+INDEX_NAME = "model.safetensors.index.json"
+MIN_ENCODED_ELEMENTS = 4096  # below this, tables and states outweigh any gain: store raw
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read; the message names the file and tensor."""
+
+
+def choose_encoding(array: np.ndarray, codec: str, **opts) -> codecs.EncodedTensor | None:
+    """The encoding stored for one tensor, or None to keep it raw.
+
+    Raw when coding cannot pay: not a float, 1-D (norms, biases), tiny, or when the encoding is not
+    smaller than the raw bytes (incompressible data). ``int8`` falls back to ``bf16-lossless`` for a tensor
+    that holds NaN or Inf, since it cannot represent them.
+    """
+    if array.dtype not in [dt for dt, _, _ in codecs.FLOAT_DTYPES.values()]:
+        return None
+    if array.ndim < 2 or array.size < MIN_ENCODED_ELEMENTS:
+        return None
+    if codec == "int8" and not np.all(np.isfinite(np.asarray(array, np.float32))):
+        codec = "bf16-lossless"
+    enc = codecs.encode(array, codec, **opts)
+    return enc if enc.nbytes < array.nbytes else None
+
+
+class CheckpointWriter:
+    """Writes a checkpoint into a temporary folder beside ``out`` and renames it into place on success,
+    so an interrupted or failed conversion leaves nothing behind. Tensors are buffered into shards of
+    about ``shard_bytes`` and written as each shard fills, so memory stays bounded."""
+
+    def __init__(self, out: str | os.PathLike, *, shard_bytes: int = 2 << 30, overwrite: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise CheckpointError(f"{self.out}: already exists (pass --overwrite to replace it)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        self.shard_bytes = shard_bytes
+        self._pending: dict[str, np.ndarray] = {}
+        self._records: dict[str, str] = {}
+        self._pending_bytes = 0
+        self._weight_map: dict[str, str] = {}
+        self._shards: list[str] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, value: codecs.EncodedTensor | np.ndarray) -> None:
+        if name in self._weight_map or any(k in self._pending for k in (name,)):
+            raise CheckpointError(f"tensor {name} added twice")
+        if isinstance(value, codecs.EncodedTensor):
+            entries = {f"{name}.{k}": np.ascontiguousarray(v) for k, v in value.arrays.items()}
+            self._records[RECORD_PREFIX + name] = json.dumps(value.record, separators=(",", ":"))
+        else:
+            entries = {name: np.ascontiguousarray(value)}
+        for k, v in entries.items():
+            self._pending[k] = v
+            self._pending_bytes += v.nbytes
+        if self._pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        shard = f"model-{len(self._shards) + 1:05d}.safetensors"
+        meta = {VERSION_KEY: str(FORMAT_VERSION), "format": "jcodec", **self._records}
+        save_file(self._pending, str(self.tmp / shard), metadata=meta)
+        self._shards.append(shard)
+        for k in self._pending:
+            self._weight_map[k] = shard
+        self.total_bytes += self._pending_bytes
+        self._pending, self._records, self._pending_bytes = {}, {}, 0
+
+    def finish(self, config: dict, save_tokenizer=None) -> Path:
+        """Write the last shard, the index, config.json and the tokenizer, then move into place."""
+        self._flush()
+        if len(self._shards) == 1:  # a single shard gets the conventional name
+            os.replace(self.tmp / self._shards[0], self.tmp / "model.safetensors")
+            self._weight_map = {k: "model.safetensors" for k in self._weight_map}
+        index = {"metadata": {"total_size": self.total_bytes, VERSION_KEY: str(FORMAT_VERSION)},
+                 "weight_map": dict(sorted(self._weight_map.items()))}
+        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if save_tokenizer is not None:
+            save_tokenizer(str(self.tmp))
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+class Checkpoint:
+    """A jcodec checkpoint opened for reading. Headers are read and checked at open; tensors on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a folder (a jcodec checkpoint is a folder)")
+        self.config = self._read_json(self.path / "config.json")
+        shard_names = self._shard_names()
+        self._tensor_shard: dict[str, str] = {}
+        self._records: dict[str, dict] = {}
+        self._entries: dict[str, set[str]] = {}
+        for shard in shard_names:
+            self._scan_shard(shard)
+
+    # ---------------------------------------------------------------------------------- opening
+    def _read_json(self, p: Path) -> dict:
+        try:
+            value = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{p}: missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{p}: expected a JSON object")
+        return value
+
+    def _shard_names(self) -> list[str]:
+        index = self.path / INDEX_NAME
+        if index.exists():
+            weight_map = self._read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: no weight_map of entry -> file")
+            names = sorted(set(weight_map.values()))
+            for n in names:
+                if Path(n).name != n or not n.endswith(".safetensors"):
+                    raise CheckpointError(f"{index}: shard name {n!r} is not a file in the checkpoint folder")
+            return names
+        if (self.path / "model.safetensors").exists():
+            return ["model.safetensors"]
+        raise CheckpointError(f"{self.path}: no model.safetensors or {INDEX_NAME}")
+
+    def _open(self, shard: str):
+        p = self.path / shard
+        try:
+            return safetensors.safe_open(str(p), framework="numpy")
+        except FileNotFoundError:
+            raise CheckpointError(f"{p}: missing") from None
+        except Exception as e:  # safetensors reports truncation and bad headers with its own error types
+            raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
+
+    def _scan_shard(self, shard: str) -> None:
+        p = self.path / shard
+        with self._open(shard) as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+        version = meta.get(VERSION_KEY)
+        if version is None:
+            raise CheckpointError(f"{p}: not a jcodec checkpoint (no {VERSION_KEY} in its metadata)")
+        if version != str(FORMAT_VERSION):
+            raise CheckpointError(f"{p}: format version {version}, this jcodec reads version {FORMAT_VERSION}")
+        encoded = {}
+        for key, text in meta.items():
+            if key.startswith(RECORD_PREFIX):
+                name = key[len(RECORD_PREFIX):]
+                try:
+                    encoded[name] = json.loads(text)
+                except json.JSONDecodeError:
+                    raise CheckpointError(f"{p}: tensor {name}: record is not valid JSON") from None
+                if not isinstance(encoded[name], dict):
+                    raise CheckpointError(f"{p}: tensor {name}: record is not a JSON object")
+        claimed = set()
+        for name in encoded:
+            entries = {k for k in keys if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+            if not entries:
+                raise CheckpointError(f"{p}: tensor {name}: record without entries")
+            self._entries[name] = entries
+            claimed |= entries
+        for name in list(encoded) + [k for k in keys if k not in claimed]:
+            if name in self._tensor_shard:
+                raise CheckpointError(f"{p}: tensor {name} also stored in {self._tensor_shard[name]}")
+            self._tensor_shard[name] = shard
+            if name in encoded:
+                self._records[name] = encoded[name]
+
+    # ---------------------------------------------------------------------------------- reading
+    def names(self) -> list[str]:
+        return list(self._tensor_shard)
+
+    def record(self, name: str) -> dict | None:
+        """The encoding record of ``name``, or None for a tensor stored raw."""
+        self._check_name(name)
+        return self._records.get(name)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._tensor_shard:
+            raise CheckpointError(f"{self.path}: no tensor named {name}")
+
+    def where(self, name: str) -> str:
+        return str(self.path / self._tensor_shard[name])
+
+    def read(self, name: str) -> codecs.EncodedTensor | np.ndarray:
+        """The stored form of ``name``: an EncodedTensor (validated) or the raw array."""
+        self._check_name(name)
+        shard = self._tensor_shard[name]
+        with self._open(shard) as f:
+            if name not in self._records:
+                return self._get(f, shard, name, name)
+            prefix = len(name) + 1
+            arrays = {k[prefix:]: self._get(f, shard, name, k) for k in sorted(self._entries[name])}
+        enc = codecs.EncodedTensor(self._records[name], arrays)
+        try:
+            codecs.validate(enc)
+        except codecs.FormatError as e:
+            raise CheckpointError(f"{self.path / shard}: tensor {name}: {e}") from None
+        return enc
+
+    def _get(self, f, shard, name, key) -> np.ndarray:
+        try:
+            return f.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{self.path / shard}: tensor {name}: entry {key} unreadable ({e})") from None
+
+    def decode(self, name: str) -> np.ndarray:
+        """The tensor decoded with the NumPy reference decoders, every checksum checked."""
+        value = self.read(name)
+        if isinstance(value, np.ndarray):
+            return value
+        try:
+            return codecs.decode(value)
+        except codecs.FormatError as e:
+            raise CheckpointError(f"{self.where(name)}: tensor {name}: {e}") from None
+
+    def summary(self, name: str) -> dict:
+        """codec, shape, dtype, stored and original bytes of one tensor (headers only, no decoding)."""
+        self._check_name(name)
+        rec = self._records.get(name)
+        with self._open(self._tensor_shard[name]) as f:
+            if rec is None:
+                sl = f.get_slice(name)
+                shape, dtype = list(sl.get_shape()), sl.get_dtype()
+                itemsize = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1,
+                            "U16": 2, "I16": 2, "U32": 4, "BOOL": 1}.get(dtype, 0)
+                nbytes = math.prod(shape) * itemsize
+                return dict(codec="raw", shape=shape, dtype=dtype.lower(), stored=nbytes, original=nbytes)
+            stored = len(json.dumps(rec, separators=(",", ":")))
+            for k in self._entries[name]:
+                sl = f.get_slice(k)
+                stored += math.prod(sl.get_shape()) * {"U8": 1, "U16": 2, "U32": 4, "F32": 4}.get(sl.get_dtype(), 0)
+        dt = codecs.FLOAT_DTYPES.get(rec.get("dtype"), (np.dtype(np.uint8),))[0]
+        return dict(codec=rec.get("codec"), shape=rec.get("shape"), dtype=rec.get("dtype"), stored=stored,
+                    original=math.prod(rec.get("shape") or [0]) * dt.itemsize)
