@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -92,7 +93,7 @@ def verify(path, against=None, *, progress: bool = True) -> VerifyReport:
             _, scales = codecs.quantize_int8(x)
             # the bound is half a step of the quantiser, plus the one rounding to the output dtype
             err = np.abs(np.asarray(value, np.float32).reshape(x.shape) - x).max(axis=1)
-            ulp = np.abs(x).max(axis=1) * float(np.finfo(ref.dtype).eps)
+            ulp = np.abs(x).max(axis=1) * float(ml_dtypes.finfo(ref.dtype).eps)
             if np.any(err > scales / 2 + ulp):
                 raise CheckpointError(f"{ckpt.where(name)}: tensor {name}: int8 error exceeds half a step")
         elif not np.array_equal(np.asarray(value).view(np.uint8), np.asarray(ref).view(np.uint8)):

@@ -1,7 +1,7 @@
 """Tile-parallel rANS over byte symbols: the NumPy encoder and the reference decoder.
 
 The layout (docs/FORMAT.md, "rANS streams") in one paragraph: symbols are cut into tiles of
-``lanes * steps``; symbol ``i`` of a tile belongs to lane ``i % lanes`` and is decoded at step
+``lanes * steps`` (positions past the end of the tensor in the last tile are skipped, not coded); symbol ``i`` of a tile belongs to lane ``i % lanes`` and is decoded at step
 ``i // lanes``. Every lane is an independent rANS coder (32-bit state in [2^16, 2^32), 16-bit words,
 12-bit probabilities) with its own word stream; the streams of all lanes are concatenated lane by lane,
 each in the order the decoder reads it. So a decoder needs, per lane, only its start state and where its
@@ -80,7 +80,8 @@ def num_tiles(n: int, lanes: int, steps: int) -> int:
 
 
 def tile_symbols(symbols: np.ndarray, lanes: int, steps: int, pad: int) -> np.ndarray:
-    """[n] -> [tiles, steps, lanes], the last tile padded with ``pad`` (the most frequent symbol)."""
+    """[n] -> [tiles, steps, lanes], the last tile filled up with ``pad``: positions >= n are NOT coded
+    (encoder and decoders leave the lane's state unchanged there), so padding costs nothing."""
     n = symbols.size
     t = num_tiles(n, lanes, steps)
     padded = np.full(t * lanes * steps, pad, dtype=np.uint8)
@@ -101,21 +102,25 @@ def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int):
     if steps >= 1 << 16:
         raise ValueError(f"{steps=} must be < 65536 so that a lane's word count fits in 16 bits")
     cum = np.concatenate([[0], np.cumsum(freqs64)[:-1]]).astype(np.uint64)
+    n = symbols.size
     tiled = tile_symbols(symbols, lanes, steps, int(np.argmax(freqs64)))
     t = tiled.shape[0]
     x = np.full(t * lanes, STATE_LOW, dtype=np.uint64)
     emitted = np.empty((steps, t * lanes), dtype=np.uint16)
     emits = np.empty((steps, t * lanes), dtype=bool)
     limit_shift = np.uint64(WORD_BITS + 16 - PROB_BITS)  # x_max(s) = freq(s) << 20
+    lane = np.arange(t * lanes)
+    first = lane // lanes * (lanes * steps) + lane % lanes  # global symbol index of each lane's step 0
     for k in range(steps - 1, -1, -1):
         s = tiled[:, k, :].reshape(-1)
+        valid = first + k * lanes < n
         f = freqs64[s]
-        need = x >= (f << limit_shift)
+        need = (x >= (f << limit_shift)) & valid
         emitted[k] = x.astype(np.uint16)  # low 16 bits; kept only where need
         emits[k] = need
         x = np.where(need, x >> np.uint64(WORD_BITS), x)
         q, r = np.divmod(x, f)
-        x = (q << np.uint64(PROB_BITS)) + r + cum[s]
+        x = np.where(valid, (q << np.uint64(PROB_BITS)) + r + cum[s], x)  # padding is not coded
     # The decoder reads lane j's words in increasing step order: exactly emitted[k, j] where emits[k, j].
     words = emitted.T[emits.T]
     counts = emits.sum(axis=0).astype(np.uint16)
@@ -153,11 +158,14 @@ def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.
     last = max(words.size - 1, 0)
     padded_words = words if words.size else np.zeros(1, np.uint16)
     out = np.empty((steps, t * lanes), dtype=np.uint8)
+    lane = np.arange(t * lanes)
+    first = lane // lanes * (lanes * steps) + lane % lanes  # global symbol index of each lane's step 0
     for k in range(steps):
+        valid = first + k * lanes < n  # positions past the end of the tensor are padding: not coded
         slot = x & np.uint32(PROB_SCALE - 1)
         out[k] = symbol[slot]
-        x = freq[slot] * (x >> np.uint32(PROB_BITS)) + bias[slot]
-        need = x < np.uint32(STATE_LOW)
+        x = np.where(valid, freq[slot] * (x >> np.uint32(PROB_BITS)) + bias[slot], x)
+        need = (x < np.uint32(STATE_LOW)) & valid
         w = padded_words[np.minimum(ptr, last)].astype(np.uint32)
         x = np.where(need, (x << np.uint32(WORD_BITS)) | w, x)
         ptr += need

@@ -1,0 +1,115 @@
+"""Codecs against their definitions: bit-exact floats, bounded int8 error, zstd, validation."""
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jcodec import codecs
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [BF16, np.dtype(np.float16), np.dtype(np.float32)]
+UINT = {2: np.uint16, 4: np.uint32}
+
+
+def same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(UINT[a.itemsize]), b.view(UINT[b.itemsize]))
+
+
+def edge_values(dtype, n, rng):
+    """Random bit patterns mixed with NaN payloads, infinities, subnormals and signed zeros."""
+    u = UINT[dtype.itemsize]
+    bits = rng.integers(0, np.iinfo(u).max, n, dtype=np.uint64, endpoint=True).astype(u)
+    specials = np.array([0, 1, 2, 3], dtype=u)  # +0 and subnormals
+    sign = u(1) << u(8 * dtype.itemsize - 1)
+    exp_all = {2: (0x7F80 if dtype == BF16 else 0x7C00), 4: 0x7F800000}[dtype.itemsize]
+    specials = np.concatenate([specials, specials | sign, [exp_all, exp_all | sign, exp_all | 1, exp_all | 5 | sign]]).astype(u)
+    m = min(n, specials.size)
+    bits[:m] = specials[:m]
+    return bits.view(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (1, 4099), (513, 1023)])
+def test_float_lossless_bit_exact(dtype, shape):
+    rng = np.random.default_rng(shape[0] * shape[1])
+    x = rng.normal(0, 0.02, shape).astype(dtype)
+    x.reshape(-1)[: min(x.size, 300)] = edge_values(dtype, min(x.size, 300), rng)
+    same_bits(codecs.decode(codecs.encode(x, "bf16-lossless", lanes=32, steps=16)), x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(DTYPES), st.integers(1, 2000), st.integers(1, 64), st.integers(1, 64), st.integers(0, 2**32 - 1))
+def test_float_lossless_any_bits(dtype, n, lanes, steps, seed):
+    x = edge_values(dtype, n, np.random.default_rng(seed))
+    same_bits(codecs.decode(codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps)), x)
+
+
+def test_all_equal_tensor():
+    x = np.full((64, 300), 0.5, BF16)
+    enc = codecs.encode(x, "bf16-lossless", lanes=32, steps=16)
+    assert enc.arrays["words"].size == 0
+    same_bits(codecs.decode(enc), x)
+
+
+def test_gaussian_ratio():
+    x = np.random.default_rng(0).normal(0, 0.02, (1024, 2048)).astype(BF16)
+    enc = codecs.encode(x, "bf16-lossless")
+    assert enc.nbytes / x.nbytes < 0.670
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 7), (17, 300), (300, 513)])
+def test_int8_half_step(dtype, shape):
+    x = np.random.default_rng(1).normal(0, 1, shape).astype(dtype)
+    y = codecs.decode(codecs.encode(x, "int8", lanes=32, steps=16))
+    assert y.dtype == x.dtype and y.shape == x.shape
+    xf = x.astype(np.float32)
+    _, scales = codecs.quantize_int8(xf)
+    ulp = np.abs(xf).max(axis=1) * float(ml_dtypes.finfo(dtype).eps)
+    assert np.all(np.abs(y.astype(np.float32) - xf).max(axis=1) <= scales / 2 + ulp)
+
+
+@pytest.mark.parametrize("axis,predictor", [(1, 1), (0, 2)])
+def test_int8_predictors_win_on_smooth_data(axis, predictor):
+    x = np.cumsum(np.random.default_rng(2).normal(0, 1, (200, 333)), axis=axis).astype(np.float32)
+    enc = codecs.encode(x, "int8", lanes=32, steps=16)
+    assert np.bincount(enc.arrays["tiles"][:, 2], minlength=3).argmax() == predictor
+    q, scales = codecs.quantize_int8(x)
+    np.testing.assert_array_equal(codecs.decode(enc), codecs.dequantize_int8(q, scales, "float32"))
+
+
+def test_int8_zero_rows_and_ratio():
+    x = np.random.default_rng(3).normal(0, 0.02, (512, 2048)).astype(BF16)
+    x[7] = 0
+    enc = codecs.encode(x, "int8")
+    assert enc.nbytes / x.nbytes < 0.46
+    assert np.all(codecs.decode(enc)[7] == 0)
+
+
+def test_int8_refuses_nonfinite():
+    x = np.ones((4, 4), np.float32)
+    x[1, 1] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        codecs.encode(x, "int8")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zstd_bit_exact(dtype):
+    x = edge_values(dtype, 5000, np.random.default_rng(4)).reshape(50, 100)
+    same_bits(codecs.decode(codecs.encode(x, "zstd")), x)
+
+
+def test_validate_rejects_lies():
+    x = np.random.default_rng(5).normal(0, 1, (40, 50)).astype(BF16)
+    cases = [("shape", [40, 51]), ("tiles", 99), ("lanes", 0), ("prob_bits", 11), ("codec", "lzma"), ("dtype", "int4")]
+    for key, value in cases:
+        enc = codecs.encode(x, "bf16-lossless", lanes=8, steps=8)
+        enc.record[key] = value
+        with pytest.raises(codecs.FormatError):
+            codecs.decode(enc)
+    enc = codecs.encode(x, "bf16-lossless", lanes=8, steps=8)
+    enc.arrays["counts"] = enc.arrays["counts"].copy()
+    enc.arrays["counts"][0] += 1
+    with pytest.raises(codecs.FormatError):
+        codecs.decode(enc)
