@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from jcodec import codecs
 FORMAT_VERSION = 1
 VERSION_KEY = "jcodec.version"
 RECORD_PREFIX = "jcodec.tensor."
+RAW_CRC_PREFIX = "jcodec.crc32."  # a raw tensor's CRC-32, so that every stored byte is checked
 INDEX_NAME = "model.safetensors.index.json"
 MIN_ENCODED_ELEMENTS = 4096  # below this, tables and states outweigh any gain: store raw
 
@@ -74,6 +76,7 @@ class CheckpointWriter:
             self._records[RECORD_PREFIX + name] = json.dumps(value.record, separators=(",", ":"))
         else:
             entries = {name: np.ascontiguousarray(value)}
+            self._records[RAW_CRC_PREFIX + name] = str(zlib.crc32(entries[name].tobytes()))
         for k, v in entries.items():
             self._pending[k] = v
             self._pending_bytes += v.nbytes
@@ -104,6 +107,11 @@ class CheckpointWriter:
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if save_tokenizer is not None:
             save_tokenizer(str(self.tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in self.tmp.iterdir():  # mkdtemp made everything private; give it the usual permissions
+            f.chmod(0o666 & ~umask)
+        self.tmp.chmod(0o777 & ~umask)
         if self.out.exists():
             shutil.rmtree(self.out)
         os.replace(self.tmp, self.out)
@@ -133,6 +141,7 @@ class Checkpoint:
         self._tensor_shard: dict[str, str] = {}
         self._records: dict[str, dict] = {}
         self._entries: dict[str, set[str]] = {}
+        self._raw_crcs: dict[str, int] = {}
         for shard in shard_names:
             self._scan_shard(shard)
 
@@ -182,8 +191,10 @@ class Checkpoint:
             raise CheckpointError(f"{p}: not a jcodec checkpoint (no {VERSION_KEY} in its metadata)")
         if version != str(FORMAT_VERSION):
             raise CheckpointError(f"{p}: format version {version}, this jcodec reads version {FORMAT_VERSION}")
-        encoded = {}
+        encoded, crcs = {}, {}
         for key, text in meta.items():
+            if key.startswith(RAW_CRC_PREFIX):
+                crcs[key[len(RAW_CRC_PREFIX):]] = text
             if key.startswith(RECORD_PREFIX):
                 name = key[len(RECORD_PREFIX):]
                 try:
@@ -205,6 +216,10 @@ class Checkpoint:
             self._tensor_shard[name] = shard
             if name in encoded:
                 self._records[name] = encoded[name]
+            elif name in crcs and crcs[name].isdigit():
+                self._raw_crcs[name] = int(crcs[name])
+            else:
+                raise CheckpointError(f"{p}: tensor {name}: no checksum recorded")
 
     # ---------------------------------------------------------------------------------- reading
     def names(self) -> list[str]:
@@ -228,7 +243,10 @@ class Checkpoint:
         shard = self._tensor_shard[name]
         with self._open(shard) as f:
             if name not in self._records:
-                return self._get(f, shard, name, name)
+                value = self._get(f, shard, name, name)
+                if zlib.crc32(np.ascontiguousarray(value).tobytes()) != self._raw_crcs[name]:
+                    raise CheckpointError(f"{self.path / shard}: tensor {name}: checksum mismatch")
+                return value
             prefix = len(name) + 1
             arrays = {k[prefix:]: self._get(f, shard, name, k) for k in sorted(self._entries[name])}
         enc = codecs.EncodedTensor(self._records[name], arrays)

@@ -6,7 +6,9 @@ tensor, whatever the size of the model.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -45,7 +47,7 @@ def convert(src, out, codec: str = "bf16-lossless", *, lanes: int = codecs.DEFAU
     original = stored = encoded = 0
     opts = dict(zstd_level=zstd_level) if codec == "zstd" else dict(lanes=lanes, steps=steps)
     with CheckpointWriter(out, shard_bytes=shard_bytes, overwrite=overwrite) as writer:
-        bar = tqdm(names, desc=f"convert {codec}", unit="tensor", disable=not progress, leave=False)
+        bar = tqdm(names, desc=f"convert {codec}", unit="tensor", disable=None if progress else True, leave=False)
         for name in bar:
             array = source.read(name)
             enc = choose_encoding(array, codec, **opts)
@@ -54,8 +56,23 @@ def convert(src, out, codec: str = "bf16-lossless", *, lanes: int = codecs.DEFAU
             stored += enc.nbytes if enc is not None else array.nbytes
             encoded += enc is not None
             bar.set_postfix(ratio=f"{stored / max(original, 1):.3f}")
-        writer.finish(source.config, source.save_tokenizer)
+        writer.finish(source.config, lambda d: _copy_tokenizer(source, d))
     return ConvertReport(str(out), codec, len(names), encoded, original, stored, time.perf_counter() - t0)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _copy_tokenizer(source, directory: str) -> None:
+    """Copy an HF folder's tokenizer files as they are; a GGUF's tokenizer is rebuilt by transformers."""
+    folder = Path(source.path)
+    if folder.is_dir():
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, Path(directory) / name)
+    else:
+        source.save_tokenizer(directory)
 
 
 @dataclasses.dataclass
@@ -78,7 +95,8 @@ def verify(path, against=None, *, progress: bool = True) -> VerifyReport:
         if missing:
             raise CheckpointError(f"{path}: {len(missing)} tensors of the source are missing, first {missing[0]}")
     tiles = compared = 0
-    for name in tqdm(ckpt.names(), desc="verify", unit="tensor", disable=not progress, leave=False):
+    for name in tqdm(ckpt.names(), desc="verify", unit="tensor",
+                     disable=None if progress else True, leave=False):
         value = ckpt.decode(name)
         rec = ckpt.record(name)
         tiles += rec.get("tiles", 1) if rec else 0

@@ -1,0 +1,44 @@
+"""Shared fixtures: small HF-style checkpoints written as real safetensors folders."""
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def write_hf_folder(folder, tensors: dict, config: dict | None = None, shards: int = 1):
+    """An HF checkpoint folder (config.json + one or more safetensors shards, with an index if sharded)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config or {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file({k: tensors[k] for k in names}, str(folder / "model.safetensors"))
+        return folder
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: tensors[k] for k in part}, str(folder / fname))
+        weight_map.update({k: fname for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.fixture
+def small_tensors():
+    rng = np.random.default_rng(0)
+    return {
+        "model.embed_tokens.weight": rng.normal(0, 0.02, (300, 64)).astype(BF16),
+        "model.layers.0.mlp.up_proj.weight": rng.normal(0, 0.02, (129, 64)).astype(BF16),
+        "model.layers.0.self_attn.q_proj.weight": rng.normal(0, 0.02, (64, 64)).astype(np.float32),
+        "model.layers.0.input_layernorm.weight": np.ones(64, BF16),
+        "model.layers.0.noise.weight": rng.integers(0, 65535, (64, 100), dtype=np.uint16).view(BF16),
+    }
+
+
+@pytest.fixture
+def hf_folder(tmp_path, small_tensors):
+    return write_hf_folder(tmp_path / "src", small_tensors, shards=2)
