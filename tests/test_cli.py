@@ -1,0 +1,56 @@
+"""The jcodec command: what a user sees, including on bad input."""
+import subprocess
+import sys
+
+import pytest
+
+from jcodec.cli import main
+
+
+def run(capsys, *argv):
+    rc = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_convert_info_verify(tmp_path, hf_folder, capsys):
+    out = tmp_path / "m.jcodec"
+    rc, text, _ = run(capsys, "convert", hf_folder, out, "--quiet", "--lanes", 16, "--steps", 32)
+    assert rc == 0 and "of the source" in text
+    rc, text, _ = run(capsys, "info", out)
+    assert rc == 0 and "model.embed_tokens.weight" in text and "bf16-lossless" in text and "total: 5 tensors" in text
+    rc, text, _ = run(capsys, "verify", out, "--against", hf_folder, "--quiet")
+    assert rc == 0 and "OK" in text and "5 compared" in text
+
+
+def test_bad_inputs_one_line_exit_2(tmp_path, hf_folder, capsys):
+    out = tmp_path / "m.jcodec"
+    assert run(capsys, "convert", hf_folder, out, "--quiet")[0] == 0
+    shard = out / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    cases = [("info", out), ("verify", out), ("convert", tmp_path / "nowhere", tmp_path / "x"),
+             ("convert", hf_folder, out), ("info", tmp_path)]
+    for argv in cases:
+        rc, text, err = run(capsys, *argv)
+        assert rc == 2, argv
+        assert err.startswith("jcodec: error: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_flipped_payload_byte_is_reported(tmp_path, hf_folder, capsys):
+    out = tmp_path / "m.jcodec"
+    run(capsys, "convert", hf_folder, out, "--quiet", "--lanes", 16, "--steps", 32)
+    shard = out / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3000] ^= 0x10  # inside the data section, far from the header
+    shard.write_bytes(bytes(data))
+    rc, _, err = run(capsys, "verify", out, "--quiet")
+    assert rc == 2 and "model.safetensors: tensor " in err
+
+
+def test_help_as_a_subprocess():
+    res = subprocess.run([sys.executable, "-m", "jcodec.cli", "convert", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--codec" in res.stdout and "bf16-lossless" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "jcodec.cli", "info", "/definitely/not/here"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("jcodec: error:") and "Traceback" not in res.stderr
