@@ -243,9 +243,13 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
+def _at_least_f32(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def apply_rope(x, cos, sin):
     """x [B, T, N, D]; cos, sin [B, T, D] float32. Rotates the two halves of D (HF's rotate_half layout)."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(_at_least_f32(x.dtype))
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
@@ -253,7 +257,7 @@ def apply_rope(x, cos, sin):
 
 def rms_norm(x, w, eps):
     """As HF: normalise in float32, cast back, then scale."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(_at_least_f32(x.dtype))
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return w.astype(x.dtype) * y.astype(x.dtype)
 
@@ -268,7 +272,7 @@ def attention(q, k, v, mask):
     B, T, H, D = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, D)                                            # [B, T, K, G, D]
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * D**-0.5
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=_at_least_f32(q.dtype)) * D**-0.5
     s = jnp.where(mask[:, None, None], s, -1e30)  # finite: a fully masked (padding) row stays NaN-free
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H * D)
@@ -297,6 +301,8 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
     embed = materialize(params.embed_tokens)
     x = embed[tokens].astype(dtype)                                          # [B, T, C]
 
+    zero = jnp.zeros((), jnp.int32)
+
     def layer(carry, xs):
         x, k_cache, v_cache = carry
         w, i = xs  # this layer's weights (leading L axis scanned away), its index
@@ -304,20 +310,21 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
         q = apply_rope(dense(h, w.q_proj, dtype).reshape(B, T, H, D), cos, sin)
         k = apply_rope(dense(h, w.k_proj, dtype).reshape(B, T, K, D), cos, sin)
         v = dense(h, w.v_proj, dtype).reshape(B, T, K, D)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (i, 0, cache.pos, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (i, 0, cache.pos, 0, 0))
+        at = (i, zero, cache.pos, zero, zero)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
         o = attention(q, k_cache[i].astype(dtype), v_cache[i].astype(dtype), mask)
         x = x + dense(o, w.o_proj, dtype)
         h = rms_norm(x, materialize(w.post_attention_layernorm), cfg.rms_norm_eps)
         x = x + dense(jax.nn.silu(dense(h, w.gate_proj, dtype)) * dense(h, w.up_proj, dtype), w.down_proj, dtype)
         return (x, k_cache, v_cache), None
 
-    (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params.layers, jnp.arange(cfg.num_layers)))
+    (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
     x = rms_norm(x, materialize(params.norm), cfg.rms_norm_eps)
     if not all_logits:
         x = x[:, -1]
     head = embed if params.lm_head is None else materialize(params.lm_head)
-    logits = jnp.einsum("...c,vc->...v", x, head.astype(dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...c,vc->...v", x, head.astype(dtype), preferred_element_type=_at_least_f32(dtype))
     return logits, KVCache(k=k, v=v, start=cache.start, pos=cache.pos + T)
 
 

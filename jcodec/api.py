@@ -1,0 +1,76 @@
+"""`jcodec.load`: a checkpoint (jcodec, HF folder or GGUF) as model params, in one of three modes.
+
+- ``decoded``: every weight decoded once at load (on the device: the Pallas kernel on GPU), then plain arrays.
+- ``compressed``: rANS-coded weights stay compressed on the device as CompressedTensors; the forward pass
+  decodes each layer inside its ``lax.scan`` step, so peak memory is the compressed model plus one layer.
+- ``offload``: like ``compressed``, but the compressed weights live in host memory and each layer's are
+  moved to the device inside the scan step. (Where the platform has no host memory space, as on CPU,
+  they stay in device memory.)
+
+zstd-coded tensors are always decoded on the host before they are put on the device.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jcodec import codecs
+from jcodec.checkpoint import Checkpoint, CheckpointError
+from jcodec.tensor import CompressedTensor, decode, from_encoded
+
+MODES = ("decoded", "compressed", "offload")
+
+
+def is_jcodec_checkpoint(path) -> bool:
+    try:
+        Checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def host_memory_sharding():
+    """A sharding in pinned host memory on the default device, or None where there is none (CPU)."""
+    dev = jax.devices()[0]
+    try:
+        kinds = {m.kind for m in dev.addressable_memories()}
+    except Exception:
+        return None
+    if "pinned_host" not in kinds or dev.platform == "cpu":
+        return None
+    return jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+
+
+def load_tensors(path, mode: str = "compressed"):
+    """(config dict, tokenizer folder, get(name)) for a jcodec checkpoint; ``get`` returns what ``mode`` keeps."""
+    if mode not in MODES:
+        raise ValueError(f"{mode=} must be one of {', '.join(MODES)}")
+    ckpt = Checkpoint(path)
+    host = host_memory_sharding() if mode == "offload" else None
+    decode_jit = jax.jit(decode)
+
+    def get(name: str):
+        if name not in ckpt.names():
+            raise KeyError(name)
+        value = ckpt.read(name)
+        if isinstance(value, np.ndarray):
+            return value
+        if value.record["codec"] not in ("bf16-lossless", "int8"):  # zstd: the host path
+            try:
+                return codecs.decode(value)
+            except codecs.FormatError as e:
+                raise CheckpointError(f"{ckpt.where(name)}: tensor {name}: {e}") from None
+        ct = from_encoded(value, host)
+        return decode_jit(ct) if mode == "decoded" else ct
+
+    return ckpt.config, os.fspath(path), get
+
+
+def compressed_bytes(tree) -> int:
+    """Bytes of a params pytree as it sits in memory, CompressedTensors counted compressed."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, CompressedTensor))
+    return sum(x.nbytes if isinstance(x, CompressedTensor) else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in leaves if hasattr(x, "shape"))

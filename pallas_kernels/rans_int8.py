@@ -1,0 +1,227 @@
+"""Fused ``int8`` decoder: rANS-coded residuals -> inverse prediction -> int8 -> dequantised floats.
+
+Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L lanes x S steps):
+  words       uint16[W]     every lane's 16-bit renormalisation words, lane by lane, in read order
+  offsets     uint32[T*L]   where lane ``t*L + l`` starts reading in ``words``
+  states      uint32[T*L]   each lane's start state
+  table       uint32[4096]  packed slot table ``symbol | (freq - 1) << 8 | bias << 20``
+  scales      float32[rows] the per-row (output channel) scale
+  predictors  int32[T]      per tile: 0 none, 1 left, 2 up (``jcodec.codecs._predict``)
+Value ``i`` (row ``i // cols``) lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``.
+The output is ``float32(q) * scales[row]`` rounded once to ``dtype``, with ``q`` the int8 value.
+
+One program decodes one tile: its L lanes are the vector (padded to a power of two), one step (L values
+in symbol order) at a time. The predictor is a per-tile scalar, so each program runs one of three loops:
+- none: ``q = r``;
+- left: a running sum along the step's lanes that continues from the previous step's last value and
+  restarts at row starts and at the tile start: a cumsum over the lanes, less the sum before the row start
+  (one cross-lane reduction when ``cols >= L``, a [L, L] masked max when rows are shorter than a step);
+- up: ``q[i] = r[i] + q[i - cols]`` inside the tile. The decoded values of the last ``cols + L`` positions
+  live in a per-tile ring in device memory (``ring``, uint8[T, cols + L], the kernel's only scratch),
+  read back after a barrier; rows shorter than a step take ``ceil(L / cols)`` rounds per step.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from . import rans_common as rc
+
+PREDICTORS = ("none", "left", "up")
+
+
+def _signed(q):
+    """Decoded byte 0..255 (int32) -> the int8 value as float32."""
+    return ((q ^ 0x80) - 0x80).astype(jnp.float32)
+
+
+def rans_int8_kernel(
+    words_ref,       # [W] uint16, whole array
+    offsets_ref,     # [T*L] uint32, whole array
+    states_ref,      # [T*L] uint32, whole array
+    table_ref,       # [4096] uint32, whole array
+    scales_ref,      # [rows] float32, whole array
+    predictors_ref,  # [T] int32, whole array
+    out_ref,         # [n] dtype, whole array; this program writes tile pl.program_id(0)
+    ring_ref,        # [T, cols + L] uint8 scratch: the up predictor's last decoded values, per tile
+    *, n: int, cols: int, lanes: int, steps: int, block_lanes: int, unroll: int, interpret: bool,
+):
+    t = pl.program_id(0)
+    last_word = words_ref.shape[0] - 1
+    ring = ring_ref.shape[1]
+    j = jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane
+    live = j < lanes
+    f = t * lanes + jnp.where(live, j, 0)
+    x0 = states_ref[f]
+    ptr0 = offsets_ref[f].astype(jnp.int32)
+    word0 = words_ref[jnp.minimum(ptr0, last_word)].astype(jnp.uint32)
+    # [B] value index at step 0; padding lanes (j >= L) point past n, where nothing is written (interpret
+    # mode's masked scatter must not see a padding lane and a live lane at one address)
+    first = jnp.where(live, t * (lanes * steps) + j, n + j)
+
+    def barrier():
+        if not interpret:  # interpret mode runs the program's lanes in lockstep
+            plgpu.debug_barrier()
+
+    def read_scale(k):
+        i = first + k * lanes
+        return plgpu.load(scales_ref.at[jnp.minimum(i // cols, scales_ref.shape[0] - 1)],
+                          mask=live & (i < n) & (k < steps), other=0.0)
+
+    def run(unpredict, carry0):
+        """The step loop; ``unpredict(k, r, carry) -> (q, carry)`` maps residuals to values 0..255."""
+
+        def block(b, carry):
+            x, ptr, word, scales, c = carry
+            nxt = []
+            for u in range(unroll):
+                k = b * unroll + u
+                entry = table_ref[(x & rc.SLOT_MASK).astype(jnp.int32)]
+                sym, x = rc.rans_step(x, entry)
+                x, need = rc.renormalise(x, word)
+                ptr = ptr + need.astype(jnp.int32)
+                word = plgpu.load(words_ref.at[jnp.minimum(ptr, last_word)], mask=need,
+                                  other=word.astype(jnp.uint16)).astype(jnp.uint32)
+                r = jnp.where(live, sym.astype(jnp.int32), 0)
+                q, c = unpredict(k, r, c)
+                i = first + k * lanes
+                y = (_signed(q) * scales[u]).astype(out_ref.dtype)
+                plgpu.store(out_ref.at[i], y, mask=live & (i < n))
+                nxt.append(read_scale(k + unroll))
+            return x, ptr, word, tuple(nxt), c
+
+        scales = tuple(read_scale(u) for u in range(unroll))
+        lax.fori_loop(0, steps // unroll, block, (x0, ptr0, word0, scales, carry0))
+
+    def none():
+        run(lambda k, r, c: (r, c), jnp.int32(0))
+
+    def left():
+        def unpredict(k, r, carry):
+            i = first + k * lanes
+            reset = (i % cols == 0) & live  # row starts; the tile start has carry 0, so needs no reset
+            cs = carry + jnp.cumsum(r)  # [B] non-decreasing
+            cs_excl = jnp.where(reset, cs - r, 0)
+            if cols >= lanes:  # at most one row start in the step: its lane p, found by a reduction
+                base = jnp.where(j >= jnp.min(jnp.where(reset, j, block_lanes)), jnp.max(cs_excl), 0)
+            else:  # several: for each lane the largest cs_excl at a row start at or before it
+                p = j[None, :]
+                base = jnp.max(jnp.where((p <= j[:, None]) & reset[None, :], cs_excl[None, :], 0), axis=1)
+            q = (cs - base) & 0xFF
+            return q, jnp.sum(jnp.where(j == lanes - 1, q, 0))
+
+        run(unpredict, jnp.int32(0))
+
+    def up():
+        rounds = 1 if cols >= lanes else -(-lanes // cols)
+
+        def unpredict(k, r, c):
+            m = k * lanes + j  # tile-local index
+            has = live & (m >= cols)
+            src = ring_ref.at[t, jnp.maximum(m - cols, 0) % ring]
+            dst = ring_ref.at[t, jnp.where(live, m % ring, ring)]
+            q = r
+            for _ in range(rounds):
+                nb = plgpu.load(src, mask=has, other=0).astype(jnp.int32)
+                q = (r + nb) & 0xFF
+                if rounds > 1:
+                    barrier()  # every lane has read before any lane overwrites
+                plgpu.store(dst, q.astype(jnp.uint8), mask=live)
+                barrier()  # the step's values are visible to every lane
+            return q, c
+
+        run(unpredict, jnp.int32(0))
+
+    pred = predictors_ref[t]
+    lax.cond(pred == 0, none, lambda: lax.cond(pred == 1, left, up))
+
+
+def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype):
+    if dtype not in rc.RAW_BYTES:
+        raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
+    if not (1 <= lanes and 1 <= steps < 1 << 16):
+        raise ValueError(f"{lanes=} must be >= 1 and {steps=} must be in [1, 65536)")
+    t = max(1, -(-n // (lanes * steps)))
+    if n < 1 or rows * cols != n or t * lanes * steps > rc.INT32_MAX:
+        raise ValueError(f"{n=} must be rows * cols = {rows} * {cols} >= 1 and its tiles < 2^31 values")
+    for name, a, dt, size in [("offsets", offsets, jnp.uint32, t * lanes), ("states", states, jnp.uint32, t * lanes),
+                              ("table", table, jnp.uint32, 4096), ("scales", scales, jnp.float32, rows),
+                              ("predictors", predictors, jnp.int32, t)]:
+        if a.dtype != dt or a.shape != (size,):
+            raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}[{size}]")
+    if words.dtype != jnp.uint16 or words.ndim != 1 or not 1 <= words.shape[0] <= rc.INT32_MAX:
+        raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16[W] with 1 <= W < 2^31")
+
+
+@functools.partial(jax.jit, static_argnames=["n", "rows", "cols", "lanes", "steps", "dtype", "unroll",
+                                             "num_warps", "interpret"])
+def rans_int8_decode(words, offsets, states, table, scales, predictors, *, n: int, rows: int, cols: int,
+                     lanes: int, steps: int, dtype: str, unroll: int = 8, num_warps: int = 4,
+                     interpret: bool = False) -> jax.Array:
+    """Decode an ``int8`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact with NumPy.
+
+    One program per tile; ``unroll`` steps per loop iteration (also how far ahead scales are read;
+    reduced to a divisor of ``steps``), ``num_warps`` warps per program.
+    """
+    _check(words, offsets, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype)
+    if unroll < 1:
+        raise ValueError(f"{unroll=} must be >= 1")
+    rc.filter_triton_deprecation()
+    unroll = math.gcd(unroll, steps)
+    tiles = predictors.shape[0]
+    block_lanes = pl.next_power_of_2(lanes)
+    kernel = functools.partial(rans_int8_kernel, n=n, cols=cols, lanes=lanes, steps=steps,
+                               block_lanes=block_lanes, unroll=unroll, interpret=interpret)
+    out, _ = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((n,), jnp.dtype(dtype)),
+                   jax.ShapeDtypeStruct((tiles, cols + lanes), jnp.uint8)),
+        grid=(tiles,),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"rans_int8_u{unroll}_w{num_warps}",
+    )(words, offsets, states, table, scales, predictors)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- reference
+def unpredict_reference(r, predictors, *, n: int, cols: int, tile: int):
+    """Inverse prediction per tile in pure jnp (all three predictors computed, one chosen per tile).
+
+    ``r`` int32 residuals [n]; returns the decoded bytes 0..255 as int32 [n] (``codecs._unpredict``).
+    """
+    tiles = predictors.shape[0]
+    m = jnp.arange(tile, dtype=jnp.int32)
+    g = jnp.arange(tiles, dtype=jnp.int32)[:, None] * tile + m  # [T, tile] global index
+    seg = jnp.pad(r, (0, tiles * tile - n)).reshape(tiles, tile)
+    # left: a running sum restarting at row and tile starts (cs is non-decreasing, so the sum before the
+    # last restart is a running max of the sums before restarts)
+    cs = jnp.cumsum(seg, axis=1)
+    before = jnp.where((g % cols == 0) | (m == 0), cs - seg, 0)
+    left = cs - lax.cummax(before, axis=1)
+    # up: column chains inside the tile, folded into rows of width cols starting at the tile start
+    fold = -(-tile // cols)
+    folded = jnp.pad(seg, ((0, 0), (0, fold * cols - tile))).reshape(tiles, fold, cols)
+    up = jnp.cumsum(folded, axis=1).reshape(tiles, fold * cols)[:, :tile]
+    p = predictors[:, None]
+    out = jnp.where(p == 0, seg, jnp.where(p == 1, left, up)) & 0xFF
+    return out.reshape(-1)[:n]
+
+
+@functools.partial(jax.jit, static_argnames=["n", "rows", "cols", "lanes", "steps", "dtype"])
+def rans_int8_reference(words, offsets, states, table, scales, predictors, *, n: int, rows: int, cols: int,
+                        lanes: int, steps: int, dtype: str) -> jax.Array:
+    """Pure-JAX ``int8`` decoder (any backend); bit-exact with the kernel and with NumPy."""
+    from .rans_float import rans_symbols_reference
+
+    _check(words, offsets, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype)
+    r = rans_symbols_reference(words, offsets, states, table, n=n, lanes=lanes, steps=steps).astype(jnp.int32)
+    q = unpredict_reference(r, predictors, n=n, cols=cols, tile=lanes * steps)
+    y = _signed(q).reshape(rows, cols) * scales[:, None]
+    return y.astype(jnp.dtype(dtype)).reshape(-1)

@@ -1,0 +1,227 @@
+"""The Pallas rANS kernels == the pure-JAX references == the NumPy decoder, bit for bit.
+
+On CPU the kernels run in Pallas interpret mode; on a GPU (``jax.default_backend() == "gpu"``) the same
+tests compile and run them for real. Sizes are ragged on purpose (a partial last tile, a one-tile tensor,
+a one-row tensor, lanes and steps that are not powers of two).
+"""
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax import lax
+
+try:  # the kernels are installed as jcodec.pallas_kernels; from a bare checkout, alias the folder
+    import jcodec.pallas_kernels  # noqa: F401
+except ImportError:
+    import pallas_kernels
+
+    sys.modules["jcodec.pallas_kernels"] = pallas_kernels
+
+from jcodec import codecs, tensor
+from jcodec.pallas_kernels import rans_float, rans_int8
+
+FLOATS = ("bfloat16", "float16", "float32")
+
+
+def bits(a) -> np.ndarray:
+    """A float array's bit patterns (so that NaN payloads and -0.0 compare exactly)."""
+    a = np.asarray(a)
+    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def device_args(ct: tensor.CompressedTensor):
+    a, m = ct.arrays, ct.meta
+    if m.codec == "bf16-lossless":
+        return ((a["words"], a["offsets"], a["states"], a["raw"], a["table"]),
+                dict(n=m.size, lanes=m.lanes, steps=m.steps, dtype=m.dtype))
+    return ((a["words"], a["offsets"], a["states"], a["table"], a["scales"], a["predictors"]),
+            dict(n=m.size, rows=m.rows, cols=m.cols, lanes=m.lanes, steps=m.steps, dtype=m.dtype))
+
+
+def random_float(rng, shape, dtype, kind="gauss"):
+    np_dtype = codecs.FLOAT_DTYPES[dtype][0]
+    if kind == "gauss":
+        return (rng.standard_normal(shape) * 0.02).astype(np_dtype)
+    if kind == "bits":  # incompressible: every exponent, NaN payloads, infinities, subnormals
+        udt = codecs.FLOAT_DTYPES[dtype][1]
+        return rng.integers(0, np.iinfo(udt).max, size=shape, dtype=udt, endpoint=True).view(np_dtype)
+    raise ValueError(kind)
+
+
+def special_values(dtype) -> np.ndarray:
+    """Edge bit patterns: signed zeros, infinities, NaNs with payloads, subnormals, extremes."""
+    np_dtype = codecs.FLOAT_DTYPES[dtype][0]
+    udt = codecs.FLOAT_DTYPES[dtype][1]
+    fi = ml_dtypes.finfo(np_dtype)
+    vals = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.0, float(fi.max), float(fi.min),
+                     float(fi.tiny), -float(fi.tiny), float(fi.smallest_subnormal),
+                     -float(fi.smallest_subnormal), float(fi.tiny) / 3], dtype=np.float64).astype(np_dtype)
+    width = 8 * np.dtype(udt).itemsize
+    nan_payloads = np.array([(1 << width) - 1, (1 << (width - 1)) + 1 + (np.iinfo(udt).max >> 1) - 1,
+                             np.iinfo(udt).max >> 1], dtype=np.uint64).astype(udt).view(np_dtype)
+    return np.concatenate([vals, nan_payloads])
+
+
+class KernelTestBase:
+    """Every kernel call passes ``interpret=self.INTERPRET``."""
+
+    INTERPRET = jax.default_backend() != "gpu"
+
+    def check_float(self, x: np.ndarray, lanes: int, steps: int, **blocks):
+        enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps)
+        want = bits(codecs.decode(enc)).reshape(-1)
+        np.testing.assert_array_equal(want, bits(x).reshape(-1))
+        args, kw = device_args(tensor.from_encoded(enc))
+        ref = rans_float.rans_float_reference(*args, **kw)
+        np.testing.assert_array_equal(bits(ref), want)
+        out = rans_float.rans_float_decode(*args, **kw, **blocks, interpret=self.INTERPRET)
+        assert out.dtype == jnp.dtype(x.dtype) and out.shape == (x.size,)
+        np.testing.assert_array_equal(bits(out), want)
+
+    def check_int8(self, x: np.ndarray, lanes: int, steps: int, predictors=None, **blocks):
+        enc = codecs.encode(x, "int8", lanes=lanes, steps=steps)
+        if predictors is not None:  # the data must make the predictor we mean to test win somewhere
+            assert predictors in set(enc.arrays["tiles"][:, 2].tolist()), enc.arrays["tiles"][:, 2]
+        want = bits(codecs.decode(enc)).reshape(-1)
+        args, kw = device_args(tensor.from_encoded(enc))
+        ref = rans_int8.rans_int8_reference(*args, **kw)
+        np.testing.assert_array_equal(bits(ref), want)
+        out = rans_int8.rans_int8_decode(*args, **kw, **blocks, interpret=self.INTERPRET)
+        assert out.dtype == jnp.dtype(x.dtype) and out.shape == (x.size,)
+        np.testing.assert_array_equal(bits(out), want)
+
+
+class TestFloatKernel(KernelTestBase):
+    @pytest.mark.parametrize("dtype", FLOATS)
+    @pytest.mark.parametrize("n,lanes,steps", [(3, 32, 16), (513, 32, 16), (1023, 32, 16), (1024, 32, 16),
+                                               (1, 1, 1), (700, 7, 5), (5000, 128, 8)])
+    def test_ragged_sizes(self, dtype, n, lanes, steps):
+        rng = np.random.default_rng(n * 7 + lanes)
+        self.check_float(random_float(rng, (n,), dtype), lanes, steps)
+
+    @pytest.mark.parametrize("block_lanes,unroll,num_warps", [(32, 1, 1), (64, 4, 2), (256, 16, 4)])
+    def test_block_sizes(self, block_lanes, unroll, num_warps):
+        rng = np.random.default_rng(block_lanes + unroll)
+        x = random_float(rng, (37, 41), "bfloat16")
+        self.check_float(x, 32, 16, block_lanes=block_lanes, unroll=unroll, num_warps=num_warps)
+
+    @pytest.mark.parametrize("dtype", FLOATS)
+    def test_incompressible_bits(self, dtype):
+        self.check_float(random_float(np.random.default_rng(1), (2000,), dtype, "bits"), 32, 16)
+
+    @pytest.mark.parametrize("dtype", FLOATS)
+    def test_edge_bit_patterns(self, dtype):
+        rng = np.random.default_rng(2)
+        special = special_values(dtype)
+        x = random_float(rng, (1500,), dtype)
+        x[rng.integers(0, x.size, 300)] = special[rng.integers(0, special.size, 300)]
+        x[:special.size] = special
+        self.check_float(x, 32, 16)
+
+    @pytest.mark.parametrize("dtype", FLOATS)
+    @pytest.mark.parametrize("value", [0.0, 1.5])
+    def test_all_equal(self, dtype, value):
+        # one symbol with frequency 4096: states never leave 2^16 and no word is ever read
+        x = np.full((9, 100), value, dtype=codecs.FLOAT_DTYPES[dtype][0])
+        enc = codecs.encode(x, "bf16-lossless", lanes=32, steps=16)
+        assert enc.arrays["words"].size == 0
+        self.check_float(x, 32, 16)
+
+    def test_default_geometry_many_tiles(self):
+        rng = np.random.default_rng(3)
+        self.check_float(random_float(rng, (3, 128 * 1024 + 77), "bfloat16"), 128, 1024)
+
+
+class TestInt8Kernel(KernelTestBase):
+    @pytest.mark.parametrize("dtype", FLOATS)
+    @pytest.mark.parametrize("shape,lanes,steps", [((1, 513), 32, 16), ((33, 31), 32, 16), ((3, 1), 32, 16),
+                                                   ((40, 200), 32, 8), ((7, 100), 7, 5), ((64, 300), 128, 8)])
+    def test_ragged_sizes(self, dtype, shape, lanes, steps):
+        rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+        self.check_int8(random_float(rng, shape, dtype), lanes, steps)
+
+    @pytest.mark.parametrize("predictor", [1, 2])
+    @pytest.mark.parametrize("shape,lanes,steps", [((40, 200), 32, 8), ((200, 40), 32, 8), ((33, 31), 32, 16),
+                                                   ((64, 5), 32, 4), ((300, 3), 32, 16), ((1, 700), 32, 16),
+                                                   ((50, 64), 32, 8)])
+    def test_predictors(self, predictor, shape, lanes, steps):
+        # smooth data: a running sum along rows makes `left` win, along columns `up`
+        rng = np.random.default_rng(predictor * 100 + shape[1])
+        if predictor == 2 and shape[0] == 1:
+            pytest.skip("a single row has no up neighbours")
+        x = np.cumsum(rng.standard_normal(shape), axis=2 - predictor) * 0.02
+        self.check_int8(x.astype(ml_dtypes.bfloat16), lanes, steps, predictors=predictor)
+
+    def test_mixed_predictors(self):
+        rng = np.random.default_rng(4)
+        x = rng.standard_normal((96, 64))
+        x[32:64] = np.cumsum(x[32:64], axis=1)
+        x[64:] = np.cumsum(x[64:], axis=0)
+        x = (x * 0.02).astype(ml_dtypes.bfloat16)
+        enc = codecs.encode(x, "int8", lanes=32, steps=16)
+        assert set(enc.arrays["tiles"][:, 2].tolist()) == {0, 1, 2}
+        self.check_int8(x, 32, 16)
+
+    @pytest.mark.parametrize("unroll,num_warps", [(1, 1), (16, 4)])
+    def test_block_sizes(self, unroll, num_warps):
+        x = np.cumsum(np.random.default_rng(5).standard_normal((48, 80)), axis=0) * 0.02
+        self.check_int8(x.astype(np.float16), 32, 16, unroll=unroll, num_warps=num_warps)
+
+    def test_all_equal_and_zero_rows(self):
+        x = np.zeros((20, 60), np.float32)
+        x[5] = 0.25  # a constant row; the others are all zero (scale 0)
+        self.check_int8(x, 32, 16)
+        self.check_int8(np.zeros((4, 4096), ml_dtypes.bfloat16), 32, 16)
+
+    def test_extreme_scales(self):
+        rng = np.random.default_rng(6)
+        x = rng.standard_normal((6, 300)) * np.array([1e-30, 1e-3, 1.0, 1e3, 1e30, 3e38 / 4])[:, None]
+        self.check_int8(x.astype(np.float32), 32, 16)
+        self.check_int8((rng.standard_normal((6, 300)) * 1e-6).astype(np.float16), 32, 16)
+
+
+class TestInsideJit(KernelTestBase):
+    """Stacked layers through jit + lax.scan, as the model decodes them."""
+
+    @pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
+    @pytest.mark.parametrize("backend", ["pallas", "reference"])
+    def test_scan_over_stacked_layers(self, codec, backend):
+        rng = np.random.default_rng(7)
+        layers = [(rng.standard_normal((24, 70)) * 0.02 * (i + 1)).astype(ml_dtypes.bfloat16) for i in range(3)]
+        layers[1][0, :5] = 0  # different word counts per layer: the stack pads the word streams
+        encs = [codecs.encode(x, codec, lanes=32, steps=16) for x in layers]
+        want = np.stack([bits(codecs.decode(e)) for e in encs])
+        stacked = tensor.stack_layers([tensor.from_encoded(e) for e in encs])
+        assert stacked.shape == (3, 24, 70)
+
+        @jax.jit
+        def run(st):
+            def body(acc, ct):
+                w = tensor.decode(ct, backend=backend, interpret=self.INTERPRET)
+                return acc + jnp.sum(w.astype(jnp.float32)), w
+            return lax.scan(body, jnp.float32(0), st)
+
+        total, ys = run(stacked)
+        np.testing.assert_array_equal(bits(ys), want)
+        np.testing.assert_allclose(float(total), sum(float(np.sum(d.astype(np.float32)))
+                                                     for d in map(codecs.decode, encs)), rtol=1e-5)
+        # the batched path of decode (lax.map over the stack) agrees too
+        np.testing.assert_array_equal(bits(tensor.decode(stacked, backend=backend, interpret=self.INTERPRET)),
+                                      want)
+
+
+class TestErrors(KernelTestBase):
+    def test_bad_arguments(self):
+        x = random_float(np.random.default_rng(8), (100,), "bfloat16")
+        args, kw = device_args(tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=32, steps=16)))
+        with pytest.raises(ValueError, match="block_lanes"):
+            rans_float.rans_float_decode(*args, **kw, block_lanes=48, interpret=True)
+        with pytest.raises(ValueError, match="dtype"):
+            rans_float.rans_float_decode(*args, **{**kw, "dtype": "int8"}, interpret=True)
+        with pytest.raises(ValueError, match="states"):
+            rans_float.rans_float_reference(args[0], args[1], args[2][:-1], *args[3:], **kw)
