@@ -154,7 +154,7 @@ def _predict(q: np.ndarray, cols: int, tile_elems: int, predictor: int) -> np.nd
     q8 = q.view(np.uint8).astype(np.int16)
     if predictor == 0:
         return q.view(np.uint8).copy()
-    idx = np.arange(q.size)
+    idx = np.arange(q.size, dtype=np.int32 if q.size < 2**31 else np.int64)
     back = 1 if predictor == 1 else cols
     has = (idx % tile_elems) >= back
     if predictor == 1:
@@ -200,8 +200,8 @@ def encode_int8(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_
     n, te = flat.size, lanes * steps
     t = rans.num_tiles(n, lanes, steps)
     residuals = np.stack([_predict(flat, cols, te, p) for p in range(len(PREDICTORS))])  # [P, n]
-    tile_of = np.arange(n) // te
-    hist = np.stack([np.bincount(tile_of * 256 + r, minlength=t * 256).reshape(t, 256) for r in residuals], 1)
+    # per tile and predictor: residual histograms (a loop over tiles keeps memory at a few bytes per weight)
+    hist = np.array([[np.bincount(r[i * te:(i + 1) * te], minlength=256) for r in residuals] for i in range(t)])
     # first pick by each tile's own entropy, then re-pick twice under the shared table that choice gives
     p_hist = hist / np.maximum(hist.sum(-1, keepdims=True), 1)
     choice = np.argmin(-np.sum(hist * np.log2(np.where(p_hist > 0, p_hist, 1)), -1), axis=1)
@@ -211,7 +211,10 @@ def encode_int8(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_
         bits_per_symbol = np.where(f > 0, rans.PROB_BITS - np.log2(np.maximum(f, 1)), 1e9)  # 1e9: not codable
         cost = hist @ bits_per_symbol
         choice = np.argmin(cost, axis=1)
-    symbols = residuals[choice[tile_of], np.arange(n)]
+    symbols = np.empty(n, np.uint8)
+    for i, p in enumerate(choice):
+        symbols[i * te:(i + 1) * te] = residuals[p, i * te:(i + 1) * te]
+    del residuals
     freqs, states, counts, words, bases = _rans_arrays(symbols, lanes, steps)
     tiles = np.zeros((t, 3), np.uint32)
     tiles[:, 0] = bases
