@@ -74,3 +74,29 @@ def compressed_bytes(tree) -> int:
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, CompressedTensor))
     return sum(x.nbytes if isinstance(x, CompressedTensor) else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
                for x in leaves if hasattr(x, "shape"))
+
+
+def load(path, mode: str = "compressed", dtype=None):
+    """A :class:`jcodec.generation.Model` from a jcodec checkpoint (in ``mode``), an HF folder or a GGUF file.
+
+    Plain checkpoints (HF, GGUF) load as they are, whatever ``mode``. ``dtype`` is the compute dtype
+    (default: bfloat16 on GPU, float32 on CPU); compressed weights decode to their stored dtype first.
+    """
+    from jcodec.generation import Model, default_dtype
+    from jcodec.models import llama
+
+    if not is_jcodec_checkpoint(path):
+        if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+            Checkpoint(path)  # an unreadable jcodec folder: raise its own error rather than a vaguer one
+        return Model.load(path, dtype)
+    config, folder, get = load_tensors(path, mode)
+    cfg = llama.LlamaConfig.from_hf(config)
+    ckpt_names = Checkpoint(path).names()
+    try:
+        llama.check_tensor_names(cfg, ckpt_names)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    dtype = dtype or default_dtype()
+    params = llama.params_from_tensors(cfg, get, dtype)
+    from transformers import AutoTokenizer
+    return Model(cfg, params, AutoTokenizer.from_pretrained(folder), dtype)

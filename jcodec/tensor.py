@@ -20,7 +20,8 @@ from jcodec import codecs, rans
 #   words   uint16[W]     every lane's word stream, concatenated lane by lane (padded when stacked)
 #   offsets uint32[T*L]   where each lane's stream starts in `words` (prefix sum of the file's counts)
 #   states  uint32[T*L]   each lane's start state
-#   table   uint32[4096]  packed slot table: symbol | (freq - 1) << 8 | bias << 20
+#   table   uint32[4096+128]  packed slot table: symbol | (freq - 1) << 8 | bias << 20, then the kernels'
+#                         coarse table (one entry per 32 slots; pallas_kernels/rans_common.py)
 #   raw     uint8[n*rb]   bf16-lossless: the raw sign+mantissa bytes
 #   scales  float32[rows], predictors int32[T]   int8 only
 DEVICE_ARRAYS = {
@@ -93,8 +94,11 @@ def from_encoded(enc: codecs.EncodedTensor, device=None) -> CompressedTensor:
     r, a = enc.record, enc.arrays
     if r["codec"] not in DEVICE_ARRAYS:
         raise ValueError(f"codec {r['codec']} is decoded on the host, not kept compressed on the device")
+    from jcodec.pallas_kernels import rans_common
+
+    slots = rans.packed_slot_table(a["freqs"])
     host = dict(words=a["words"], offsets=rans.lane_offsets(a["counts"]).astype(np.uint32),
-                states=a["states"], table=rans.packed_slot_table(a["freqs"]))
+                states=a["states"], table=np.concatenate([slots, rans_common.coarse_table(slots, np)]))
     if r["codec"] == "bf16-lossless":
         host["raw"] = a["raw"]
     else:

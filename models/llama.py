@@ -139,11 +139,12 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def params_from_tensors(cfg: LlamaConfig, get: Callable[[str], Any], dtype=jnp.bfloat16) -> Params:
-    """Build Params from ``get(hf_name)``, called once per tensor in file order of layers.
+    """Build Params from ``get(hf_name)``, called once per tensor (field by field, each over all layers).
 
-    ``get`` returns a NumPy array, a jax.Array or a CompressedTensor. Arrays are put on the device cast to
-    ``dtype``; CompressedTensors are kept as they are (decoded to their stored dtype inside the forward).
-    Per-layer tensors are stacked with ``stack_layers``. Every shape is checked against the config.
+    ``get`` returns a NumPy array, a jax.Array or a CompressedTensor. Arrays are cast to ``dtype``;
+    CompressedTensors are kept as they are (decoded to their stored dtype inside the forward). NumPy layers
+    are stacked in one host buffer and sent to the device once, so loading needs no device memory beyond
+    the params; other leaves are stacked with ``stack_layers``. Every shape is checked against the config.
     """
     shapes = param_shapes(cfg)
 
@@ -154,12 +155,26 @@ def params_from_tensors(cfg: LlamaConfig, get: Callable[[str], Any], dtype=jnp.b
             raise ValueError(f"checkpoint has no tensor {name!r}") from None
         if tuple(w.shape) != shapes[name]:
             raise ValueError(f"{name}: shape {tuple(w.shape)} does not match the config's {shapes[name]}")
+        return w
+
+    def place(w):
         return jnp.asarray(w, dtype) if isinstance(w, (np.ndarray, jax.Array)) else w
 
-    layers = Layers(**{field: stack_layers([load(f"model.layers.{i}.{hf}") for i in range(cfg.num_layers)])
-                       for field, hf in LAYER_NAMES.items()})
-    return Params(embed_tokens=load("model.embed_tokens.weight"), layers=layers, norm=load("model.norm.weight"),
-                  lm_head=None if cfg.tie_word_embeddings else load("lm_head.weight"))
+    def stacked(hf):
+        first = load(f"model.layers.0.{hf}")
+        if not isinstance(first, np.ndarray):
+            return stack_layers([place(first)] + [place(load(f"model.layers.{i}.{hf}"))
+                                                  for i in range(1, cfg.num_layers)])
+        buf = np.empty((cfg.num_layers,) + first.shape, jnp.dtype(dtype))  # [L, ...]
+        buf[0] = first
+        for i in range(1, cfg.num_layers):
+            buf[i] = load(f"model.layers.{i}.{hf}")
+        return jnp.asarray(buf)
+
+    layers = Layers(**{field: stacked(hf) for field, hf in LAYER_NAMES.items()})
+    return Params(embed_tokens=place(load("model.embed_tokens.weight")), layers=layers,
+                  norm=place(load("model.norm.weight")),
+                  lm_head=None if cfg.tie_word_embeddings else place(load("lm_head.weight")))
 
 
 def check_tensor_names(cfg: LlamaConfig, names) -> None:
@@ -247,6 +262,11 @@ def _at_least_f32(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _precision(dtype):
+    """Float32 compute means float32 matmuls: on GPU the default would use TF32 (10-bit mantissas)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
+
+
 def apply_rope(x, cos, sin):
     """x [B, T, N, D]; cos, sin [B, T, D] float32. Rotates the two halves of D (HF's rotate_half layout)."""
     x32 = x.astype(_at_least_f32(x.dtype))
@@ -264,7 +284,7 @@ def rms_norm(x, w, eps):
 
 def dense(x, w, dtype):
     """x [..., in] @ w[out, in].T, the weight decoded (if compressed) and cast to the compute dtype."""
-    return jnp.einsum("...i,oi->...o", x, materialize(w).astype(dtype))
+    return jnp.einsum("...i,oi->...o", x, materialize(w).astype(dtype), precision=_precision(dtype))
 
 
 def attention(q, k, v, mask):
@@ -272,10 +292,11 @@ def attention(q, k, v, mask):
     B, T, H, D = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, D)                                            # [B, T, K, G, D]
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=_at_least_f32(q.dtype)) * D**-0.5
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=_at_least_f32(q.dtype),
+                   precision=_precision(q.dtype)) * D**-0.5
     s = jnp.where(mask[:, None, None], s, -1e30)  # finite: a fully masked (padding) row stays NaN-free
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H * D)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v, precision=_precision(v.dtype)).reshape(B, T, H * D)
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -324,7 +345,8 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
     if not all_logits:
         x = x[:, -1]
     head = embed if params.lm_head is None else materialize(params.lm_head)
-    logits = jnp.einsum("...c,vc->...v", x, head.astype(dtype), preferred_element_type=_at_least_f32(dtype))
+    logits = jnp.einsum("...c,vc->...v", x, head.astype(dtype), preferred_element_type=_at_least_f32(dtype),
+                        precision=_precision(dtype))
     return logits, KVCache(k=k, v=v, start=cache.start, pos=cache.pos + T)
 
 

@@ -36,6 +36,35 @@ def rans_step(x, entry):
     return sym, x
 
 
+# Two-level slot lookup. A warp's 32 lanes gather 32 random slots of the 16 KiB slot table: ~30 distinct
+# cache lines, one L1 wavefront each, every step. Most slots lie in buckets of 2^COARSE_BITS slots that hold
+# a single symbol, so a 128-entry coarse table (512 B, 4 lines) answers them; only lanes whose bucket is
+# MIXED (a symbol boundary inside it) then read the full table.
+COARSE_BITS = 5
+COARSE_SIZE = TABLE_SIZE >> COARSE_BITS
+MIXED = 0xFFFFFFFF
+
+
+def coarse_table(table, xp=jnp, bits: int = COARSE_BITS):
+    """Per bucket of ``2^bits`` slots: ``symbol | (freq - 1) << 8 | cum << 20`` of its only symbol (``cum``
+    the symbol's first slot), or :data:`MIXED`. ``table`` is the packed slot table (uint32[4096]); works on
+    NumPy (``xp=np``) and JAX arrays."""
+    t = table.reshape(-1, 1 << bits)
+    first = t[:, 0]
+    pure = xp.all((t & 0xFF) == (first & 0xFF)[:, None], axis=1)
+    slot0 = xp.arange(t.shape[0], dtype=xp.uint32) << bits
+    cum = slot0 - (first >> 20)  # bias of the bucket's first slot is slot0 - cum
+    return xp.where(pure, (first & 0xFFFFF) | (cum << 20), xp.uint32(MIXED)).astype(xp.uint32)
+
+
+def resolve_entry(slot, coarse_entry, fine_entry):
+    """Packed entry (with bias) of ``slot`` from its coarse entry and, where that is MIXED, the full table's."""
+    mixed = coarse_entry == jnp.uint32(MIXED)
+    e = jnp.where(mixed, fine_entry, coarse_entry)
+    hi = e >> 20
+    return (e & 0xFFFFF) | (jnp.where(mixed, hi, slot - hi) << 20)
+
+
 def renormalise(x, word):
     """``(state, need)``: shift the 16-bit ``word`` (uint32) in where the state fell below 2^16."""
     need = x < STATE_LOW
@@ -55,20 +84,6 @@ def join_float(sym, raw, dtype: str):
     if dtype == "float32":  # raw = s + 23 mantissa bits
         return ((raw & 0x800000) << 8) | (sym << 23) | (raw & 0x7FFFFF)
     raise ValueError(f"{dtype=} must be one of bfloat16, float16, float32")
-
-
-def left_unpredict(r, carry, reset, base_of):
-    """Inverse of the left predictor over one row of residuals, mod 256 (int32 in, int32 out).
-
-    ``r`` int32 residuals in symbol order along the last axis; ``carry`` the value before the first
-    element (0 at a tile start); ``reset[j]`` marks elements whose left neighbour is not used (row or tile
-    start). ``base_of(cs_excl)`` returns, per element, ``cs_excl`` at the last reset at or before it (0
-    where there is none): how it moves values across lanes is the caller's (a gather, or memory).
-    Returns the decoded values (0..255) of the row.
-    """
-    cs = carry + jnp.cumsum(r, axis=-1)  # non-decreasing
-    cs_excl = jnp.where(reset, cs - r, 0)
-    return (cs - base_of(cs_excl)) & 0xFF
 
 
 # jax 0.11 warns at every lowering of a Triton-backend pallas_call; these kernels use that backend on

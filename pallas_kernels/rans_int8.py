@@ -4,21 +4,25 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
   words       uint16[W]     every lane's 16-bit renormalisation words, lane by lane, in read order
   offsets     uint32[T*L]   where lane ``t*L + l`` starts reading in ``words``
   states      uint32[T*L]   each lane's start state
-  table       uint32[4096]  packed slot table ``symbol | (freq - 1) << 8 | bias << 20``
+  table       uint32[4096 + 128]  packed slot table ``symbol | (freq - 1) << 8 | bias << 20``, then the
+                            coarse table (``rans_float.lookup``; computed here when only 4096 are given)
   scales      float32[rows] the per-row (output channel) scale
   predictors  int32[T]      per tile: 0 none, 1 left, 2 up (``jcodec.codecs._predict``)
 Value ``i`` (row ``i // cols``) lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``.
 The output is ``float32(q) * scales[row]`` rounded once to ``dtype``, with ``q`` the int8 value.
 
 One program decodes one tile: its L lanes are the vector (padded to a power of two), one step (L values
-in symbol order) at a time. The predictor is a per-tile scalar, so each program runs one of three loops:
+in symbol order) at a time. The predictor is a per-tile scalar, so every step takes one uniform branch:
 - none: ``q = r``;
 - left: a running sum along the step's lanes that continues from the previous step's last value and
   restarts at row starts and at the tile start: a cumsum over the lanes, less the sum before the row start
   (one cross-lane reduction when ``cols >= L``, a [L, L] masked max when rows are shorter than a step);
 - up: ``q[i] = r[i] + q[i - cols]`` inside the tile. The decoded values of the last ``cols + L`` positions
-  live in a per-tile ring in device memory (``ring``, uint8[T, cols + L], the kernel's only scratch),
-  read back after a barrier; rows shorter than a step take ``ceil(L / cols)`` rounds per step.
+  live in a per-tile ring in device memory (``ring``, uint8[T, cols + L], the kernel's scratch besides
+  the optional prefetch's 4-byte-per-lane sink), read back after a barrier; rows shorter than a step take
+  ``ceil(L / cols)`` rounds per step.
+Positions past the end of the tensor in the last tile are not coded; the kernel decodes them anyway (they
+end each lane's sequence, so nothing before them changes) and does not write them.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
+from .rans_float import SECTOR_WORDS, check_table, kernel_table, lanes_init, lanes_sink, lanes_step
 
 PREDICTORS = ("none", "left", "up")
 
@@ -45,25 +50,25 @@ def rans_int8_kernel(
     words_ref,       # [W] uint16, whole array
     offsets_ref,     # [T*L] uint32, whole array
     states_ref,      # [T*L] uint32, whole array
-    table_ref,       # [4096] uint32, whole array
+    table_ref,       # [4096 + 4096 >> coarse_bits] uint32, whole array
     scales_ref,      # [rows] float32, whole array
     predictors_ref,  # [T] int32, whole array
-    out_ref,         # [n] dtype, whole array; this program writes tile pl.program_id(0)
+    out_ref,         # [n] dtype, whole array; this program writes tile `program`
     ring_ref,        # [T, cols + L] uint8 scratch: the up predictor's last decoded values, per tile
-    *, n: int, cols: int, lanes: int, steps: int, block_lanes: int, unroll: int, interpret: bool,
+    sink_ref,        # [T * block_lanes] uint32: what the prefetching loads read (never used); None without
+    *, program, n: int, cols: int, lanes: int, steps: int, block_lanes: int, unroll: int, coarse_bits: int,
+    prefetch: int, interpret: bool,
 ):
-    t = pl.program_id(0)
-    last_word = words_ref.shape[0] - 1
+    """Decode tile ``program`` of one tensor."""
+    t = program
     ring = ring_ref.shape[1]
     j = jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane
     live = j < lanes
-    f = t * lanes + jnp.where(live, j, 0)
-    x0 = states_ref[f]
-    ptr0 = offsets_ref[f].astype(jnp.int32)
-    word0 = words_ref[jnp.minimum(ptr0, last_word)].astype(jnp.uint32)
+    lane_state = lanes_init(words_ref, offsets_ref, states_ref, t * lanes + jnp.where(live, j, 0), prefetch)
     # [B] value index at step 0; padding lanes (j >= L) point past n, where nothing is written (interpret
     # mode's masked scatter must not see a padding lane and a live lane at one address)
     first = jnp.where(live, t * (lanes * steps) + j, n + j)
+    pred = predictors_ref[t]
 
     def barrier():
         if not interpret:  # interpret mode runs the program's lanes in lockstep
@@ -74,72 +79,58 @@ def rans_int8_kernel(
         return plgpu.load(scales_ref.at[jnp.minimum(i // cols, scales_ref.shape[0] - 1)],
                           mask=live & (i < n) & (k < steps), other=0.0)
 
-    def run(unpredict, carry0):
-        """The step loop; ``unpredict(k, r, carry) -> (q, carry)`` maps residuals to values 0..255."""
+    def left(k, r, carry):
+        i = first + k * lanes
+        reset = (i % cols == 0) & live  # row starts; the tile start has carry 0, so needs no reset
+        cs = carry + jnp.cumsum(r)  # [B] non-decreasing
+        cs_excl = jnp.where(reset, cs - r, 0)
+        if cols >= lanes:  # at most one row start in the step: its lane p, found by a reduction
+            base = jnp.where(j >= jnp.min(jnp.where(reset, j, block_lanes)), jnp.max(cs_excl), 0)
+        else:  # several: for each lane the largest cs_excl at a row start at or before it
+            p = j[None, :]
+            base = jnp.max(jnp.where((p <= j[:, None]) & reset[None, :], cs_excl[None, :], 0), axis=1)
+        q = (cs - base) & 0xFF
+        return q, jnp.sum(jnp.where(j == lanes - 1, q, 0))
 
-        def block(b, carry):
-            x, ptr, word, scales, c = carry
-            nxt = []
-            for u in range(unroll):
-                k = b * unroll + u
-                entry = table_ref[(x & rc.SLOT_MASK).astype(jnp.int32)]
-                sym, x = rc.rans_step(x, entry)
-                x, need = rc.renormalise(x, word)
-                ptr = ptr + need.astype(jnp.int32)
-                word = plgpu.load(words_ref.at[jnp.minimum(ptr, last_word)], mask=need,
-                                  other=word.astype(jnp.uint16)).astype(jnp.uint32)
-                r = jnp.where(live, sym.astype(jnp.int32), 0)
-                q, c = unpredict(k, r, c)
-                i = first + k * lanes
-                y = (_signed(q) * scales[u]).astype(out_ref.dtype)
-                plgpu.store(out_ref.at[i], y, mask=live & (i < n))
-                nxt.append(read_scale(k + unroll))
-            return x, ptr, word, tuple(nxt), c
-
-        scales = tuple(read_scale(u) for u in range(unroll))
-        lax.fori_loop(0, steps // unroll, block, (x0, ptr0, word0, scales, carry0))
-
-    def none():
-        run(lambda k, r, c: (r, c), jnp.int32(0))
-
-    def left():
-        def unpredict(k, r, carry):
-            i = first + k * lanes
-            reset = (i % cols == 0) & live  # row starts; the tile start has carry 0, so needs no reset
-            cs = carry + jnp.cumsum(r)  # [B] non-decreasing
-            cs_excl = jnp.where(reset, cs - r, 0)
-            if cols >= lanes:  # at most one row start in the step: its lane p, found by a reduction
-                base = jnp.where(j >= jnp.min(jnp.where(reset, j, block_lanes)), jnp.max(cs_excl), 0)
-            else:  # several: for each lane the largest cs_excl at a row start at or before it
-                p = j[None, :]
-                base = jnp.max(jnp.where((p <= j[:, None]) & reset[None, :], cs_excl[None, :], 0), axis=1)
-            q = (cs - base) & 0xFF
-            return q, jnp.sum(jnp.where(j == lanes - 1, q, 0))
-
-        run(unpredict, jnp.int32(0))
-
-    def up():
+    def up(k, r, carry):
         rounds = 1 if cols >= lanes else -(-lanes // cols)
+        m = k * lanes + j  # tile-local index
+        has = live & (m >= cols)
+        src = ring_ref.at[t, jnp.maximum(m - cols, 0) % ring]
+        dst = ring_ref.at[t, jnp.where(live, m % ring, ring)]
+        q = r
+        for _ in range(rounds):
+            nb = plgpu.load(src, mask=has, other=0).astype(jnp.int32)
+            q = (r + nb) & 0xFF
+            if rounds > 1:
+                barrier()  # every lane has read before any lane overwrites
+            plgpu.store(dst, q.astype(jnp.uint8), mask=live)
+            barrier()  # the step's values are visible to every lane
+        return q, carry
 
-        def unpredict(k, r, c):
-            m = k * lanes + j  # tile-local index
-            has = live & (m >= cols)
-            src = ring_ref.at[t, jnp.maximum(m - cols, 0) % ring]
-            dst = ring_ref.at[t, jnp.where(live, m % ring, ring)]
-            q = r
-            for _ in range(rounds):
-                nb = plgpu.load(src, mask=has, other=0).astype(jnp.int32)
-                q = (r + nb) & 0xFF
-                if rounds > 1:
-                    barrier()  # every lane has read before any lane overwrites
-                plgpu.store(dst, q.astype(jnp.uint8), mask=live)
-                barrier()  # the step's values are visible to every lane
-            return q, c
+    def unpredict(k, r, carry):  # the predictor is one scalar per tile: a uniform branch
+        return lax.cond(pred == 0, lambda: (r, carry),
+                        lambda: lax.cond(pred == 1, lambda: left(k, r, carry), lambda: up(k, r, carry)))
 
-        run(unpredict, jnp.int32(0))
+    def block(b, carry):  # `unroll` steps; scales are loaded `unroll` steps before they are used
+        lane_state, scales, touched, c = carry
+        next_scales, next_touched = [], []
+        for u in range(unroll):
+            k = b * unroll + u
+            sym, lane_state, tu = lanes_step(words_ref, table_ref, lane_state, touched[u], coarse_bits, prefetch)
+            q, c = unpredict(k, jnp.where(live, sym.astype(jnp.int32), 0), c)
+            i = first + k * lanes
+            plgpu.store(out_ref.at[i], (_signed(q) * scales[u]).astype(out_ref.dtype), mask=live & (i < n))
+            next_scales.append(read_scale(k + unroll))
+            next_touched.append(tu)
+        return lane_state, tuple(next_scales), tuple(next_touched), c
 
-    pred = predictors_ref[t]
-    lax.cond(pred == 0, none, lambda: lax.cond(pred == 1, left, up))
+    scales = tuple(read_scale(u) for u in range(unroll))
+    touched = (jnp.zeros((block_lanes,), jnp.uint32),) * unroll
+    lane_state, _, touched, _ = lax.fori_loop(0, steps // unroll, block,
+                                              (lane_state, scales, touched, jnp.int32(0)))
+    if prefetch:
+        plgpu.store(sink_ref.at[t * block_lanes + j], lanes_sink(lane_state, touched))
 
 
 def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype):
@@ -150,8 +141,9 @@ def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lan
     t = max(1, -(-n // (lanes * steps)))
     if n < 1 or rows * cols != n or t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be rows * cols = {rows} * {cols} >= 1 and its tiles < 2^31 values")
+    check_table(table)
     for name, a, dt, size in [("offsets", offsets, jnp.uint32, t * lanes), ("states", states, jnp.uint32, t * lanes),
-                              ("table", table, jnp.uint32, 4096), ("scales", scales, jnp.float32, rows),
+                              ("scales", scales, jnp.float32, rows),
                               ("predictors", predictors, jnp.int32, t)]:
         if a.dtype != dt or a.shape != (size,):
             raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}[{size}]")
@@ -159,35 +151,82 @@ def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lan
         raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16[W] with 1 <= W < 2^31")
 
 
-@functools.partial(jax.jit, static_argnames=["n", "rows", "cols", "lanes", "steps", "dtype", "unroll",
-                                             "num_warps", "interpret"])
+def _many_kernel(*refs, metas, starts, unroll, coarse_bits, prefetch, interpret):
+    """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``'s tiles."""
+    k_count = len(metas)
+    ins, outs = refs[:6 * k_count], refs[6 * k_count:7 * k_count]
+    rings, sinks = refs[7 * k_count:8 * k_count], refs[8 * k_count:] or (None,) * k_count
+    pid = pl.program_id(0)
+
+    def branch(k):
+        def run():
+            n, rows, cols, lanes, steps, dtype = metas[k]
+            rans_int8_kernel(*ins[6 * k:6 * k + 6], outs[k], rings[k], sinks[k], program=pid - starts[k], n=n,
+                             cols=cols, lanes=lanes, steps=steps, block_lanes=pl.next_power_of_2(lanes),
+                             unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch,
+                             interpret=interpret)
+        return run
+
+    def chain(k):  # if pid < starts[k+1]: tensor k, else the rest
+        if k == k_count - 1:
+            return branch(k)
+        return lambda: lax.cond(pid < starts[k + 1], branch(k), chain(k + 1))
+
+    chain(0)()
+
+
+@functools.partial(jax.jit, static_argnames=["metas", "unroll", "num_warps", "coarse_bits", "prefetch",
+                                             "interpret"])
+def rans_int8_decode_many(tensors, *, metas, unroll: int = 4, num_warps: int = 4,
+                          coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
+                          interpret: bool = False) -> list[jax.Array]:
+    """Decode several ``int8`` tensors in ONE kernel launch (e.g. all weights of a layer).
+
+    ``tensors``: a sequence of ``(words, offsets, states, table, scales, predictors)``; ``metas``: a tuple
+    of ``(n, rows, cols, lanes, steps, dtype)`` per tensor. Returns the flat decoded tensors.
+    """
+    if len(tensors) != len(metas) or not metas:
+        raise ValueError(f"{len(tensors)=} must equal {len(metas)=} and be >= 1")
+    if unroll < 1 or num_warps < 1:
+        raise ValueError(f"{unroll=} and {num_warps=} must be >= 1")
+    if prefetch < 0 or prefetch % SECTOR_WORDS:
+        raise ValueError(f"{prefetch=} must be a multiple of {SECTOR_WORDS} (0: none)")
+    starts = [0]
+    for arrays, meta in zip(tensors, metas):
+        _check(*arrays, *meta)
+        starts.append(starts[-1] + arrays[5].shape[0])
+    rc.filter_triton_deprecation()
+    kernel = functools.partial(_many_kernel, metas=tuple(metas), starts=tuple(starts), unroll=unroll,
+                               coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret)
+    tensors = [(*a[:3], kernel_table(a[3], coarse_bits), *a[4:]) for a in tensors]
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=([jax.ShapeDtypeStruct((n,), jnp.dtype(dtype)) for n, _, _, _, _, dtype in metas]
+                   + [jax.ShapeDtypeStruct((a[5].shape[0], cols + lanes), jnp.uint8)
+                      for a, (_, _, cols, lanes, _, _) in zip(tensors, metas)]
+                   + [jax.ShapeDtypeStruct((a[5].shape[0] * pl.next_power_of_2(lanes),), jnp.uint32)
+                      for a, (_, _, _, lanes, _, _) in zip(tensors, metas) if prefetch]),
+        grid=(starts[-1],),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"rans_int8_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}",
+    )(*[a for arrays in tensors for a in arrays])
+    return outs[:len(metas)]
+
+
 def rans_int8_decode(words, offsets, states, table, scales, predictors, *, n: int, rows: int, cols: int,
                      lanes: int, steps: int, dtype: str, unroll: int = 8, num_warps: int = 4,
-                     interpret: bool = False) -> jax.Array:
+                     coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, interpret: bool = False) -> jax.Array:
     """Decode an ``int8`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact with NumPy.
 
     One program per tile; ``unroll`` steps per loop iteration (also how far ahead scales are read;
-    reduced to a divisor of ``steps``), ``num_warps`` warps per program.
+    reduced to a divisor of ``steps``), ``num_warps`` warps per program, ``coarse_bits`` and ``prefetch``
+    as in ``rans_float.rans_float_decode``.
     """
-    _check(words, offsets, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype)
-    if unroll < 1:
-        raise ValueError(f"{unroll=} must be >= 1")
-    rc.filter_triton_deprecation()
-    unroll = math.gcd(unroll, steps)
-    tiles = predictors.shape[0]
-    block_lanes = pl.next_power_of_2(lanes)
-    kernel = functools.partial(rans_int8_kernel, n=n, cols=cols, lanes=lanes, steps=steps,
-                               block_lanes=block_lanes, unroll=unroll, interpret=interpret)
-    out, _ = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((n,), jnp.dtype(dtype)),
-                   jax.ShapeDtypeStruct((tiles, cols + lanes), jnp.uint8)),
-        grid=(tiles,),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name=f"rans_int8_u{unroll}_w{num_warps}",
-    )(words, offsets, states, table, scales, predictors)
-    return out
+    return rans_int8_decode_many([(words, offsets, states, table, scales, predictors)],
+                                 metas=((n, rows, cols, lanes, steps, dtype),), unroll=unroll,
+                                 num_warps=num_warps, coarse_bits=coarse_bits, prefetch=prefetch,
+                                 interpret=interpret)[0]
 
 
 # ----------------------------------------------------------------------------------------- reference

@@ -1,0 +1,394 @@
+"""Decoded-output throughput of the jcodec decoders (run on the GPU machine).
+
+    python3 bench/decode.py --out results.json            # everything (several minutes)
+    python3 bench/decode.py --quick                       # the 4096 x 14336 matrix only
+    python3 bench/decode.py --profile                     # one kernel launch, for ncu
+
+Inputs are Gaussian weights (std 0.02) in BF16: a Llama-3-8B MLP matrix (4096 x 14336), a 4096 x 4096
+matrix, and all seven weights of one Llama-3-8B layer decoded in one kernel launch. They are encoded once
+(NumPy, one process per tensor), then decoded many times. GB/s always counts decoded BF16 output bytes
+(2 B per weight) over the median time of one decode; each timed run decodes ``--rotate`` different copies
+of the input back to back (more bytes than L2 holds) and divides. Every variant's output is compared bit
+for bit with the NumPy decoder before it is timed. Baselines in the same run: an XLA elementwise pass over
+the BF16 weights (2 B read + 2 B written per weight: the memory ceiling), the pure-JAX decoder under XLA,
+and host zstd decode + device_put.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+
+try:  # installed as jcodec.pallas_kernels; from a bare checkout, alias the folder
+    import jcodec.pallas_kernels  # noqa: F401
+except ImportError:
+    import pallas_kernels
+
+    sys.modules["jcodec.pallas_kernels"] = pallas_kernels
+
+from jcodec import codecs, tensor  # noqa: E402
+from jcodec.pallas_kernels import rans_float, rans_int8  # noqa: E402
+
+MATRIX = (4096, 14336)
+SQUARE = (4096, 4096)
+LAYER = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
+         "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+# (block_lanes, unroll, num_warps, coarse_bits, prefetch) of the bf16-lossless kernel to time on the matrix
+FLOAT_VARIANTS = [(128, 8, 4, 5, 0), (128, 4, 4, 5, 0), (256, 8, 8, 5, 0), (128, 8, 4, 0, 0), (128, 8, 4, 5, 32)]
+# one launch for the whole layer: unroll 4 (each tensor adds a copy of the loop; unroll 8 compiles 4x longer)
+LAYER_VARIANTS = [(128, 4, 4, 5, 0), (256, 4, 8, 5, 0)]
+INT8_VARIANTS = [(8, 4, 5, 0), (8, 4, 0, 0), (8, 4, 5, 32)]  # (unroll, num_warps, coarse_bits, prefetch)
+INT8_LAYER_VARIANT = (4, 4, 5, 0)
+
+ROWS: list[dict] = []
+INTERPRET = jax.default_backend() != "gpu"  # on CPU (a dry run of this script) the kernels are interpreted
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def gaussian(shape, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+
+
+def _encode(job):
+    shape, seed, codec, lanes, steps = job
+    x = gaussian(shape, seed)
+    return x, codecs.encode(x, codec, lanes=lanes, steps=steps)
+
+
+def encode_all(shapes, codec, lanes, steps, seed0=0):
+    """[(x, enc)] for each shape, one process per tensor."""
+    jobs = [(s, seed0 + i, codec, lanes, steps) for i, s in enumerate(shapes)]
+    ctx = multiprocessing.get_context("spawn")  # the parent holds a CUDA context: no fork
+    with cf.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
+        return list(pool.map(_encode, jobs))
+
+
+def device_args(ct):
+    a, m = ct.arrays, ct.meta
+    if m.codec == "bf16-lossless":
+        return (a["words"], a["offsets"], a["states"], a["raw"], a["table"]), (m.size, m.lanes, m.steps, m.dtype)
+    return ((a["words"], a["offsets"], a["states"], a["table"], a["scales"], a["predictors"]),
+            (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype))
+
+
+def time_fn(fn, inputs, reps):
+    """Median seconds per call of ``fn(*inputs[i])``; a timed run is one call on each input set in turn."""
+    for inp in inputs:
+        jax.block_until_ready(fn(*inp))
+    runs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        outs = [fn(*inp) for inp in inputs]
+        jax.block_until_ready(outs)
+        runs.append((time.perf_counter() - t0) / len(inputs))
+        del outs
+    return statistics.median(runs), runs
+
+
+def record(group, name, seconds, n_values, **extra):
+    gbs = n_values * 2 / seconds / 1e9
+    row = dict(group=group, name=name, ms=seconds * 1e3, gbs_bf16_out=gbs, values=n_values, **extra)
+    ROWS.append(row)
+    log(f"  {group:<24} {name:<44} {seconds * 1e3:9.3f} ms  {gbs:8.1f} GB/s")
+    return row
+
+
+def temp_bytes(fn, *args):
+    """Device scratch XLA allocates for ``fn`` beyond its arguments and outputs (compiled memory analysis)."""
+    try:
+        ma = jax.jit(fn).lower(*args).compile().memory_analysis()
+        return int(ma.temp_size_in_bytes)
+    except Exception as e:  # noqa: BLE001
+        return f"n/a ({type(e).__name__})"
+
+
+def same_bits(out, want) -> bool:
+    out = np.asarray(out)
+    want = np.asarray(want)
+    u = {2: np.uint16, 4: np.uint32}[want.dtype.itemsize]
+    out, want = out.reshape(-1), want.reshape(-1)
+    return out.shape == want.shape and np.array_equal(out.view(u), want.view(u))
+
+
+def guarded(label):
+    def wrap(f):
+        def run(*a, **k):
+            try:
+                return f(*a, **k)
+            except Exception:  # noqa: BLE001  (one failing part must not lose the rest of a GPU run)
+                log(f"!! {label} failed:\n{traceback.format_exc()}")
+                ROWS.append(dict(group=label, name="FAILED", error=traceback.format_exc()[-2000:]))
+        return run
+    return wrap
+
+
+# ------------------------------------------------------------------------------------------- parts
+@guarded("ceiling")
+def bench_ceiling(x, rotate, reps):
+    n = x.size
+    copies = [(jax.device_put(x),) for _ in range(rotate)]
+    ew = jax.jit(lambda a: lax_xor(a))
+    s, _ = time_fn(ew, copies, reps)
+    record("ceiling", f"XLA elementwise pass {x.shape} (2B rd + 2B wr)", s, n, traffic_gbs=n * 4 / s / 1e9)
+    cp = jax.jit(lambda a: jnp.flip(a, 0))
+    s, _ = time_fn(cp, copies, reps)
+    record("ceiling", f"XLA copy with rows reversed {x.shape}", s, n, traffic_gbs=n * 4 / s / 1e9)
+
+
+def lax_xor(a):
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(a, jnp.uint16) ^ jnp.uint16(1), a.dtype)
+
+
+@guarded("bf16-lossless matrix")
+def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
+    cts = [tensor.from_encoded(enc) for _ in range(rotate)]
+    arrays = [device_args(ct)[0] for ct in cts]
+    meta = device_args(cts[0])[1]
+    n = meta[0]
+    ratio = enc.nbytes / x.nbytes
+    log(f"[{label}] bf16-lossless {x.shape}: ratio {ratio:.4f} (file {enc.nbytes} B; device {cts[0].nbytes} B)")
+    results = {}
+    for v in variants:
+        bl, un, nw, cb, pf = v
+        fn = jax.jit(lambda *a, bl=bl, un=un, nw=nw, cb=cb, pf=pf: rans_float.rans_float_decode(
+            *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], block_lanes=bl, unroll=un, num_warps=nw,
+            coarse_bits=cb, prefetch=pf, interpret=INTERPRET))
+        try:
+            t0 = time.perf_counter()
+            ok = same_bits(fn(*arrays[0]), x)
+            first = time.perf_counter() - t0
+        except Exception:  # noqa: BLE001
+            log(f"  variant {v} failed: {traceback.format_exc()[-1500:]}")
+            continue
+        s, runs = time_fn(fn, arrays, reps)
+        results[v] = s
+        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf} exact={ok}", s, n, ratio=ratio, exact=ok,
+               spread_ms=[min(runs) * 1e3, max(runs) * 1e3], first_call_s=first,
+               temp_bytes=temp_bytes(lambda *a: fn(*a), *arrays[0]) if v == variants[0] else None)
+    return results, arrays, meta, ratio
+
+
+@guarded("bf16-lossless reference")
+def bench_float_reference(x, arrays, meta, rotate, reps, label="matrix"):
+    fn = jax.jit(lambda *a: rans_float.rans_float_reference(*a, n=meta[0], lanes=meta[1], steps=meta[2],
+                                                            dtype=meta[3]))
+    ok = same_bits(fn(*arrays[0]), x)
+    s, _ = time_fn(fn, arrays[:2], max(3, reps // 4))
+    record(f"bf16-lossless {label}", f"pure-JAX reference under XLA exact={ok}", s, meta[0], exact=ok,
+           temp_bytes=temp_bytes(fn, *arrays[0]))
+
+
+@guarded("zstd host")
+def bench_zstd(x, reps):
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        log("  zstandard not installed: host zstd baseline skipped")
+        return
+    enc = codecs.encode(x, "zstd")
+    dev = jax.devices()[0]
+
+    def host_path():
+        return jax.device_put(codecs.decode(enc), dev)
+
+    ok = same_bits(host_path(), x)
+    s, _ = time_fn(host_path, [()], max(3, reps // 4))
+    record("zstd host", f"zstd decode (1 thread) + device_put {x.shape} exact={ok}", s, x.size,
+           ratio=enc.nbytes / x.nbytes, exact=ok)
+
+
+@guarded("bf16-lossless layer")
+def bench_float_layer(layer, rotate, reps, variants):
+    xs = [x for x, _ in layer]
+    encs = [e for _, e in layer]
+    n_total = sum(x.size for x in xs)
+    ratio = sum(e.nbytes for e in encs) / sum(x.nbytes for x in xs)
+    sets = []
+    for _ in range(rotate):
+        args = [device_args(tensor.from_encoded(e)) for e in encs]
+        sets.append(tuple(a for a, _ in args))
+    metas = tuple(m for _, m in args)
+    log(f"[layer] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
+    for v in variants:
+        bl, un, nw, cb, pf = v
+        one = jax.jit(lambda *ts, bl=bl, un=un, nw=nw, cb=cb, pf=pf: rans_float.rans_float_decode_many(
+            list(ts), metas=metas, block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
+            interpret=INTERPRET))
+        t0 = time.perf_counter()
+        outs = one(*sets[0])
+        jax.block_until_ready(outs)
+        first = time.perf_counter() - t0
+        ok = all(same_bits(o, x) for o, x in zip(outs, xs))
+        del outs
+        s, _ = time_fn(one, sets, reps)
+        record("bf16-lossless layer", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf} exact={ok}", s, n_total,
+               ratio=ratio, exact=ok, first_call_s=first,
+               temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
+        log(f"    (first call incl. compile {first:.1f}s)")
+    bl, un, nw, cb, pf = variants[0]
+    sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3],
+                                                            block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb,
+                                                            prefetch=pf, interpret=INTERPRET)
+                               for t, m in zip(ts, metas)])
+    s, _ = time_fn(sep, sets, reps)
+    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}", s, n_total)
+    ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3])
+                               for t, m in zip(ts, metas)])
+    s, _ = time_fn(ref, sets[:1], 3)
+    record("bf16-lossless layer", "pure-JAX reference under XLA", s, n_total)
+    copies = [tuple(jax.device_put(x) for x in xs) for _ in range(rotate)]
+    ew = jax.jit(lambda *a: [lax_xor(t) for t in a])
+    s, _ = time_fn(ew, copies, reps)
+    record("bf16-lossless layer", "XLA elementwise pass over the layer (ceiling)", s, n_total)
+
+
+@guarded("int8 matrix")
+def bench_int8(shape, rotate, reps, variants, label):
+    x, enc = encode_all([shape], "int8", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS, seed0=11)[0]
+    want = codecs.decode(enc)
+    arrays = [device_args(tensor.from_encoded(enc))[0] for _ in range(rotate)]
+    meta = device_args(tensor.from_encoded(enc))[1]
+    ratio = enc.nbytes / x.nbytes
+    log(f"[{label}] int8 {shape}: ratio {ratio:.4f} predictors {np.bincount(enc.arrays['tiles'][:, 2], minlength=3)}")
+    best = None
+    for un, nw, cb, pf in variants:
+        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf: rans_int8.rans_int8_decode(
+            *a, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3], steps=meta[4], dtype=meta[5], unroll=un,
+            num_warps=nw, coarse_bits=cb, prefetch=pf, interpret=INTERPRET))
+        ok = same_bits(fn(*arrays[0]), want)
+        s, _ = time_fn(fn, arrays, reps)
+        record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf} exact={ok}", s, meta[0], ratio=ratio, exact=ok,
+               temp_bytes=temp_bytes(fn, *arrays[0]) if best is None else None)
+        best = min(best or (s, un, nw, cb, pf), (s, un, nw, cb, pf))
+    ref = jax.jit(lambda *a: rans_int8.rans_int8_reference(*a, n=meta[0], rows=meta[1], cols=meta[2],
+                                                           lanes=meta[3], steps=meta[4], dtype=meta[5]))
+    ok = same_bits(ref(*arrays[0]), want)
+    s, _ = time_fn(ref, arrays[:1], 3)
+    record(f"int8 {label}", f"pure-JAX reference under XLA exact={ok}", s, meta[0], exact=ok)
+    return best
+
+
+@guarded("int8 layer")
+def bench_int8_layer(rotate, reps, variant):
+    layer = encode_all(list(LAYER.values()), "int8", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS, seed0=20)
+    encs = [e for _, e in layer]
+    wants = [codecs.decode(e) for e in encs]
+    n_total = sum(x.size for x, _ in layer)
+    ratio = sum(e.nbytes for e in encs) / sum(x.nbytes for x, _ in layer)
+    sets = []
+    for _ in range(rotate):
+        args = [device_args(tensor.from_encoded(e)) for e in encs]
+        sets.append(tuple(a for a, _ in args))
+    metas = tuple(m for _, m in args)
+    un, nw, cb, pf = variant
+    log(f"[layer] int8: ratio {ratio:.4f}")
+    one = jax.jit(lambda *ts: rans_int8.rans_int8_decode_many(list(ts), metas=metas, unroll=un, num_warps=nw,
+                                                              coarse_bits=cb, prefetch=pf, interpret=INTERPRET))
+    t0 = time.perf_counter()
+    ok = all(same_bits(o, w) for o, w in zip(one(*sets[0]), wants))
+    log(f"    (first call incl. compile and check {time.perf_counter() - t0:.1f}s)")
+    s, _ = time_fn(one, sets, reps)
+    record("int8 layer", f"pallas ONE launch u{un} w{nw} c{cb} p{pf} exact={ok}", s, n_total, ratio=ratio, exact=ok,
+           temp_bytes=temp_bytes(one, *sets[0]))
+
+
+def profile_once():
+    """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
+    x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)[0]
+    args, meta = device_args(tensor.from_encoded(enc))
+    bl, un, nw, cb, pf = (int(v) for v in os.environ.get("PROFILE_VARIANT", "128,8,4,0,32").split(","))
+    out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
+                                       block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
+                                       interpret=INTERPRET)
+    log("profile run exact:", same_bits(out, x))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write all rows as JSON here")
+    ap.add_argument("--quick", action="store_true", help="the 4096 x 14336 matrix only")
+    ap.add_argument("--profile", action="store_true", help="one kernel launch on the matrix (for ncu)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rotate", type=int, default=3, help="input copies a timed run cycles through")
+    ap.add_argument("--small", action="store_true", help="tiny shapes: a dry run of this script on CPU")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: layer,int8,square,zstd,ref,ceiling")
+    ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p;b,u,w,c,p;...' (default: FLOAT_VARIANTS)")
+    ap.add_argument("--layer-variants", help="bf16 layer variants, same form (default: LAYER_VARIANTS)")
+    ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p;...' (default: INT8_VARIANTS)")
+    ap.add_argument("--int8-layer-variant", help="int8 layer variant 'u,w,c,p' (default: INT8_LAYER_VARIANT)")
+    ap.add_argument("--square-steps", default="1024,512,256", help="steps per lane to encode the 4096 x 4096 matrix with")
+    args = ap.parse_args()
+    if args.profile:
+        return profile_once()
+    skip = set(filter(None, args.skip.split(",")))
+    if args.small:
+        global MATRIX, SQUARE, LAYER
+        MATRIX, SQUARE = (64, 2048 + 5), (64, 512)
+        LAYER = {k: (r // 256, c // 64) for k, (r, c) in LAYER.items()}
+    dev = jax.devices()[0]
+    log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    t0 = time.time()
+    (x, enc), = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)
+    log(f"encoded matrix in {time.time() - t0:.1f}s")
+    parse = lambda spec: [tuple(int(v) for v in part.split(",")) for part in spec.split(";")]  # noqa: E731
+    variants = parse(args.variants) if args.variants else FLOAT_VARIANTS
+    if "ceiling" not in skip:
+        bench_ceiling(x, args.rotate, args.reps)
+    res = bench_float_matrix(x, enc, args.rotate, args.reps, variants)
+    best = min(res[0], key=res[0].get) if res and res[0] else variants[0]
+    log(f"best bf16-lossless variant on the matrix: {best}")
+    if res and "ref" not in skip:
+        bench_float_reference(x, res[1], res[2], args.rotate, args.reps)
+    if "zstd" not in skip:
+        bench_zstd(x, args.reps)
+    if not args.quick:
+        if "square" not in skip:
+            for steps in [int(v) for v in args.square_steps.split(",")]:
+                (xs, es), = encode_all([SQUARE], "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=5)
+                bench_float_matrix(xs, es, args.rotate, args.reps, [best], label=f"4096x4096 s{steps}")
+        if "layer" not in skip:
+            t0 = time.time()
+            layer = encode_all(list(LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS,
+                               seed0=30)
+            log(f"encoded layer in {time.time() - t0:.1f}s")
+            lv = parse(args.layer_variants) if args.layer_variants else LAYER_VARIANTS
+            bench_float_layer(layer, args.rotate, args.reps, lv)
+            del layer
+        if "int8" not in skip:
+            bench_int8(MATRIX, args.rotate, args.reps,
+                       parse(args.int8_variants) if args.int8_variants else INT8_VARIANTS, "matrix")
+            if "layer" not in skip:
+                iv = parse(args.int8_layer_variant)[0] if args.int8_layer_variant else INT8_LAYER_VARIANT
+                bench_int8_layer(args.rotate, args.reps, iv)
+    log("\n| group | variant | ms | GB/s (BF16 out) |\n|---|---|---|---|")
+    for r in ROWS:
+        if "ms" in r:
+            log(f"| {r['group']} | {r['name']} | {r['ms']:.3f} | {r['gbs_bf16_out']:.1f} |")
+        else:
+            log(f"| {r['group']} | FAILED | | |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=ROWS), f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
