@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -55,20 +56,53 @@ def build_bf16(cfg: llama.LlamaConfig, get) -> llama.Params:
     return llama.params_from_tensors(cfg, get, jnp.bfloat16)
 
 
+def build_codec(codec: str, mode: str):
+    """Params for a jcodec ``mode`` (see jcodec.api) of weights encoded with ``codec`` at load time.
+    For random weights every layer holds the same values, so one layer is encoded and reused (encoding an
+    8B model with the NumPy encoder would take the bench's whole time; speed does not depend on it)."""
+    from jcodec.api import place_params
+    from jcodec.checkpoint import choose_encoding
+    from jcodec.tensor import decode, from_encoded
+
+    def build(cfg, get):
+        cache, decode_jit = {}, jax.jit(decode)
+
+        def get_encoded(name):
+            key = re.sub(r"\.layers\.\d+\.", ".layers.*.", name) if getattr(get, "shared_layers", False) else name
+            if key not in cache:
+                x = get(name)
+                enc = choose_encoding(x, codec)
+                cache[key] = x if enc is None else enc
+            v = cache[key]
+            if isinstance(v, np.ndarray):
+                return v
+            return decode_jit(from_encoded(v)) if mode == "decoded" else from_encoded(v, to_device=False)
+
+        return place_params(llama.params_from_tensors(cfg, get_encoded, jnp.bfloat16), mode)
+
+    return build
+
+
 MODES = {"bf16": build_bf16}
+for _codec, _mode in [("bf16-lossless", "compressed"), ("bf16-lossless", "decoded"), ("bf16-lossless", "offload"),
+                      ("int8", "compressed")]:
+    MODES[f"{_codec} {_mode}"] = build_codec(_codec, _mode)
 
 
 def random_tensors(cfg: llama.LlamaConfig, seed: int = 0):
-    """get(name) -> a Gaussian (std 0.02; norms 1) bfloat16 host array, the same for a name on every call.
+    """get(name) -> a Gaussian (std 0.02; norms 1) bfloat16 host array, the same for a name on every call
+    and the same in every layer.
     Drawn on the device, where an 8B model's worth takes seconds rather than NumPy's minutes."""
     shapes = llama.param_shapes(cfg)
 
     def get(name):
         if name.endswith("norm.weight"):
             return np.ones(shapes[name], jnp.bfloat16)
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
+        shared = re.sub(r"\.layers\.\d+\.", ".layers.*.", name)  # every layer holds the same values
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(shared.encode()))
         return np.asarray((0.02 * jax.random.normal(key, shapes[name], jnp.float32)).astype(jnp.bfloat16))
 
+    get.shared_layers = True
     return get
 
 
@@ -135,7 +169,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
-    p.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(MODES)} (default: all)")
+    p.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(MODES)} (default: all); "
+                   "MODEL=MODE|MODE,... entries after a ';' restrict one model, e.g. 'llama-3-8b=bf16|bf16-lossless compressed'")
     p.add_argument("--batches", default="1,16", type=lambda s: sorted(int(b) for b in s.split(",")))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -150,10 +185,15 @@ def main(argv=None) -> int:
         print(json.dumps(run_row(*args.row.split(":", 1), args)))
         return 0
 
-    modes = args.modes.split(",") if args.modes else list(MODES)
+    per_model = {}
+    spec = (args.modes or "").split(";")
+    modes = spec[0].split(",") if spec[0] else list(MODES)
+    for item in spec[1:]:
+        model_name, _, ms = item.partition("=")
+        per_model[model_name.strip()] = ms.split("|")
     rows = []
     for model_name in args.models.split(","):
-        for mode in modes:
+        for mode in per_model.get(model_name, modes):
             if model_name not in SHAPES or mode not in MODES:
                 raise SystemExit(f"unknown model {model_name!r} or mode {mode!r}")
             cmd = [sys.executable, os.path.abspath(__file__), "--row", f"{model_name}:{mode}",
@@ -166,6 +206,8 @@ def main(argv=None) -> int:
                 rows.append(dict(model=model_name, mode=mode, error=done.stderr.strip().splitlines()[-1:]))
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if args.out:  # after every row, so that a run cut short keeps what it measured
+                save(args, rows)
     ok = [r for r in rows if "error" not in r]
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new, median of {args.repeats}; TTFT excludes compilation; "
@@ -175,12 +217,16 @@ def main(argv=None) -> int:
         if "error" in r:
             print(f"{r['model']} / {r['mode']}: FAILED {r['error']}")
     if args.out:
-        meta = dict(jax=jax.__version__, device=jax.devices()[0].device_kind, platform=platform.platform(),
-                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, tiny=args.tiny,
-                    date=time.strftime("%Y-%m-%d %H:%M:%S"))
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        save(args, rows)
     return 1 if len(ok) < len(rows) else 0
+
+
+def save(args, rows) -> None:
+    meta = dict(jax=jax.__version__, device=jax.devices()[0].device_kind, platform=platform.platform(),
+                prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, tiny=args.tiny,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

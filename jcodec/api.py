@@ -4,8 +4,7 @@
 - ``compressed``: rANS-coded weights stay compressed on the device as CompressedTensors; the forward pass
   decodes each layer inside its ``lax.scan`` step, so peak memory is the compressed model plus one layer.
 - ``offload``: like ``compressed``, but the compressed weights live in host memory and each layer's are
-  moved to the device inside the scan step. (Where the platform has no host memory space, as on CPU,
-  they stay in device memory.)
+  moved to the device inside the scan step (``jax.memory.Space.Host``; on a CPU both spaces are RAM).
 
 zstd-coded tensors are always decoded on the host before they are put on the device.
 """
@@ -32,24 +31,11 @@ def is_jcodec_checkpoint(path) -> bool:
     return True
 
 
-def host_memory_sharding():
-    """A sharding in pinned host memory on the default device, or None where there is none (CPU)."""
-    dev = jax.devices()[0]
-    try:
-        kinds = {m.kind for m in dev.addressable_memories()}
-    except Exception:
-        return None
-    if "pinned_host" not in kinds or dev.platform == "cpu":
-        return None
-    return jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-
-
 def load_tensors(path, mode: str = "compressed"):
     """(config dict, tokenizer folder, get(name)) for a jcodec checkpoint; ``get`` returns what ``mode`` keeps."""
     if mode not in MODES:
         raise ValueError(f"{mode=} must be one of {', '.join(MODES)}")
     ckpt = Checkpoint(path)
-    host = host_memory_sharding() if mode == "offload" else None
     decode_jit = jax.jit(decode)
 
     def get(name: str):
@@ -63,10 +49,25 @@ def load_tensors(path, mode: str = "compressed"):
                 return codecs.decode(value)
             except codecs.FormatError as e:
                 raise CheckpointError(f"{ckpt.where(name)}: tensor {name}: {e}") from None
-        ct = from_encoded(value, host)
-        return decode_jit(ct) if mode == "decoded" else ct
+        if mode == "decoded":
+            return decode_jit(from_encoded(value))
+        return from_encoded(value, to_device=False)  # stacked on the host, then placed once by place_params
 
     return ckpt.config, os.fspath(path), get
+
+
+def place_params(params, mode: str):
+    """Put host CompressedTensors where ``mode`` keeps them: the layers' in host memory for ``offload``
+    (moved a layer at a time by the forward pass), everything else on the device."""
+    layers_space = jax.memory.Space.Host if mode == "offload" else jax.memory.Space.Device
+
+    def place(path, x):
+        if not isinstance(x, CompressedTensor):
+            return x
+        in_layers = any(getattr(k, "name", None) == "layers" for k in path)
+        return jax.device_put(x, layers_space if in_layers else jax.memory.Space.Device)
+
+    return jax.tree_util.tree_map_with_path(place, params, is_leaf=lambda x: isinstance(x, CompressedTensor))
 
 
 def compressed_bytes(tree) -> int:
@@ -97,6 +98,6 @@ def load(path, mode: str = "compressed", dtype=None):
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     dtype = dtype or default_dtype()
-    params = llama.params_from_tensors(cfg, get, dtype)
+    params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
     from transformers import AutoTokenizer
     return Model(cfg, params, AutoTokenizer.from_pretrained(folder), dtype)

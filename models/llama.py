@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jcodec.tensor import materialize, stack_layers
+from jcodec.tensor import materialize, materialize_all, stack_layers
 
 Array = Any  # a jax.Array, or a CompressedTensor standing in for one
 
@@ -327,6 +327,7 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
     def layer(carry, xs):
         x, k_cache, v_cache = carry
         w, i = xs  # this layer's weights (leading L axis scanned away), its index
+        w = materialize_all(w)  # compressed weights: the whole layer decoded in one kernel launch on GPU
         h = rms_norm(x, materialize(w.input_layernorm), cfg.rms_norm_eps)
         q = apply_rope(dense(h, w.q_proj, dtype).reshape(B, T, H, D), cos, sin)
         k = apply_rope(dense(h, w.k_proj, dtype).reshape(B, T, K, D), cos, sin)
