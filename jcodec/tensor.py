@@ -187,7 +187,7 @@ def materialize_all(tree, *, backend: str | None = None, interpret: bool = False
     """:func:`materialize` every leaf of ``tree`` (e.g. one layer's weights). On the Pallas backend the
     ``bf16-lossless`` tensors are decoded together in ONE kernel launch: many more lanes in flight than a
     launch per tensor (measured on the H100: a Llama-3-8B layer at 668-687 GB/s in one launch against
-    237-246 GB/s in seven; bench/decode_notes.md)."""
+    237-246 GB/s in seven; bench/DECODE_NOTES.md)."""
     is_ct = lambda x: isinstance(x, CompressedTensor)  # noqa: E731
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_ct)
     backend = backend or default_backend()
