@@ -11,6 +11,7 @@ import functools
 import warnings
 
 import jax.numpy as jnp
+from jax import lax
 
 PROB_BITS = 12
 SLOT_MASK = (1 << PROB_BITS) - 1
@@ -95,3 +96,14 @@ TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated and will be remov
 @functools.cache
 def filter_triton_deprecation() -> None:
     warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+
+
+def run_segment(pid, starts, branch) -> None:
+    """Run ``branch(k)()`` for the tensor k whose programs ``starts[k] <= pid < starts[k+1]`` hold: the
+    dispatch of a launch that decodes several tensors, as a chain of ``lax.cond`` on the program id."""
+    def chain(k):  # if pid < starts[k+1]: tensor k, else the rest
+        if k == len(starts) - 2:
+            return branch(k)
+        return lambda: lax.cond(pid < starts[k + 1], branch(k), chain(k + 1))
+
+    chain(0)()

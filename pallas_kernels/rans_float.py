@@ -171,12 +171,7 @@ def _many_kernel(*refs, metas, starts, block_lanes, unroll, coarse_bits, prefetc
                               unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch)
         return run
 
-    def chain(k):  # if pid < starts[k+1]: tensor k, else the rest
-        if k == k_count - 1:
-            return branch(k)
-        return lambda: lax.cond(pid < starts[k + 1], branch(k), chain(k + 1))
-
-    chain(0)()
+    rc.run_segment(pid, starts, branch)
 
 
 def _check(words, offsets, states, raw, table, n, lanes, steps, dtype):

@@ -167,12 +167,7 @@ def _many_kernel(*refs, metas, starts, unroll, coarse_bits, prefetch, interpret)
                              interpret=interpret)
         return run
 
-    def chain(k):  # if pid < starts[k+1]: tensor k, else the rest
-        if k == k_count - 1:
-            return branch(k)
-        return lambda: lax.cond(pid < starts[k + 1], branch(k), chain(k + 1))
-
-    chain(0)()
+    rc.run_segment(pid, starts, branch)
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "unroll", "num_warps", "coarse_bits", "prefetch",
