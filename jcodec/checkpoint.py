@@ -69,7 +69,7 @@ class CheckpointWriter:
         self.total_bytes = 0
 
     def add(self, name: str, value: codecs.EncodedTensor | np.ndarray) -> None:
-        if name in self._weight_map or any(k in self._pending for k in (name,)):
+        if name in self._weight_map or name in self._pending:
             raise CheckpointError(f"tensor {name} added twice")
         if isinstance(value, codecs.EncodedTensor):
             entries = {f"{name}.{k}": np.ascontiguousarray(v) for k, v in value.arrays.items()}
@@ -280,14 +280,19 @@ class Checkpoint:
             if rec is None:
                 sl = f.get_slice(name)
                 shape, dtype = list(sl.get_shape()), sl.get_dtype()
-                itemsize = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1,
-                            "U16": 2, "I16": 2, "U32": 4, "BOOL": 1}.get(dtype, 0)
-                nbytes = math.prod(shape) * itemsize
+                nbytes = math.prod(shape) * _itemsize(dtype)
                 return dict(codec="raw", shape=shape, dtype=dtype.lower(), stored=nbytes, original=nbytes)
             stored = len(json.dumps(rec, separators=(",", ":")))
             for k in self._entries[name]:
                 sl = f.get_slice(k)
-                stored += math.prod(sl.get_shape()) * {"U8": 1, "U16": 2, "U32": 4, "F32": 4}.get(sl.get_dtype(), 0)
+                stored += math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
         dt = codecs.FLOAT_DTYPES.get(rec.get("dtype"), (np.dtype(np.uint8),))[0]
         return dict(codec=rec.get("codec"), shape=rec.get("shape"), dtype=rec.get("dtype"), stored=stored,
                     original=math.prod(rec.get("shape") or [0]) * dt.itemsize)
+
+
+def _itemsize(safetensors_dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name (0 for one we do not know)."""
+    from jcodec.sources import SAFETENSORS_DTYPES
+    dt = SAFETENSORS_DTYPES.get(safetensors_dtype)
+    return 0 if dt is None else np.dtype(dt).itemsize

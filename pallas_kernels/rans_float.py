@@ -92,6 +92,16 @@ def rans_float_kernel(
 SECTOR_WORDS = 16
 
 
+def check_launch(tensors, metas, unroll: int, num_warps: int, prefetch: int) -> None:
+    """The arguments every multi-tensor launch (float and int8) shares, checked before it is built."""
+    if len(tensors) != len(metas) or not metas:
+        raise ValueError(f"{len(tensors)=} must equal {len(metas)=} and be >= 1")
+    if unroll < 1 or num_warps < 1:
+        raise ValueError(f"{unroll=} and {num_warps=} must be >= 1")
+    if prefetch < 0 or prefetch % SECTOR_WORDS:
+        raise ValueError(f"{prefetch=} must be a multiple of {SECTOR_WORDS} (0: none)")
+
+
 def lanes_init(words_ref, offsets_ref, states_ref, lane, prefetch: int):
     """Start of lanes ``lane`` ([B] int32): (x, ptr, next word, sink); touches the sectors ahead."""
     last_word = words_ref.shape[0] - 1
@@ -209,14 +219,9 @@ def rans_float_decode_many(tensors, *, metas, block_lanes: int = 128, unroll: in
     :func:`rans_float_decode`; every tensor adds a copy of the step loop to the kernel, so ``unroll``
     defaults to 4 here (a Llama layer's 7 tensors compile in ~12 s at 4, ~40-90 s at 8, at equal speed).
     """
-    if len(tensors) != len(metas) or not metas:
-        raise ValueError(f"{len(tensors)=} must equal {len(metas)=} and be >= 1")
+    check_launch(tensors, metas, unroll, num_warps, prefetch)
     if block_lanes < 1 or block_lanes & (block_lanes - 1):
         raise ValueError(f"{block_lanes=} must be a power of two")
-    if unroll < 1 or num_warps < 1:
-        raise ValueError(f"{unroll=} and {num_warps=} must be >= 1")
-    if prefetch < 0 or prefetch % SECTOR_WORDS:
-        raise ValueError(f"{prefetch=} must be a multiple of {SECTOR_WORDS} (0: none)")
     starts = [0]
     for arrays, (n, lanes, steps, dtype) in zip(tensors, metas):
         _check(*arrays, n, lanes, steps, dtype)

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import SECTOR_WORDS, check_table, kernel_table, lanes_init, lanes_sink, lanes_step
+from .rans_float import check_launch, check_table, kernel_table, lanes_init, lanes_sink, lanes_step
 
 PREDICTORS = ("none", "left", "up")
 
@@ -180,12 +180,7 @@ def rans_int8_decode_many(tensors, *, metas, unroll: int = 4, num_warps: int = 4
     ``tensors``: a sequence of ``(words, offsets, states, table, scales, predictors)``; ``metas``: a tuple
     of ``(n, rows, cols, lanes, steps, dtype)`` per tensor. Returns the flat decoded tensors.
     """
-    if len(tensors) != len(metas) or not metas:
-        raise ValueError(f"{len(tensors)=} must equal {len(metas)=} and be >= 1")
-    if unroll < 1 or num_warps < 1:
-        raise ValueError(f"{unroll=} and {num_warps=} must be >= 1")
-    if prefetch < 0 or prefetch % SECTOR_WORDS:
-        raise ValueError(f"{prefetch=} must be a multiple of {SECTOR_WORDS} (0: none)")
+    check_launch(tensors, metas, unroll, num_warps, prefetch)
     starts = [0]
     for arrays, meta in zip(tensors, metas):
         _check(*arrays, *meta)
