@@ -27,20 +27,11 @@ import traceback
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 
-try:  # installed as jcodec.pallas_kernels; from a bare checkout, alias the folder
-    import jcodec.pallas_kernels  # noqa: F401
-except ImportError:
-    import pallas_kernels
-
-    sys.modules["jcodec.pallas_kernels"] = pallas_kernels
-
+# the installed package (pip install .); run it with `python -P` from the repository root
 from jcodec import codecs, tensor  # noqa: E402
 from jcodec.pallas_kernels import rans_float, rans_int8  # noqa: E402
 
@@ -87,7 +78,7 @@ def device_args(ct):
     if m.codec == "bf16-lossless":
         return (a["words"], a["offsets"], a["states"], a["raw"], a["table"]), (m.size, m.lanes, m.steps, m.dtype)
     return ((a["words"], a["offsets"], a["states"], a["table"], a["scales"], a["predictors"]),
-            (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype))
+            (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors))
 
 
 def time_fn(fn, inputs, reps):
@@ -272,7 +263,8 @@ def bench_int8(shape, rotate, reps, variants, label):
     best = None
     for un, nw, cb, pf in variants:
         fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf: rans_int8.rans_int8_decode(
-            *a, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3], steps=meta[4], dtype=meta[5], unroll=un,
+            *a, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3], steps=meta[4], dtype=meta[5],
+            predictors_used=meta[6], unroll=un,
             num_warps=nw, coarse_bits=cb, prefetch=pf, interpret=INTERPRET))
         ok = same_bits(fn(*arrays[0]), want)
         s, _ = time_fn(fn, arrays, reps)
@@ -287,9 +279,15 @@ def bench_int8(shape, rotate, reps, variants, label):
     return best
 
 
+_INT8_LAYER = []  # encoded once, timed with several variants
+
+
 @guarded("int8 layer")
 def bench_int8_layer(rotate, reps, variant):
-    layer = encode_all(list(LAYER.values()), "int8", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS, seed0=20)
+    if not _INT8_LAYER:
+        _INT8_LAYER.append(encode_all(list(LAYER.values()), "int8", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS,
+                                      seed0=20))
+    layer = _INT8_LAYER[0]
     encs = [e for _, e in layer]
     wants = [codecs.decode(e) for e in encs]
     n_total = sum(x.size for x, _ in layer)
@@ -311,6 +309,37 @@ def bench_int8_layer(rotate, reps, variant):
            temp_bytes=temp_bytes(one, *sets[0]))
 
 
+SMOL_LAYER = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+              "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+
+
+@guarded("small layers stacked")
+def bench_stacked(codec, rotate, reps, groups=(1, 3, 30)):
+    """A SmolLM2-135M layer (7 small tensors, ~3.5 K lanes) decoded alone, and G copies of it stacked and
+    decoded in ONE launch (what ``jcodec.load`` does for small layers): small launches are latency-bound, so
+    G layers should cost about as long as one."""
+    layer = encode_all(list(SMOL_LAYER.values()), codec, codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS, seed0=40)
+    wants = [bits_of(codecs.decode(e)) for _, e in layer]
+    n_layer = sum(x.size for x, _ in layer)
+    for g in groups:
+        sets = []
+        for _ in range(rotate):
+            cts = [tensor.from_encoded(e) for _, e in layer]
+            sets.append(tuple(tensor.stack_layers([c] * g) if g > 1 else c for c in cts))
+        fn = jax.jit(lambda *cts: tensor.decode_many(list(cts), interpret=INTERPRET))
+        outs = fn(*sets[0])
+        ok = all(np.array_equal(bits_of(o).reshape(g, -1), np.broadcast_to(w.reshape(1, -1), (g, w.size)))
+                 for o, w in zip(outs, wants))
+        del outs
+        s, _ = time_fn(fn, sets, reps)
+        record(f"{codec} SmolLM2 layers", f"{g} layer(s), ONE launch exact={ok}", s, g * n_layer, exact=ok)
+
+
+def bits_of(a):
+    a = np.asarray(a)
+    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
 def profile_once():
     """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
     x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)[0]
@@ -330,37 +359,45 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rotate", type=int, default=3, help="input copies a timed run cycles through")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a dry run of this script on CPU")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: layer,int8,square,zstd,ref,ceiling")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: "
+                    "matrix,layer,int8,int8layer,square,zstd,ref,ceiling,stacked")
     ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p;b,u,w,c,p;...' (default: FLOAT_VARIANTS)")
     ap.add_argument("--layer-variants", help="bf16 layer variants, same form (default: LAYER_VARIANTS)")
     ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p;...' (default: INT8_VARIANTS)")
-    ap.add_argument("--int8-layer-variant", help="int8 layer variant 'u,w,c,p' (default: INT8_LAYER_VARIANT)")
+    ap.add_argument("--int8-layer-variants", help="int8 layer variants 'u,w,c,p;...' (default: INT8_LAYER_VARIANT)")
     ap.add_argument("--square-steps", default="1024,512,256", help="steps per lane to encode the 4096 x 4096 matrix with")
     args = ap.parse_args()
     if args.profile:
         return profile_once()
     skip = set(filter(None, args.skip.split(",")))
     if args.small:
-        global MATRIX, SQUARE, LAYER
+        global MATRIX, SQUARE, LAYER, SMOL_LAYER
         MATRIX, SQUARE = (64, 2048 + 5), (64, 512)
         LAYER = {k: (r // 256, c // 64) for k, (r, c) in LAYER.items()}
+        SMOL_LAYER = {k: (r // 64, c // 8) for k, (r, c) in SMOL_LAYER.items()}
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    t0 = time.time()
-    (x, enc), = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)
-    log(f"encoded matrix in {time.time() - t0:.1f}s")
     parse = lambda spec: [tuple(int(v) for v in part.split(",")) for part in spec.split(";")]  # noqa: E731
     variants = parse(args.variants) if args.variants else FLOAT_VARIANTS
-    if "ceiling" not in skip:
-        bench_ceiling(x, args.rotate, args.reps)
-    res = bench_float_matrix(x, enc, args.rotate, args.reps, variants)
-    best = min(res[0], key=res[0].get) if res and res[0] else variants[0]
-    log(f"best bf16-lossless variant on the matrix: {best}")
-    if res and "ref" not in skip:
-        bench_float_reference(x, res[1], res[2], args.rotate, args.reps)
-    if "zstd" not in skip:
-        bench_zstd(x, args.reps)
+    best = variants[0]
+    if not {"matrix", "ceiling", "ref", "zstd"} <= skip:
+        t0 = time.time()
+        (x, enc), = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)
+        log(f"encoded matrix in {time.time() - t0:.1f}s")
+        if "ceiling" not in skip:
+            bench_ceiling(x, args.rotate, args.reps)
+        res = None if "matrix" in skip else bench_float_matrix(x, enc, args.rotate, args.reps, variants)
+        best = min(res[0], key=res[0].get) if res and res[0] else variants[0]
+        log(f"best bf16-lossless variant on the matrix: {best}")
+        if res and "ref" not in skip:
+            bench_float_reference(x, res[1], res[2], args.rotate, args.reps)
+        if "zstd" not in skip:
+            bench_zstd(x, args.reps)
+        del x, enc
     if not args.quick:
+        if "stacked" not in skip:
+            for codec in ("bf16-lossless", "int8"):
+                bench_stacked(codec, args.rotate, args.reps)
         if "square" not in skip:
             for steps in [int(v) for v in args.square_steps.split(",")]:
                 (xs, es), = encode_all([SQUARE], "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=5)
@@ -376,8 +413,8 @@ def main():
         if "int8" not in skip:
             bench_int8(MATRIX, args.rotate, args.reps,
                        parse(args.int8_variants) if args.int8_variants else INT8_VARIANTS, "matrix")
-            if "layer" not in skip:
-                iv = parse(args.int8_layer_variant)[0] if args.int8_layer_variant else INT8_LAYER_VARIANT
+        if "int8layer" not in skip:
+            for iv in parse(args.int8_layer_variants) if args.int8_layer_variants else [INT8_LAYER_VARIANT]:
                 bench_int8_layer(args.rotate, args.reps, iv)
     log("\n| group | variant | ms | GB/s (BF16 out) |\n|---|---|---|---|")
     for r in ROWS:

@@ -78,7 +78,8 @@ def build_codec(codec: str, mode: str):
                 return v
             return decode_jit(from_encoded(v)) if mode == "decoded" else from_encoded(v, to_device=False)
 
-        return place_params(llama.params_from_tensors(cfg, get_encoded, jnp.bfloat16), mode)
+        params = place_params(llama.params_from_tensors(cfg, get_encoded, jnp.bfloat16), mode)
+        return params if mode == "decoded" else llama.group_layers(params, llama.auto_layer_group(cfg, params))
 
     return build
 
@@ -138,7 +139,7 @@ def run_row(model_name: str, mode: str, args) -> dict:
     load_s = time.perf_counter() - t
     model = gen.Model(cfg, params, None, jnp.bfloat16)
     row = dict(model=model_name, weights=weights, mode=mode, params=cfg.num_params, load_s=load_s,
-               weight_bytes=weight_bytes(params), batches=[])
+               weight_bytes=weight_bytes(params), layers_per_decode=llama.layer_group(params), batches=[])
     rng = np.random.default_rng(0)
     for b in args.batches:
         prompts = rng.integers(0, cfg.vocab_size, (b, args.prompt_len)).tolist()

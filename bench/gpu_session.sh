@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# One device call: GPU tests (compiled kernels, model on compressed weights), then the generation bench.
-# Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried.
+# One device call: GPU tests (compiled kernels, model on compressed weights), the decode bench, the
+# generation bench and the load bench, each under its own time limit (0 skips a part).
+# Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
+#   TEST_S=240 DECODE_S=300 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 nvidia-smi -L
-python3 -c "import jax, jcodec; print('jax', jax.__version__, jax.devices())"
+python3 -P -c "import jax, jcodec; print('jax', jax.__version__, jax.devices())"
 # -P: import jcodec from the installed package, not from the source folder (whose layout maps subpackages)
-timeout ${TEST_S:-170} python3 -P -m pytest tests/test_kernels.py tests/test_llama.py tests/test_generate.py \
-    -q -p no:cacheprovider -rf 2>&1 | tee $OUT/gpu_tests.log | tail -25
-timeout ${BENCH_S:-380} python3 -P bench/generate.py --models "${MODELS:-smollm2-135m,llama-3.2-1b,llama-3-8b}" \
-    --modes "${MODES:-bf16,bf16-lossless compressed,bf16-lossless decoded,bf16-lossless offload,int8 compressed;llama-3.2-1b=bf16|bf16-lossless compressed|int8 compressed;llama-3-8b=bf16|bf16-lossless compressed}" \
-    --new-tokens 64 --repeats 2 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log | tail -30
+if [ "${TEST_S:-240}" != 0 ]; then
+  timeout ${TEST_S:-240} python3 -P -m pytest ${TESTS:-tests/test_kernels.py tests/test_llama.py tests/test_generate.py} \
+      -q -p no:cacheprovider -rf --durations=5 2>&1 | tee $OUT/gpu_tests.log | tail -25
+fi
+if [ "${DECODE_S:-0}" != 0 ]; then
+  timeout ${DECODE_S} python3 -P bench/decode.py --out $OUT/decode.json ${DECODE_ARGS:-} 2>&1 \
+      | tee $OUT/decode.log | tail -40
+fi
+if [ "${GEN_S:-0}" != 0 ]; then
+  timeout ${GEN_S} python3 -P bench/generate.py --models "${MODELS:-smollm2-135m,llama-3.2-1b,llama-3-8b}" \
+      --modes "${MODES:-bf16,bf16-lossless compressed,bf16-lossless decoded,bf16-lossless offload,int8 compressed;llama-3.2-1b=bf16|bf16-lossless compressed|int8 compressed;llama-3-8b=bf16|bf16-lossless compressed}" \
+      --new-tokens 64 --repeats 2 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log | tail -30
+fi
+if [ "${LOAD_S:-0}" != 0 ]; then
+  timeout ${LOAD_S} python3 -P bench/load.py --out $OUT/load.json ${LOAD_ARGS:-} 2>&1 | tee $OUT/load.log | tail -20
+fi

@@ -77,11 +77,13 @@ def compressed_bytes(tree) -> int:
                for x in leaves if hasattr(x, "shape"))
 
 
-def load(path, mode: str = "compressed", dtype=None):
+def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | None = None):
     """A :class:`jcodec.generation.Model` from a jcodec checkpoint (in ``mode``), an HF folder or a GGUF file.
 
     Plain checkpoints (HF, GGUF) load as they are, whatever ``mode``. ``dtype`` is the compute dtype
     (default: bfloat16 on GPU, float32 on CPU); compressed weights decode to their stored dtype first.
+    ``layers_per_decode``: how many compressed layers one kernel launch decodes in the forward pass
+    (default: chosen by ``llama.auto_layer_group``, 1 for large layers, a few for small models).
     """
     from jcodec.generation import Model, default_dtype
     from jcodec.models import llama
@@ -99,5 +101,7 @@ def load(path, mode: str = "compressed", dtype=None):
         raise CheckpointError(f"{path}: {e}") from None
     dtype = dtype or default_dtype()
     params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
+    if mode != "decoded":
+        params = llama.group_layers(params, layers_per_decode or llama.auto_layer_group(cfg, params))
     from transformers import AutoTokenizer
     return Model(cfg, params, AutoTokenizer.from_pretrained(folder), dtype)

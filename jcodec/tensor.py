@@ -41,10 +41,19 @@ class TensorMeta:
     steps: int
     rows: int = 0  # int8: the 2-D view quantised per row
     cols: int = 0
+    predictors: tuple[int, ...] = ()  # int8: the predictor ids its tiles use (the kernel compiles one loop each)
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def tile(self) -> int:
+        return self.lanes * self.steps
+
+    @property
+    def tiles(self) -> int:
+        return max(1, -(-self.size // self.tile))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -111,7 +120,8 @@ def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = Tr
     if host["words"].size == 0:  # a zero-length array cannot be gathered from; one spare word is never read
         host["words"] = np.zeros(1, np.uint16)
     meta = TensorMeta(r["codec"], tuple(r["shape"]), r["dtype"], r["lanes"], r["steps"],
-                      r.get("rows", 0), r.get("cols", 0))
+                      r.get("rows", 0), r.get("cols", 0),
+                      tuple(sorted(set(host["predictors"].tolist()))) if "predictors" in host else ())
     if not to_device:
         return CompressedTensor(host, meta)
     return CompressedTensor({k: jax.device_put(v, device) for k, v in host.items()}, meta)
@@ -127,50 +137,147 @@ def stack_layers(leaves: list):
                          "did not compress); load this checkpoint with mode='decoded'")
     if not isinstance(first, CompressedTensor):
         return np.stack(leaves) if all(isinstance(x, np.ndarray) for x in leaves) else jnp.stack(leaves)
-    if any(c.meta != first.meta for c in leaves):
+    if any(dataclasses.replace(c.meta, predictors=()) != dataclasses.replace(first.meta, predictors=())
+           for c in leaves):
         raise ValueError("stack_layers needs CompressedTensors of one codec, shape and geometry")
+    used = tuple(sorted({p for c in leaves for p in c.meta.predictors}))
     out = {}
     for k in first.arrays:
         parts = [c.arrays[k] for c in leaves]
         xp = np if all(isinstance(p, np.ndarray) for p in parts) else jnp  # host arrays stay on the host
         longest = max(p.shape[-1] for p in parts)
         out[k] = xp.stack([xp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, longest - p.shape[-1])]) for p in parts])
-    return CompressedTensor(out, first.meta)
+    return CompressedTensor(out, dataclasses.replace(first.meta, predictors=used))
 
 
 def default_backend() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
-def decode(ct: CompressedTensor, *, backend: str | None = None, interpret: bool = False) -> jax.Array:
-    """Decode to the original dtype and shape; usable inside ``jit`` and ``lax.scan``.
-
-    ``backend``: ``"pallas"`` (the GPU kernel; with ``interpret=True`` it also runs on CPU) or
-    ``"reference"`` (pure JAX, any device). Default: pallas on GPU, reference elsewhere.
-    """
+def _check_backend(ct, backend):
     if not isinstance(ct, CompressedTensor):
         raise TypeError(f"decode needs a CompressedTensor, got {type(ct).__name__}")
     backend = backend or default_backend()
     if backend not in ("pallas", "reference"):
         raise ValueError(f"{backend=} must be 'pallas' or 'reference'")
-    if ct.batch_shape:  # a stack of layers: decode one at a time (inside scan, this branch is not taken)
+    return backend
+
+
+def kernel_args(ct: CompressedTensor):
+    """``(arrays, meta tuple)`` as the kernels' ``*_decode_many`` take them (for one tensor or a stack)."""
+    m, a = ct.meta, ct.arrays
+    if m.codec == "bf16-lossless":
+        return (tuple(a[k] for k in ("words", "offsets", "states", "raw", "table")),
+                (m.size, m.lanes, m.steps, m.dtype))
+    return (tuple(a[k] for k in ("words", "offsets", "states", "table", "scales", "predictors")),
+            (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors or (0, 1, 2)))
+
+
+def _reference(ct: CompressedTensor) -> jax.Array:
+    """The pure-JAX decoder of one (unstacked) tensor, flat."""
+    from jcodec.pallas_kernels import rans_float, rans_int8
+    args, meta = kernel_args(ct)
+    if ct.meta.codec == "bf16-lossless":
+        return rans_float.rans_float_reference(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3])
+    return rans_int8.rans_int8_reference(*args, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3],
+                                         steps=meta[4], dtype=meta[5])
+
+
+def decode_many(cts: list, *, tiles=None, interpret: bool = False) -> list[jax.Array]:
+    """Decode CompressedTensors (each one tensor or a stack with one leading axis) with the Pallas kernels:
+    all of one codec in ONE launch. ``tiles``: None, or per tensor None or int32[R] (see ``decode_tiles``).
+    Returns flat arrays: ``[n]``, ``[copies, n]`` or ``[R * tile]``."""
+    from jcodec.pallas_kernels import rans_float, rans_int8
+    tiles = [None] * len(cts) if tiles is None else list(tiles)
+    out = [None] * len(cts)
+    for codec, fn in (("bf16-lossless", rans_float.rans_float_decode_many),
+                      ("int8", rans_int8.rans_int8_decode_many)):
+        idx = [i for i, c in enumerate(cts) if c.meta.codec == codec]
+        if idx:
+            args = [kernel_args(cts[i]) for i in idx]
+            decoded = fn([a for a, _ in args], metas=tuple(m for _, m in args), tiles=[tiles[i] for i in idx],
+                         interpret=interpret)
+            for i, d in zip(idx, decoded):
+                out[i] = d
+    return out
+
+
+def decode(ct: CompressedTensor, *, backend: str | None = None, interpret: bool = False) -> jax.Array:
+    """Decode to the original dtype and shape; usable inside ``jit`` and ``lax.scan``.
+
+    ``backend``: ``"pallas"`` (the GPU kernel; with ``interpret=True`` it also runs on CPU) or
+    ``"reference"`` (pure JAX, any device). Default: pallas on GPU, reference elsewhere. A stack of layers
+    (one leading axis) decodes in one launch on the Pallas backend.
+    """
+    backend = _check_backend(ct, backend)
+    if len(ct.batch_shape) > 1 or (ct.batch_shape and backend == "reference"):  # one tensor at a time
         flat = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[len(ct.batch_shape):]), ct)
         out = jax.lax.map(lambda one: decode(one, backend=backend, interpret=interpret), flat)
         return out.reshape(ct.shape)
-    m, a = ct.meta, ct.arrays
-    if m.codec == "bf16-lossless":
-        from jcodec.pallas_kernels import rans_float as k
-        args = (a["words"], a["offsets"], a["states"], a["raw"], a["table"])
-        kw = dict(n=m.size, lanes=m.lanes, steps=m.steps, dtype=m.dtype)
-        flat = (k.rans_float_decode(*args, **kw, interpret=interpret) if backend == "pallas"
-                else k.rans_float_reference(*args, **kw))
-    else:
-        from jcodec.pallas_kernels import rans_int8 as k
-        args = (a["words"], a["offsets"], a["states"], a["table"], a["scales"], a["predictors"])
-        kw = dict(n=m.size, rows=m.rows, cols=m.cols, lanes=m.lanes, steps=m.steps, dtype=m.dtype)
-        flat = (k.rans_int8_decode(*args, **kw, interpret=interpret) if backend == "pallas"
-                else k.rans_int8_reference(*args, **kw))
-    return flat.reshape(m.shape)
+    if backend == "reference":
+        return _reference(ct).reshape(ct.shape)
+    return decode_many([ct], interpret=interpret)[0].reshape(ct.shape)
+
+
+def decode_tiles(ct: CompressedTensor, tiles, *, backend: str | None = None, interpret: bool = False) -> jax.Array:
+    """The values of tiles ``tiles`` (int32[R], traced values welcome) of one tensor, flat ``[R * tile]``:
+    tile ``tiles[r]`` at ``r * tile``, positions past the tensor's end unspecified (ids are clamped to the
+    tensor). Tiles hold consecutive values, so a range of rows is a range of tiles: this is how an
+    embedding's rows or a chunk of an output head are decoded without decoding the whole tensor."""
+    backend = _check_backend(ct, backend)
+    if ct.batch_shape:
+        raise ValueError("decode_tiles takes one tensor, not a stack")
+    tiles = jnp.asarray(tiles, jnp.int32)
+    if backend == "pallas":
+        return decode_many([ct], tiles=[tiles], interpret=interpret)[0]
+    m = ct.meta
+    full = jnp.pad(_reference(ct), (0, m.tiles * m.tile - m.size)).reshape(m.tiles, m.tile)
+    return full[jnp.clip(tiles, 0, m.tiles - 1)].reshape(-1)
+
+
+def _row_tiles(meta: TensorMeta, rows: int) -> int:
+    """The most tiles ``rows`` consecutive rows can touch (rows start at multiples of gcd(cols, tile))."""
+    span = rows * meta.shape[-1]
+    return min(meta.tiles, -(-(span + meta.tile - math.gcd(meta.shape[-1], meta.tile)) // meta.tile))
+
+
+def decode_rows(ct: CompressedTensor, start, count: int, **kw) -> jax.Array:
+    """Rows ``start .. start + count`` ([count, cols]) of a 2-D tensor, decoding only the tiles they lie in;
+    ``start`` may be traced (it is clamped so that the rows exist)."""
+    m = ct.meta
+    if len(m.shape) != 2 or not 1 <= count <= m.shape[0]:
+        raise ValueError(f"decode_rows needs a 2-D tensor and 1 <= {count=} <= {m.shape[0]} rows")
+    cols = m.shape[1]
+    start = jnp.clip(jnp.asarray(start, jnp.int32), 0, m.shape[0] - count)
+    k = _row_tiles(m, count)
+    first = jnp.minimum(start * cols // m.tile, m.tiles - k)
+    values = decode_tiles(ct, first + jnp.arange(k, dtype=jnp.int32), **kw)
+    return jax.lax.dynamic_slice(values, (start * cols - first * m.tile,), (count * cols,)).reshape(count, cols)
+
+
+def take_rows(w, ids, *, chunk: int = 256, **kw) -> jax.Array:
+    """``w[ids]`` for a 2-D weight (an embedding lookup): a CompressedTensor decodes only the tiles that
+    hold those rows, ``chunk`` ids per launch (so a long prompt needs no more than ``chunk`` rows' tiles)."""
+    if not isinstance(w, CompressedTensor):
+        return w[ids]
+    w = jax.device_put(w, jax.memory.Space.Device)
+    m = w.meta
+    if len(m.shape) != 2 or w.batch_shape:
+        raise ValueError(f"take_rows needs one 2-D tensor, got shape {w.shape}")
+    cols, k = m.shape[1], _row_tiles(m, 1)
+    flat_ids = jnp.clip(ids.reshape(-1).astype(jnp.int32), 0, m.shape[0] - 1)
+    n = flat_ids.shape[0]
+    size = min(chunk, n)
+    padded = jnp.pad(flat_ids, (0, -(-n // size) * size - n)).reshape(-1, size)
+
+    def rows(c):  # [size] ids -> [size, cols]
+        first = jnp.minimum(c * cols // m.tile, m.tiles - k)                       # [size]
+        values = decode_tiles(w, (first[:, None] + jnp.arange(k, dtype=jnp.int32)).reshape(-1), **kw)
+        values = values.reshape(size, k * m.tile)
+        return jax.vmap(lambda v, off: jax.lax.dynamic_slice(v, (off,), (cols,)))(values, c * cols - first * m.tile)
+
+    out = jax.lax.map(rows, padded).reshape(-1, cols)[:n]
+    return out.reshape(ids.shape + (cols,))
 
 
 def materialize(w):
@@ -184,22 +291,19 @@ def materialize(w):
 
 
 def materialize_all(tree, *, backend: str | None = None, interpret: bool = False):
-    """:func:`materialize` every leaf of ``tree`` (e.g. one layer's weights). On the Pallas backend the
-    ``bf16-lossless`` tensors are decoded together in ONE kernel launch: many more lanes in flight than a
-    launch per tensor (measured on the H100: a Llama-3-8B layer at 668-687 GB/s in one launch against
-    237-246 GB/s in seven; bench/DECODE_NOTES.md)."""
+    """:func:`materialize` every leaf of ``tree`` (e.g. one layer's weights, or a group of stacked layers).
+    On the Pallas backend all CompressedTensors of a codec are decoded together in ONE kernel launch: many
+    more lanes in flight than a launch per tensor (measured on the H100: a Llama-3-8B layer at 668-687 GB/s
+    in one launch against 237-246 GB/s in seven; bench/DECODE_NOTES.md)."""
     is_ct = lambda x: isinstance(x, CompressedTensor)  # noqa: E731
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_ct)
     backend = backend or default_backend()
-    batch = [i for i, x in enumerate(leaves) if is_ct(x) and x.meta.codec == "bf16-lossless" and not x.batch_shape]
-    if backend != "pallas" or len(batch) < 2:
+    batch = [i for i, x in enumerate(leaves) if is_ct(x) and len(x.batch_shape) <= 1]
+    if backend != "pallas" or not batch:
         return jax.tree_util.tree_unflatten(treedef, [materialize(x) for x in leaves])
-    from jcodec.pallas_kernels import rans_float
     cts = [jax.device_put(leaves[i], jax.memory.Space.Device) for i in batch]
-    outs = rans_float.rans_float_decode_many(
-        [tuple(c.arrays[k] for k in ("words", "offsets", "states", "raw", "table")) for c in cts],
-        metas=tuple((c.meta.size, c.meta.lanes, c.meta.steps, c.meta.dtype) for c in cts), interpret=interpret)
-    leaves = [materialize(x) for x in leaves]
+    outs = decode_many(cts, interpret=interpret)
+    leaves = [x if i in batch else materialize(x) for i, x in enumerate(leaves)]
     for i, c, out in zip(batch, cts, outs):
-        leaves[i] = out.reshape(c.meta.shape)
+        leaves[i] = out.reshape(c.shape)
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jcodec.tensor import materialize, materialize_all, stack_layers
+from jcodec.tensor import CompressedTensor, decode_rows, materialize, materialize_all, stack_layers, take_rows
 
 Array = Any  # a jax.Array, or a CompressedTensor standing in for one
 
@@ -319,16 +319,21 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
     emb = jnp.concatenate([freqs, freqs], axis=-1)                           # [B, T, D]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
 
-    embed = materialize(params.embed_tokens)
-    x = embed[tokens].astype(dtype)                                          # [B, T, C]
+    # A head bigger than a layer is multiplied (decoded, if compressed) in chunks of rows, and then a
+    # compressed embedding decodes only the rows it looks up; else the tied embedding is materialised once.
+    chunk = head_chunk_rows(cfg)
+    if params.lm_head is None and chunk is None:
+        embed = materialize(params.embed_tokens)
+        x = embed[tokens].astype(dtype)                                      # [B, T, C]
+    else:
+        x = take_rows(params.embed_tokens, tokens).astype(dtype)             # [B, T, C]
 
     zero = jnp.zeros((), jnp.int32)
 
-    def layer(carry, xs):
+    def layer(carry, w, i):
+        """One layer on decoded weights ``w`` (layer ``i``)."""
         x, k_cache, v_cache = carry
-        w, i = xs  # this layer's weights (leading L axis scanned away), its index
-        w = materialize_all(w)  # compressed weights: the whole layer decoded in one kernel launch on GPU
-        h = rms_norm(x, materialize(w.input_layernorm), cfg.rms_norm_eps)
+        h = rms_norm(x, w.input_layernorm, cfg.rms_norm_eps)
         q = apply_rope(dense(h, w.q_proj, dtype).reshape(B, T, H, D), cos, sin)
         k = apply_rope(dense(h, w.k_proj, dtype).reshape(B, T, K, D), cos, sin)
         v = dense(h, w.v_proj, dtype).reshape(B, T, K, D)
@@ -337,18 +342,108 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
         o = attention(q, k_cache[i].astype(dtype), v_cache[i].astype(dtype), mask)
         x = x + dense(o, w.o_proj, dtype)
-        h = rms_norm(x, materialize(w.post_attention_layernorm), cfg.rms_norm_eps)
+        h = rms_norm(x, w.post_attention_layernorm, cfg.rms_norm_eps)
         x = x + dense(jax.nn.silu(dense(h, w.gate_proj, dtype)) * dense(h, w.up_proj, dtype), w.down_proj, dtype)
-        return (x, k_cache, v_cache), None
+        return x, k_cache, v_cache
 
-    (x, k, v), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+    G = layer_group(params)
+
+    def group(carry, xs):
+        w, i = xs  # this group's weights (leading L/G axis scanned away; [G, ...] if grouped), first index
+        # compressed weights: the whole layer (or group of G layers) decoded in one kernel launch on GPU
+        w = materialize_all(w)
+        if G == 1:
+            return layer(carry, w, i), None
+        # an inner scan, not an unrolled loop: the same layer body as G == 1, so the same numerics
+        return jax.lax.scan(lambda c, wi: (layer(c, *wi), None), carry, (w, i + jnp.arange(G, dtype=jnp.int32)))
+
+    first = jnp.arange(0, cfg.num_layers, G, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(group, (x, cache.k, cache.v), (params.layers, first))
     x = rms_norm(x, materialize(params.norm), cfg.rms_norm_eps)
     if not all_logits:
         x = x[:, -1]
-    head = embed if params.lm_head is None else materialize(params.lm_head)
-    logits = jnp.einsum("...c,vc->...v", x, head.astype(dtype), preferred_element_type=_at_least_f32(dtype),
-                        precision=_precision(dtype))
-    return logits, KVCache(k=k, v=v, start=cache.start, pos=cache.pos + T)
+    if params.lm_head is None and chunk is None:
+        head = embed
+    else:
+        head = params.embed_tokens if params.lm_head is None else params.lm_head
+    return output_logits(x, head, chunk, dtype), KVCache(k=k, v=v, start=cache.start, pos=cache.pos + T)
+
+
+HEAD_CHUNK_MIN = 1 << 26  # an output head of at most this many weights is multiplied (and decoded) whole
+
+
+def head_chunk_rows(cfg: LlamaConfig) -> int | None:
+    """Rows of the output head multiplied at a time: about one layer's weights' worth when the head is larger
+    than that (and than HEAD_CHUNK_MIN weights), so that a compressed head decodes in chunks that cost no
+    more memory than a layer; None (all at once) otherwise. It depends on the config only, so plain and
+    compressed weights run the same matmuls, and their logits stay bitwise equal."""
+    per_layer = sum(math.prod(s) for s in layer_shapes(cfg).values())
+    if cfg.vocab_size * cfg.hidden_size <= max(per_layer, HEAD_CHUNK_MIN):
+        return None
+    return max(1, per_layer // cfg.hidden_size)
+
+
+def output_logits(x, head, chunk: int | None, dtype):
+    """x [..., C] @ head [V, C].T -> float32 logits [..., V]; ``chunk`` rows of a compressed head at a time."""
+    def matmul(w):
+        return jnp.einsum("...c,vc->...v", x, w.astype(dtype), preferred_element_type=_at_least_f32(dtype),
+                          precision=_precision(dtype))
+
+    if chunk is None:
+        return matmul(materialize(head))
+    V = head.shape[0]
+    n = -(-V // chunk)
+
+    def rows(c):  # rows c*chunk .. of the head; the last chunk ends at V (it overlaps the one before)
+        start = jnp.minimum(c * chunk, V - chunk)
+        if isinstance(head, CompressedTensor):
+            return decode_rows(head, start, chunk)
+        return jax.lax.dynamic_slice_in_dim(head, start, chunk)
+
+    parts = jax.lax.map(lambda c: matmul(rows(c)), jnp.arange(n, dtype=jnp.int32))  # [n, ..., chunk]
+    parts = jnp.moveaxis(parts, 0, -2)                                       # [..., n, chunk]
+    last = V - (n - 1) * chunk  # the last chunk starts at V - chunk: its last `last` rows are new
+    return jnp.concatenate([parts[..., :-1, :].reshape(parts.shape[:-2] + (-1,)), parts[..., -1, chunk - last:]],
+                           axis=-1)
+
+
+def layer_group(params: Params) -> int:
+    """Layers decoded per kernel launch: 1, or G when :func:`group_layers` stacked them as [L/G, G, ...]."""
+    norm = params.layers.input_layernorm  # [L, C], or [L/G, G, C]
+    return norm.shape[1] if norm.ndim == 3 else 1
+
+
+def group_layers(params: Params, group: int) -> Params:
+    """Params whose layers are stacked [L/G, G, ...]: the forward then decodes G layers per kernel launch
+    (more lanes in flight for small layers, at the memory of G decoded layers)."""
+    L = params.layers.input_layernorm.shape[0]
+    if group < 1 or L % group or layer_group(params) != 1:
+        raise ValueError(f"{group=} must divide the {L} layers (of ungrouped params)")
+    if group == 1:
+        return params
+    regroup = lambda a: a.reshape((L // group, group) + a.shape[1:])  # noqa: E731
+    return params.replace(layers=jax.tree_util.tree_map(regroup, params.layers))
+
+
+def auto_layer_group(cfg: LlamaConfig, params: Params, *, lanes_wanted: int = 65536,
+                     memory_share: float = 0.05) -> int:
+    """How many layers of compressed params to decode per launch: enough for ``lanes_wanted`` rANS lanes in
+    flight (fewer leave the kernel latency-bound: bench/RESULTS.md), but at most as many extra decoded
+    layers as fit in ``memory_share`` of the model's decoded weights. 1 for plain params."""
+    leaves = jax.tree_util.tree_leaves(params.layers, is_leaf=lambda x: isinstance(x, CompressedTensor))
+    cts = [x for x in leaves if isinstance(x, CompressedTensor)]
+    if not cts or layer_group(params) != 1:
+        return layer_group(params)
+    lanes = sum(c.arrays["states"].shape[-1] for c in cts)
+    layer_bytes = sum(c.meta.size * jnp.dtype(c.meta.dtype).itemsize for c in cts)
+    total_bytes = cfg.num_params * max(jnp.dtype(c.meta.dtype).itemsize for c in cts)
+    best = 1
+    for g in range(1, cfg.num_layers + 1):
+        if cfg.num_layers % g == 0 and (g - 1) * layer_bytes <= memory_share * total_bytes:
+            best = g
+            if g * lanes >= lanes_wanted:
+                break
+    return best
 
 
 # One jitted step serves prefill ([B, T_bucket]) and decode ([B, 1]): it compiles once per shape bucket.

@@ -34,33 +34,48 @@ from . import rans_common as rc
 
 
 def rans_float_kernel(
-    words_ref,    # [W] uint16, whole array
-    offsets_ref,  # [T*L] uint32, whole array
-    states_ref,   # [T*L] uint32, whole array
-    raw_ref,      # [n*rb] uint8, whole array
-    table_ref,    # [4096 + 4096 >> coarse_bits] uint32, whole array
-    out_ref,      # [n] uint16 | uint32 (the float bits), whole array; this program writes its lanes' values
+    words_ref,    # [copies * W] uint16, whole array
+    offsets_ref,  # [copies * T*L] uint32, whole array
+    states_ref,   # [copies * T*L] uint32, whole array
+    raw_ref,      # [copies * n*rb] uint8, whole array
+    table_ref,    # [copies * (4096 + 4096 >> coarse_bits)] uint32, whole array
+    tiles_ref,    # [R] int32: the tiles to decode (None: all T)
+    out_ref,      # [copies * n] | [R * L*S] uint16 | uint32 (the float bits); this program writes its lanes'
     sink_ref,     # [programs * block_lanes] uint32: what the prefetching loads read (never used); None
                   # without prefetch
-    *, program, n: int, lanes: int, steps: int, dtype: str, block_lanes: int, unroll: int, coarse_bits: int,
-    prefetch: int,
+    *, program, n: int, lanes: int, steps: int, dtype: str, copies: int, block_lanes: int, unroll: int,
+    coarse_bits: int, prefetch: int,
 ):
-    """Decode lanes ``program * block_lanes ...`` (+ block_lanes) of one tensor."""
-    total_lanes = states_ref.shape[0]
-    f = program * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)  # [B] flat lane ids
-    live = f < total_lanes
-    # Lanes past the end read lane 0 (masked writes need no valid address, but interpret mode's masked
-    # scatter must not see two lanes at one address) and write past n, where nothing is written.
-    lane_state = lanes_init(words_ref, offsets_ref, states_ref, jnp.where(live, f, 0), prefetch)
-    first = (f // lanes) * (lanes * steps) + f % lanes  # [B] index of each lane's value at step 0
+    """Decode ``block_lanes`` consecutive lanes of the tiles this launch decodes: lanes
+    ``p * block_lanes ...`` of copy ``c``, where ``program = c * programs_per_copy + p``."""
+    tile = lanes * steps
+    tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
+    decoded = tiles if tiles_ref is None else tiles_ref.shape[0]  # tiles decoded per copy
+    per_copy = pl.cdiv(decoded * lanes, block_lanes)
+    c = program // per_copy
+    v = (program % per_copy) * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane of the launch
+    live = v < decoded * lanes
+    if tiles_ref is None:
+        t = jnp.where(live, v // lanes, 0)
+    else:  # out-of-range tile ids are clamped (the caller slices their values away)
+        t = jnp.clip(tiles_ref[jnp.minimum(v // lanes, decoded - 1)], 0, tiles - 1)
+    l = jnp.where(live, v % lanes, 0)
+    # dead lanes read lane 0 and write nowhere (masked writes need no valid address, but interpret mode's
+    # masked scatter must not see two lanes at one address: their output index is v's, past the end)
+    lane_state = lanes_init(words_ref, offsets_ref, states_ref, (c * tiles + t) * lanes + l,
+                            c * (words_ref.shape[0] // copies), prefetch)
+    first = t * tile + l                                   # [B] each lane's value at step 0, in its copy
+    out_first = (v // lanes) * tile + v % lanes            # [B] where it goes in the output (of its copy)
+    out_base = c * (out_ref.shape[0] // copies)
+    table_base = c * (table_ref.shape[0] // copies)
     rb = rc.RAW_BYTES[dtype]
 
     def read_raw(k):  # [B] uint32 raw bits of step k (masked past the end)
-        i = first + k * lanes
-        ok = live & (i < n) & (k < steps)
+        i = c * n + first + k * lanes
+        ok = live & (first + k * lanes < n) & (k < steps)
         if rb == 1:
             return plgpu.load(raw_ref.at[i], mask=ok, other=0).astype(jnp.uint32)
-        b = [plgpu.load(raw_ref.at[3 * i + c], mask=ok, other=0).astype(jnp.uint32) for c in range(3)]
+        b = [plgpu.load(raw_ref.at[3 * i + j], mask=ok, other=0).astype(jnp.uint32) for j in range(3)]
         return b[0] | (b[1] << 8) | (b[2] << 16)
 
     def block(b, carry):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
@@ -68,19 +83,20 @@ def rans_float_kernel(
         next_raws, next_touched = [], []
         for u in range(unroll):
             k = b * unroll + u
-            sym, lane_state, t = lanes_step(words_ref, table_ref, lane_state, touched[u], coarse_bits, prefetch)
-            i = first + k * lanes
+            sym, lane_state, tu = lanes_step(words_ref, table_ref, lane_state, touched[u], coarse_bits, prefetch,
+                                             table_base)
             bits = rc.join_float(sym, raws[u], dtype).astype(out_ref.dtype)
-            plgpu.store(out_ref.at[i], bits, mask=live & (i < n))
+            plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits,
+                        mask=live & (first + k * lanes < n))
             next_raws.append(read_raw(k + unroll))
-            next_touched.append(t)
+            next_touched.append(tu)
         return lane_state, tuple(next_raws), tuple(next_touched)
 
     raws = tuple(read_raw(u) for u in range(unroll))
     touched = (jnp.zeros((block_lanes,), jnp.uint32),) * unroll
     lane_state, _, touched = lax.fori_loop(0, steps // unroll, block, (lane_state, raws, touched))
     if prefetch:
-        plgpu.store(sink_ref.at[f], lanes_sink(lane_state, touched), mask=live)
+        plgpu.store(sink_ref.at[program * block_lanes + jnp.arange(block_lanes)], lanes_sink(lane_state, touched))
 
 
 # Word prefetch. A lane reads its words one at a time, ~0.16 (exponents) to ~0.4 (int8 residuals) per step,
@@ -102,11 +118,12 @@ def check_launch(tensors, metas, unroll: int, num_warps: int, prefetch: int) -> 
         raise ValueError(f"{prefetch=} must be a multiple of {SECTOR_WORDS} (0: none)")
 
 
-def lanes_init(words_ref, offsets_ref, states_ref, lane, prefetch: int):
-    """Start of lanes ``lane`` ([B] int32): (x, ptr, next word, sink); touches the sectors ahead."""
+def lanes_init(words_ref, offsets_ref, states_ref, lane, word_base, prefetch: int):
+    """Start of lanes ``lane`` ([B] int32), whose word streams start ``word_base`` words into ``words_ref``
+    (a stack's copy): (x, ptr, next word, sink); touches the sectors ahead."""
     last_word = words_ref.shape[0] - 1
     x = states_ref[lane]
-    ptr = offsets_ref[lane].astype(jnp.int32)
+    ptr = offsets_ref[lane].astype(jnp.int32) + word_base
     word = words_ref[jnp.minimum(ptr, last_word)].astype(jnp.uint32)
     sink = jnp.zeros_like(x)
     for d in range(SECTOR_WORDS, prefetch + 1, SECTOR_WORDS):
@@ -114,14 +131,14 @@ def lanes_init(words_ref, offsets_ref, states_ref, lane, prefetch: int):
     return x, ptr, word, sink
 
 
-def lanes_step(words_ref, table_ref, lane_state, touched, coarse_bits: int, prefetch: int):
+def lanes_step(words_ref, table_ref, lane_state, touched, coarse_bits: int, prefetch: int, table_base=0):
     """One decode step of every lane: (symbol uint32, new lane state, this step's prefetch value).
 
     ``touched``: the prefetch value of ``unroll`` steps ago; folding it into the sink is its first use.
     """
     x, ptr, word, sink = lane_state
     last_word = words_ref.shape[0] - 1
-    sym, x = rc.rans_step(x, lookup(table_ref, x, coarse_bits))
+    sym, x = rc.rans_step(x, lookup(table_ref, x, coarse_bits, table_base))
     x, need = rc.renormalise(x, word)
     ptr = ptr + need.astype(jnp.int32)
     # the word the lane needs next (at most one a step), loaded a step before it can be needed
@@ -143,41 +160,64 @@ def lanes_sink(lane_state, touched):
     return sink
 
 
-def lookup(table_ref, x, coarse_bits: int):
-    """Packed table entries of the lanes' slots ``x & 4095``: from the coarse table where the bucket holds one
-    symbol, else (a masked gather, so only those lanes touch the 16 KiB table) from the full table."""
+def lookup(table_ref, x, coarse_bits: int, base=0):
+    """Packed table entries of the lanes' slots ``x & 4095`` (of the table at ``base``): from the coarse table
+    where the bucket holds one symbol, else (a masked gather, so only those lanes touch the 16 KiB table)
+    from the full table."""
     slot = x & rc.SLOT_MASK
     if not coarse_bits:
-        return table_ref[slot.astype(jnp.int32)]
-    coarse = table_ref[(slot >> coarse_bits).astype(jnp.int32) + rc.TABLE_SIZE]
-    fine = plgpu.load(table_ref.at[slot.astype(jnp.int32)], mask=coarse == jnp.uint32(rc.MIXED), other=0)
+        return table_ref[slot.astype(jnp.int32) + base]
+    coarse = table_ref[(slot >> coarse_bits).astype(jnp.int32) + (rc.TABLE_SIZE + base)]
+    fine = plgpu.load(table_ref.at[slot.astype(jnp.int32) + base], mask=coarse == jnp.uint32(rc.MIXED), other=0)
     return rc.resolve_entry(slot, coarse, fine)
 
 
 def kernel_table(table, coarse_bits: int):
-    """The table the kernels read: the 4096 slot entries, then the coarse table for ``coarse_bits``."""
+    """The table the kernels read: the 4096 slot entries, then the coarse table for ``coarse_bits`` (on the
+    last axis of ``table``; a stack's tables are flattened afterwards by the caller)."""
     if not coarse_bits:
-        return table[:rc.TABLE_SIZE]
-    if coarse_bits == rc.COARSE_BITS and table.shape[0] == rc.TABLE_SIZE + rc.COARSE_SIZE:
+        return table[..., :rc.TABLE_SIZE]
+    if coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.TABLE_SIZE + rc.COARSE_SIZE:
         return table
     if not 1 <= coarse_bits <= 11:
         raise ValueError(f"{coarse_bits=} must be in [0, 11]")
-    fine = table[:rc.TABLE_SIZE]
-    return jnp.concatenate([fine, rc.coarse_table(fine, jnp, coarse_bits)])
+    fine = table[..., :rc.TABLE_SIZE]
+    coarse = functools.partial(rc.coarse_table, xp=jnp, bits=coarse_bits)
+    for _ in range(fine.ndim - 1):
+        coarse = jax.vmap(coarse)
+    return jnp.concatenate([fine, coarse(fine)], axis=-1)
 
 
-def _many_kernel(*refs, metas, starts, block_lanes, unroll, coarse_bits, prefetch):
+def launch_shape(arrays, tiles, lanes: int, block: int) -> tuple[int, int]:
+    """``(copies, programs)`` of one tensor of a launch: a stack's copies (the arrays' leading axis, 1 for
+    one tensor), and its programs of ``block`` lanes (``block`` = L: one program per tile)."""
+    copies = arrays[2].shape[0] if arrays[2].ndim == 2 else 1
+    decoded = arrays[2].shape[-1] // lanes if tiles is None else tiles.shape[0]
+    if tiles is not None and (copies != 1 or tiles.dtype != jnp.int32 or tiles.ndim != 1 or not decoded):
+        raise ValueError(f"tiles={tiles.dtype}{list(tiles.shape)} must be int32[R], R >= 1, of one tensor "
+                         f"(not a stack)")
+    return copies, copies * pl.cdiv(decoded * lanes, block)
+
+
+def flat(a):
+    return a.reshape(-1)
+
+
+def _many_kernel(*refs, metas, starts, copies, has_tiles, block_lanes, unroll, coarse_bits, prefetch):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``."""
     k_count = len(metas)
-    ins, outs, sinks = refs[:5 * k_count], refs[5 * k_count:6 * k_count], refs[6 * k_count:]
-    sinks = sinks or (None,) * k_count
+    refs = list(refs)
+    ins = [refs.pop(0) for _ in range(5 * k_count)]
+    tiles = [refs.pop(0) if has else None for has in has_tiles]
+    outs = [refs.pop(0) for _ in range(k_count)]
+    sinks = refs or [None] * k_count
     pid = pl.program_id(0)
 
     def branch(k):
         def run():
             n, lanes, steps, dtype = metas[k]
-            rans_float_kernel(*ins[5 * k:5 * k + 5], outs[k], sinks[k], program=pid - starts[k], n=n,
-                              lanes=lanes, steps=steps, dtype=dtype, block_lanes=block_lanes,
+            rans_float_kernel(*ins[5 * k:5 * k + 5], tiles[k], outs[k], sinks[k], program=pid - starts[k], n=n,
+                              lanes=lanes, steps=steps, dtype=dtype, copies=copies[k], block_lanes=block_lanes,
                               unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch)
         return run
 
@@ -185,77 +225,99 @@ def _many_kernel(*refs, metas, starts, block_lanes, unroll, coarse_bits, prefetc
 
 
 def _check(words, offsets, states, raw, table, n, lanes, steps, dtype):
+    """The arrays of one tensor, or of a stack of tensors of one meta (a leading axis on every array)."""
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
     if not (1 <= lanes and 1 <= steps < 1 << 16):
         raise ValueError(f"{lanes=} must be >= 1 and {steps=} must be in [1, 65536)")
     t = max(1, -(-n // (lanes * steps)))
-    if n < 1 or n * rc.RAW_BYTES[dtype] > rc.INT32_MAX or t * lanes * steps > rc.INT32_MAX:
+    lead = tuple(states.shape[:-1])[:1] if states.ndim == 2 else ()
+    copies = lead[0] if lead else 1
+    if n < 1 or copies * n * rc.RAW_BYTES[dtype] > rc.INT32_MAX or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be >= 1 and its padded tiles and raw bytes must have < 2^31 elements")
     for name, a, dt, size in [("offsets", offsets, jnp.uint32, t * lanes), ("states", states, jnp.uint32, t * lanes),
                               ("raw", raw, jnp.uint8, n * rc.RAW_BYTES[dtype])]:
-        if a.dtype != dt or a.shape != (size,):
-            raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}[{size}]")
-    check_table(table)
-    if words.dtype != jnp.uint16 or words.ndim != 1 or not 1 <= words.shape[0] <= rc.INT32_MAX:
-        raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16[W] with 1 <= W < 2^31")
+        if a.dtype != dt or a.shape != lead + (size,):
+            raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(lead + (size,))}")
+    check_table(table, lead)
+    if (words.dtype != jnp.uint16 or words.shape[:-1] != lead or words.ndim != len(lead) + 1
+            or not 1 <= words.size <= rc.INT32_MAX):
+        raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16{list(lead) + ['W']} with "
+                         f"1 <= W and < 2^31 words in all")
 
 
-def check_table(table):
+def check_table(table, lead=()):
     sizes = (rc.TABLE_SIZE, rc.TABLE_SIZE + rc.COARSE_SIZE)
-    if table.dtype != jnp.uint32 or table.ndim != 1 or table.shape[0] not in sizes:
-        raise ValueError(f"table={table.dtype}{list(table.shape)} must be uint32[{sizes[0]}] or uint32[{sizes[1]}]")
+    if table.dtype != jnp.uint32 or table.shape[:-1] != lead or table.ndim != len(lead) + 1 \
+            or table.shape[-1] not in sizes:
+        raise ValueError(f"table={table.dtype}{list(table.shape)} must be uint32{list(lead)}[{sizes[0]}] or "
+                         f"uint32{list(lead)}[{sizes[1]}]")
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "block_lanes", "unroll", "num_warps", "coarse_bits",
                                              "prefetch", "interpret"])
-def rans_float_decode_many(tensors, *, metas, block_lanes: int = 128, unroll: int = 4, num_warps: int = 4,
-                           coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
+def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128, unroll: int = 4,
+                           num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
                            interpret: bool = False) -> list[jax.Array]:
     """Decode several ``bf16-lossless`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
-    ``tensors``: a sequence of ``(words, offsets, states, raw, table)``; ``metas``: a tuple of
-    ``(n, lanes, steps, dtype)`` per tensor. Returns the flat decoded tensors. Block sizes as in
-    :func:`rans_float_decode`; every tensor adds a copy of the step loop to the kernel, so ``unroll``
-    defaults to 4 here (a Llama layer's 7 tensors compile in ~12 s at 4, ~40-90 s at 8, at equal speed).
+    ``tensors``: a sequence of ``(words, offsets, states, raw, table)``, each the arrays of one tensor or
+    of a stack of tensors of one meta (every array with a leading axis of ``copies``: several layers in one
+    launch); ``metas``: a tuple of ``(n, lanes, steps, dtype)`` per tensor. ``tiles``: None, or per tensor
+    None or int32[R], the tiles to decode (of one tensor, not a stack; e.g. the rows of an embedding).
+    Returns per tensor the flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``
+    (tile ``tiles[r]`` at ``r * L*S``; positions past the tensor's end are unspecified). Block sizes as in
+    :func:`rans_float_decode`; every tensor adds a copy of the step loop to the kernel (a stack adds one),
+    so ``unroll`` defaults to 4 here (a Llama layer's 7 tensors compile in ~12 s at 4, ~40-90 s at 8).
     """
     check_launch(tensors, metas, unroll, num_warps, prefetch)
     if block_lanes < 1 or block_lanes & (block_lanes - 1):
         raise ValueError(f"{block_lanes=} must be a power of two")
-    starts = [0]
-    for arrays, (n, lanes, steps, dtype) in zip(tensors, metas):
+    tiles = [None] * len(metas) if tiles is None else list(tiles)
+    if len(tiles) != len(metas):
+        raise ValueError(f"{len(tiles)=} must equal {len(metas)=}")
+    starts, copies = [0], []
+    for arrays, (n, lanes, steps, dtype), tl in zip(tensors, metas, tiles):
         _check(*arrays, n, lanes, steps, dtype)
-        starts.append(starts[-1] + pl.cdiv(arrays[2].shape[0], block_lanes))
+        c, programs = launch_shape(arrays, tl, lanes, block_lanes)
+        copies.append(c)
+        starts.append(starts[-1] + programs)
     rc.filter_triton_deprecation()
-    kernel = functools.partial(_many_kernel, metas=tuple(metas), starts=tuple(starts), block_lanes=block_lanes,
+    kernel = functools.partial(_many_kernel, metas=tuple(metas), starts=tuple(starts), copies=tuple(copies),
+                               has_tiles=tuple(tl is not None for tl in tiles), block_lanes=block_lanes,
                                unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch)
-    tensors = [(*a[:4], kernel_table(a[4], coarse_bits)) for a in tensors]
+    sizes = [c * n if tl is None else tl.shape[0] * lanes * steps
+             for c, (n, lanes, steps, _), tl in zip(copies, metas, tiles)]
     outs = pl.pallas_call(
         kernel,
-        out_shape=([jax.ShapeDtypeStruct((n,), rc.BITS_DTYPE[dtype]) for n, _, _, dtype in metas]
+        out_shape=([jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[m[3]]) for size, m in zip(sizes, metas)]
                    + [jax.ShapeDtypeStruct(((b - a) * block_lanes,), jnp.uint32)
                       for a, b in zip(starts, starts[1:]) if prefetch]),
         grid=(starts[-1],),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"rans_float_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}",
-    )(*[a for arrays in tensors for a in arrays])
-    return [lax.bitcast_convert_type(b, jnp.dtype(m[3])) for b, m in zip(outs[:len(metas)], metas)]
+    )(*[flat(a) for arrays in tensors for a in (*arrays[:4], kernel_table(arrays[4], coarse_bits))],
+      *[tl for tl in tiles if tl is not None])
+    return [lax.bitcast_convert_type(b, jnp.dtype(m[3])).reshape((c, -1) if c > 1 or t[2].ndim == 2 else (-1,))
+            for b, m, c, t in zip(outs[:len(metas)], metas, copies, tensors)]
 
 
 def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
-                      block_lanes: int = 128, unroll: int = 8, num_warps: int = 4,
+                      tiles=None, block_lanes: int = 128, unroll: int = 8, num_warps: int = 4,
                       coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, interpret: bool = False) -> jax.Array:
     """Decode a ``bf16-lossless`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact.
 
+    ``tiles`` (int32[R]): decode only those tiles, to ``dtype[R * L*S]`` (see ``rans_float_decode_many``).
     ``block_lanes`` lanes per program (a power of two), ``unroll`` steps per loop iteration (also how far
     ahead raw bytes are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program,
     ``coarse_bits``: log2 of the slots per coarse-table bucket (0: one gather from the full table),
     ``prefetch``: how many words ahead a lane touches when it enters a new 32-byte sector (0: never).
     """
     return rans_float_decode_many([(words, offsets, states, raw, table)], metas=((n, lanes, steps, dtype),),
-                                  block_lanes=block_lanes, unroll=unroll, num_warps=num_warps,
-                                  coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret)[0]
+                                  tiles=None if tiles is None else [tiles], block_lanes=block_lanes,
+                                  unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
+                                  prefetch=prefetch, interpret=interpret)[0]
 
 
 # ----------------------------------------------------------------------------------------- reference

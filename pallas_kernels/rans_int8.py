@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import check_launch, check_table, kernel_table, lanes_init, lanes_sink, lanes_step
+from .rans_float import check_launch, check_table, flat, kernel_table, lanes_init, lanes_sink, lanes_step, launch_shape
 
 PREDICTORS = ("none", "left", "up")
 
@@ -47,28 +47,37 @@ def _signed(q):
 
 
 def rans_int8_kernel(
-    words_ref,       # [W] uint16, whole array
-    offsets_ref,     # [T*L] uint32, whole array
-    states_ref,      # [T*L] uint32, whole array
-    table_ref,       # [4096 + 4096 >> coarse_bits] uint32, whole array
-    scales_ref,      # [rows] float32, whole array
-    predictors_ref,  # [T] int32, whole array
-    out_ref,         # [n] dtype, whole array; this program writes tile `program`
-    ring_ref,        # [T, cols + L] uint8 scratch: the up predictor's last decoded values, per tile
-    sink_ref,        # [T * block_lanes] uint32: what the prefetching loads read (never used); None without
-    *, program, n: int, cols: int, lanes: int, steps: int, block_lanes: int, unroll: int, coarse_bits: int,
-    prefetch: int, interpret: bool,
+    words_ref,       # [copies * W] uint16, whole array
+    offsets_ref,     # [copies * T*L] uint32, whole array
+    states_ref,      # [copies * T*L] uint32, whole array
+    table_ref,       # [copies * (4096 + 4096 >> coarse_bits)] uint32, whole array
+    scales_ref,      # [copies * rows] float32, whole array
+    predictors_ref,  # [copies * T] int32, whole array
+    tiles_ref,       # [R] int32: the tiles to decode (None: all T)
+    out_ref,         # [copies * n] | [R * L*S] dtype, whole array; this program writes one tile
+    ring_ref,        # [programs, cols + L] uint8 scratch: the up predictor's last decoded values, per program;
+                     # None when no tile uses `up`
+    sink_ref,        # [programs * block_lanes] uint32: what the prefetching loads read (never used); None without
+    *, program, n: int, cols: int, lanes: int, steps: int, copies: int, predictors: tuple[int, ...],
+    block_lanes: int, unroll: int, coarse_bits: int, prefetch: int, interpret: bool,
 ):
-    """Decode tile ``program`` of one tensor."""
-    t = program
-    ring = ring_ref.shape[1]
+    """Decode one tile: tile ``p`` (or ``tiles[p]``) of copy ``c``, where ``program = c * per_copy + p``."""
+    tile = lanes * steps
+    tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
+    per_copy = tiles if tiles_ref is None else tiles_ref.shape[0]
+    c, p = program // per_copy, program % per_copy
+    t = p if tiles_ref is None else jnp.clip(tiles_ref[p], 0, tiles - 1)  # out-of-range ids are clamped
+    rows = scales_ref.shape[0] // copies
     j = jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane
     live = j < lanes
-    lane_state = lanes_init(words_ref, offsets_ref, states_ref, t * lanes + jnp.where(live, j, 0), prefetch)
-    # [B] value index at step 0; padding lanes (j >= L) point past n, where nothing is written (interpret
-    # mode's masked scatter must not see a padding lane and a live lane at one address)
-    first = jnp.where(live, t * (lanes * steps) + j, n + j)
-    pred = predictors_ref[t]
+    lane_state = lanes_init(words_ref, offsets_ref, states_ref, (c * tiles + t) * lanes + jnp.where(live, j, 0),
+                            c * (words_ref.shape[0] // copies), prefetch)
+    table_base = c * (table_ref.shape[0] // copies)
+    first = t * tile + j  # [B] each lane's value at step 0, in its copy
+    # where it goes; padding lanes (j >= L) point past the tile, where nothing is written (interpret mode's
+    # masked scatter must not see a padding lane and a live lane at one address)
+    out_first = c * (out_ref.shape[0] // copies) + jnp.where(live, p * tile + j, out_ref.shape[0] + j)
+    pred = predictors_ref[c * tiles + t]
 
     def barrier():
         if not interpret:  # interpret mode runs the program's lanes in lockstep
@@ -76,8 +85,11 @@ def rans_int8_kernel(
 
     def read_scale(k):
         i = first + k * lanes
-        return plgpu.load(scales_ref.at[jnp.minimum(i // cols, scales_ref.shape[0] - 1)],
+        return plgpu.load(scales_ref.at[c * rows + jnp.minimum(i // cols, rows - 1)],
                           mask=live & (i < n) & (k < steps), other=0.0)
+
+    def none(k, r, carry):
+        return r, carry
 
     def left(k, r, carry):
         i = first + k * lanes
@@ -87,17 +99,18 @@ def rans_int8_kernel(
         if cols >= lanes:  # at most one row start in the step: its lane p, found by a reduction
             base = jnp.where(j >= jnp.min(jnp.where(reset, j, block_lanes)), jnp.max(cs_excl), 0)
         else:  # several: for each lane the largest cs_excl at a row start at or before it
-            p = j[None, :]
-            base = jnp.max(jnp.where((p <= j[:, None]) & reset[None, :], cs_excl[None, :], 0), axis=1)
+            q = j[None, :]
+            base = jnp.max(jnp.where((q <= j[:, None]) & reset[None, :], cs_excl[None, :], 0), axis=1)
         q = (cs - base) & 0xFF
         return q, jnp.sum(jnp.where(j == lanes - 1, q, 0))
 
     def up(k, r, carry):
+        ring = ring_ref.shape[1]
         rounds = 1 if cols >= lanes else -(-lanes // cols)
         m = k * lanes + j  # tile-local index
         has = live & (m >= cols)
-        src = ring_ref.at[t, jnp.maximum(m - cols, 0) % ring]
-        dst = ring_ref.at[t, jnp.where(live, m % ring, ring)]
+        src = ring_ref.at[program, jnp.maximum(m - cols, 0) % ring]
+        dst = ring_ref.at[program, jnp.where(live, m % ring, ring)]
         q = r
         for _ in range(rounds):
             nb = plgpu.load(src, mask=has, other=0).astype(jnp.int32)
@@ -108,115 +121,160 @@ def rans_int8_kernel(
             barrier()  # the step's values are visible to every lane
         return q, carry
 
-    def unpredict(k, r, carry):  # the predictor is one scalar per tile: a uniform branch
-        return lax.cond(pred == 0, lambda: (r, carry),
-                        lambda: lax.cond(pred == 1, lambda: left(k, r, carry), lambda: up(k, r, carry)))
+    def decode_loop(unpredict):
+        """The whole tile with one inverse predictor: the per-tile branch is taken once, outside the loop."""
+        def block(b, carry):  # `unroll` steps; scales are loaded `unroll` steps before they are used
+            lane_state, scales, touched, acc = carry
+            next_scales, next_touched = [], []
+            for u in range(unroll):
+                k = b * unroll + u
+                sym, lane_state, tu = lanes_step(words_ref, table_ref, lane_state, touched[u], coarse_bits,
+                                                 prefetch, table_base)
+                q, acc = unpredict(k, jnp.where(live, sym.astype(jnp.int32), 0), acc)
+                plgpu.store(out_ref.at[out_first + k * lanes], (_signed(q) * scales[u]).astype(out_ref.dtype),
+                            mask=live & (first + k * lanes < n))
+                next_scales.append(read_scale(k + unroll))
+                next_touched.append(tu)
+            return lane_state, tuple(next_scales), tuple(next_touched), acc
 
-    def block(b, carry):  # `unroll` steps; scales are loaded `unroll` steps before they are used
-        lane_state, scales, touched, c = carry
-        next_scales, next_touched = [], []
-        for u in range(unroll):
-            k = b * unroll + u
-            sym, lane_state, tu = lanes_step(words_ref, table_ref, lane_state, touched[u], coarse_bits, prefetch)
-            q, c = unpredict(k, jnp.where(live, sym.astype(jnp.int32), 0), c)
-            i = first + k * lanes
-            plgpu.store(out_ref.at[i], (_signed(q) * scales[u]).astype(out_ref.dtype), mask=live & (i < n))
-            next_scales.append(read_scale(k + unroll))
-            next_touched.append(tu)
-        return lane_state, tuple(next_scales), tuple(next_touched), c
+        def run():
+            scales = tuple(read_scale(u) for u in range(unroll))
+            touched = (jnp.zeros((block_lanes,), jnp.uint32),) * unroll
+            lane_state, _, touched, _ = lax.fori_loop(0, steps // unroll, block,
+                                                      (lane_state0, scales, touched, jnp.int32(0)))
+            return lanes_sink(lane_state, touched)
+        return run
 
-    scales = tuple(read_scale(u) for u in range(unroll))
-    touched = (jnp.zeros((block_lanes,), jnp.uint32),) * unroll
-    lane_state, _, touched, _ = lax.fori_loop(0, steps // unroll, block,
-                                              (lane_state, scales, touched, jnp.int32(0)))
+    lane_state0 = lane_state
+    loops = [decode_loop({0: none, 1: left, 2: up}[k]) for k in predictors]
+
+    def choose(i):  # a chain of uniform branches on the tile's predictor id
+        if i == len(loops) - 1:
+            return loops[i]
+        return lambda: lax.cond(pred == predictors[i], loops[i], choose(i + 1))
+
+    sink = choose(0)()
     if prefetch:
-        plgpu.store(sink_ref.at[t * block_lanes + j], lanes_sink(lane_state, touched))
+        plgpu.store(sink_ref.at[program * block_lanes + j], sink)
 
 
 def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype):
+    """The arrays of one tensor, or of a stack of tensors of one meta (a leading axis on every array)."""
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
     if not (1 <= lanes and 1 <= steps < 1 << 16):
         raise ValueError(f"{lanes=} must be >= 1 and {steps=} must be in [1, 65536)")
     t = max(1, -(-n // (lanes * steps)))
-    if n < 1 or rows * cols != n or t * lanes * steps > rc.INT32_MAX:
+    lead = tuple(states.shape[:-1])[:1] if states.ndim == 2 else ()
+    copies = lead[0] if lead else 1
+    if n < 1 or rows * cols != n or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be rows * cols = {rows} * {cols} >= 1 and its tiles < 2^31 values")
-    check_table(table)
+    check_table(table, lead)
     for name, a, dt, size in [("offsets", offsets, jnp.uint32, t * lanes), ("states", states, jnp.uint32, t * lanes),
                               ("scales", scales, jnp.float32, rows),
                               ("predictors", predictors, jnp.int32, t)]:
-        if a.dtype != dt or a.shape != (size,):
-            raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}[{size}]")
-    if words.dtype != jnp.uint16 or words.ndim != 1 or not 1 <= words.shape[0] <= rc.INT32_MAX:
-        raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16[W] with 1 <= W < 2^31")
+        if a.dtype != dt or a.shape != lead + (size,):
+            raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(lead + (size,))}")
+    if (words.dtype != jnp.uint16 or words.shape[:-1] != lead or words.ndim != len(lead) + 1
+            or not 1 <= words.size <= rc.INT32_MAX):
+        raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16{list(lead) + ['W']} with "
+                         f"1 <= W and < 2^31 words in all")
 
 
-def _many_kernel(*refs, metas, starts, unroll, coarse_bits, prefetch, interpret):
+def _many_kernel(*refs, metas, starts, copies, has_tiles, unroll, coarse_bits, prefetch, interpret):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``'s tiles."""
     k_count = len(metas)
-    ins, outs = refs[:6 * k_count], refs[6 * k_count:7 * k_count]
-    rings, sinks = refs[7 * k_count:8 * k_count], refs[8 * k_count:] or (None,) * k_count
+    refs = list(refs)
+    ins = [refs.pop(0) for _ in range(6 * k_count)]
+    tiles = [refs.pop(0) if has else None for has in has_tiles]
+    outs = [refs.pop(0) for _ in range(k_count)]
+    rings = [refs.pop(0) if 2 in m[6] else None for m in metas]
+    sinks = refs or [None] * k_count
     pid = pl.program_id(0)
 
     def branch(k):
         def run():
-            n, rows, cols, lanes, steps, dtype = metas[k]
-            rans_int8_kernel(*ins[6 * k:6 * k + 6], outs[k], rings[k], sinks[k], program=pid - starts[k], n=n,
-                             cols=cols, lanes=lanes, steps=steps, block_lanes=pl.next_power_of_2(lanes),
-                             unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch,
-                             interpret=interpret)
+            n, rows, cols, lanes, steps, dtype, predictors = metas[k]
+            rans_int8_kernel(*ins[6 * k:6 * k + 6], tiles[k], outs[k], rings[k], sinks[k], program=pid - starts[k],
+                             n=n, cols=cols, lanes=lanes, steps=steps, copies=copies[k], predictors=predictors,
+                             block_lanes=pl.next_power_of_2(lanes), unroll=math.gcd(unroll, steps),
+                             coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret)
         return run
 
     rc.run_segment(pid, starts, branch)
 
 
+def check_predictors(predictors) -> tuple[int, ...]:
+    ids = tuple(sorted(set(predictors)))
+    if not ids or not set(ids) <= {0, 1, 2}:
+        raise ValueError(f"predictors={predictors!r} must be a non-empty subset of (0, 1, 2)")
+    return ids
+
+
 @functools.partial(jax.jit, static_argnames=["metas", "unroll", "num_warps", "coarse_bits", "prefetch",
                                              "interpret"])
-def rans_int8_decode_many(tensors, *, metas, unroll: int = 4, num_warps: int = 4,
+def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_warps: int = 4,
                           coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
                           interpret: bool = False) -> list[jax.Array]:
     """Decode several ``int8`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
-    ``tensors``: a sequence of ``(words, offsets, states, table, scales, predictors)``; ``metas``: a tuple
-    of ``(n, rows, cols, lanes, steps, dtype)`` per tensor. Returns the flat decoded tensors.
+    ``tensors``: a sequence of ``(words, offsets, states, table, scales, predictors)``, each the arrays of
+    one tensor or of a stack of tensors of one meta (a leading axis of ``copies`` on every array); ``metas``:
+    a tuple of ``(n, rows, cols, lanes, steps, dtype, predictors_used)`` per tensor, ``predictors_used`` the
+    predictor ids its tiles may hold (the kernel compiles a loop for each; the `up` ring is allocated only
+    when 2 is among them). ``tiles``: as in ``rans_float.rans_float_decode_many``. Returns per tensor the
+    flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``.
     """
     check_launch(tensors, metas, unroll, num_warps, prefetch)
-    starts = [0]
-    for arrays, meta in zip(tensors, metas):
-        _check(*arrays, *meta)
-        starts.append(starts[-1] + arrays[5].shape[0])
+    tiles = [None] * len(metas) if tiles is None else list(tiles)
+    if len(tiles) != len(metas):
+        raise ValueError(f"{len(tiles)=} must equal {len(metas)=}")
+    metas = tuple(m[:6] + (check_predictors(m[6]),) for m in metas)
+    starts, copies = [0], []
+    for arrays, meta, tl in zip(tensors, metas, tiles):
+        _check(*arrays, *meta[:6])
+        lanes = meta[3]
+        c, programs = launch_shape(arrays, tl, lanes, lanes)
+        copies.append(c)
+        starts.append(starts[-1] + programs)
     rc.filter_triton_deprecation()
-    kernel = functools.partial(_many_kernel, metas=tuple(metas), starts=tuple(starts), unroll=unroll,
+    kernel = functools.partial(_many_kernel, metas=metas, starts=tuple(starts), copies=tuple(copies),
+                               has_tiles=tuple(tl is not None for tl in tiles), unroll=unroll,
                                coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret)
-    tensors = [(*a[:3], kernel_table(a[3], coarse_bits), *a[4:]) for a in tensors]
+    sizes = [c * m[0] if tl is None else tl.shape[0] * m[3] * m[4] for c, m, tl in zip(copies, metas, tiles)]
+    programs = [b - a for a, b in zip(starts, starts[1:])]
     outs = pl.pallas_call(
         kernel,
-        out_shape=([jax.ShapeDtypeStruct((n,), jnp.dtype(dtype)) for n, _, _, _, _, dtype in metas]
-                   + [jax.ShapeDtypeStruct((a[5].shape[0], cols + lanes), jnp.uint8)
-                      for a, (_, _, cols, lanes, _, _) in zip(tensors, metas)]
-                   + [jax.ShapeDtypeStruct((a[5].shape[0] * pl.next_power_of_2(lanes),), jnp.uint32)
-                      for a, (_, _, _, lanes, _, _) in zip(tensors, metas) if prefetch]),
+        out_shape=([jax.ShapeDtypeStruct((size,), jnp.dtype(m[5])) for size, m in zip(sizes, metas)]
+                   + [jax.ShapeDtypeStruct((p, m[2] + m[3]), jnp.uint8)
+                      for p, m in zip(programs, metas) if 2 in m[6]]
+                   + [jax.ShapeDtypeStruct((p * pl.next_power_of_2(m[3]),), jnp.uint32)
+                      for p, m in zip(programs, metas) if prefetch]),
         grid=(starts[-1],),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"rans_int8_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}",
-    )(*[a for arrays in tensors for a in arrays])
-    return outs[:len(metas)]
+    )(*[flat(a) for arrays in tensors for a in (*arrays[:3], kernel_table(arrays[3], coarse_bits), *arrays[4:])],
+      *[tl for tl in tiles if tl is not None])
+    return [o.reshape((c, -1) if c > 1 or t[2].ndim == 2 else (-1,))
+            for o, c, t in zip(outs[:len(metas)], copies, tensors)]
 
 
 def rans_int8_decode(words, offsets, states, table, scales, predictors, *, n: int, rows: int, cols: int,
-                     lanes: int, steps: int, dtype: str, unroll: int = 8, num_warps: int = 4,
-                     coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, interpret: bool = False) -> jax.Array:
+                     lanes: int, steps: int, dtype: str, predictors_used=(0, 1, 2), tiles=None, unroll: int = 8,
+                     num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
+                     interpret: bool = False) -> jax.Array:
     """Decode an ``int8`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact with NumPy.
 
-    One program per tile; ``unroll`` steps per loop iteration (also how far ahead scales are read;
-    reduced to a divisor of ``steps``), ``num_warps`` warps per program, ``coarse_bits`` and ``prefetch``
-    as in ``rans_float.rans_float_decode``.
+    One program per tile; ``predictors_used``: the predictor ids the tiles may hold; ``tiles``: decode only
+    those (see ``rans_int8_decode_many``); ``unroll`` steps per loop iteration (also how far ahead scales
+    are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program, ``coarse_bits`` and
+    ``prefetch`` as in ``rans_float.rans_float_decode``.
     """
     return rans_int8_decode_many([(words, offsets, states, table, scales, predictors)],
-                                 metas=((n, rows, cols, lanes, steps, dtype),), unroll=unroll,
-                                 num_warps=num_warps, coarse_bits=coarse_bits, prefetch=prefetch,
-                                 interpret=interpret)[0]
+                                 metas=((n, rows, cols, lanes, steps, dtype, tuple(predictors_used)),),
+                                 tiles=None if tiles is None else [tiles], unroll=unroll, num_warps=num_warps,
+                                 coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret)[0]
 
 
 # ----------------------------------------------------------------------------------------- reference

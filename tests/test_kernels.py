@@ -100,7 +100,8 @@ class KernelTestBase:
         args, kw = device_args(tensor.from_encoded(enc))
         ref = rans_int8.rans_int8_reference(*args, **kw)
         np.testing.assert_array_equal(bits(ref), want)
-        out = rans_int8.rans_int8_decode(*args, **kw, **blocks, interpret=self.INTERPRET)
+        used = tensor.from_encoded(enc).meta.predictors
+        out = rans_int8.rans_int8_decode(*args, **kw, predictors_used=used, **blocks, interpret=self.INTERPRET)
         assert out.dtype == jnp.dtype(x.dtype) and out.shape == (x.size,)
         np.testing.assert_array_equal(bits(out), want)
 
@@ -202,7 +203,8 @@ class TestInt8Kernel(KernelTestBase):
               smooth(rng, (33, 31), 2).astype(np.float32)]
         encs = [codecs.encode(x, "int8", lanes=32, steps=8) for x in xs]
         args = [device_args(tensor.from_encoded(e)) for e in encs]
-        metas = tuple((kw["n"], kw["rows"], kw["cols"], kw["lanes"], kw["steps"], kw["dtype"]) for _, kw in args)
+        metas = tuple((kw["n"], kw["rows"], kw["cols"], kw["lanes"], kw["steps"], kw["dtype"], (0, 1, 2))
+                      for _, kw in args)
         outs = rans_int8.rans_int8_decode_many([a for a, _ in args], metas=metas, interpret=self.INTERPRET)
         for out, e in zip(outs, encs):
             np.testing.assert_array_equal(bits(out), bits(codecs.decode(e)).reshape(-1))
@@ -249,6 +251,53 @@ class TestInsideJit(KernelTestBase):
         # the batched path of decode (lax.map over the stack) agrees too
         np.testing.assert_array_equal(bits(tensor.decode(stacked, backend=backend, interpret=self.INTERPRET)),
                                       want)
+
+
+class TestStacksAndTiles(KernelTestBase):
+    """A stack of layers in one launch, and decoding only some tiles (rows of an embedding, chunks of a head)."""
+
+    @pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
+    def test_stack_in_one_launch(self, codec):
+        rng = np.random.default_rng(12)
+        layers = [(rng.standard_normal((24, 70)) * 0.02 * (i + 1)).astype(ml_dtypes.bfloat16) for i in range(3)]
+        layers[2] = np.cumsum(layers[2].astype(np.float32), axis=1).astype(ml_dtypes.bfloat16)  # other predictors
+        layers[1][0, :9] = 0
+        encs = [codecs.encode(x, codec, lanes=32, steps=16) for x in layers]
+        stacked = tensor.stack_layers([tensor.from_encoded(e) for e in encs])
+        want = np.stack([bits(codecs.decode(e)) for e in encs])
+        out = tensor.decode_many([stacked], interpret=self.INTERPRET)[0]
+        assert out.shape == (3, 24 * 70)
+        np.testing.assert_array_equal(bits(out).reshape(want.shape), want)
+        # mixed with a single tensor of the same codec, as materialize_all launches a layer group
+        single = tensor.from_encoded(encs[0])
+        both = tensor.materialize_all({"a": stacked, "b": single}, backend="pallas", interpret=self.INTERPRET)
+        np.testing.assert_array_equal(bits(both["a"]), want)
+        np.testing.assert_array_equal(bits(both["b"]), want[0])
+
+    @pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
+    @pytest.mark.parametrize("shape,lanes,steps", [((37, 41), 32, 16), ((40, 64), 16, 8), ((3, 500), 32, 4)])
+    def test_tiles_rows_and_embedding_lookup(self, codec, shape, lanes, steps):
+        rng = np.random.default_rng(shape[0] + shape[1])
+        x = (rng.standard_normal(shape) * 0.02).astype(ml_dtypes.bfloat16)
+        x[1] = np.cumsum(x[1].astype(np.float32)).astype(ml_dtypes.bfloat16)
+        enc = codecs.encode(x, codec, lanes=lanes, steps=steps)
+        ct = tensor.from_encoded(enc)
+        want = bits(codecs.decode(enc))  # [rows, cols]
+        flat = want.reshape(-1)
+        tile, count = lanes * steps, ct.meta.tiles
+        ids = jnp.asarray([count - 1, 0, count - 1, min(1, count - 1)], jnp.int32)  # the partial last tile too
+        for backend in ("pallas", "reference"):
+            got = bits(tensor.decode_tiles(ct, ids, backend=backend, interpret=self.INTERPRET)).reshape(4, tile)
+            for r, t in enumerate(np.asarray(ids)):
+                part = flat[t * tile:(t + 1) * tile]
+                np.testing.assert_array_equal(got[r, :part.size], part)
+            for start, n in [(0, 1), (shape[0] - 1, 1), (1, shape[0] - 1), (shape[0] // 2, 2)]:
+                n = min(n, shape[0])
+                rows = jax.jit(lambda s: tensor.decode_rows(ct, s, n, backend=backend, interpret=self.INTERPRET))
+                np.testing.assert_array_equal(bits(rows(jnp.int32(start))), want[start:start + n])
+            tokens = jnp.asarray(rng.integers(0, shape[0], (2, 5)), jnp.int32)
+            emb = jax.jit(lambda t: tensor.take_rows(ct, t, chunk=3, backend=backend, interpret=self.INTERPRET))
+            np.testing.assert_array_equal(bits(emb(tokens)), want[np.asarray(tokens)])
 
 
 class TestCoarseTable:

@@ -274,3 +274,48 @@ def test_compressed_params_decode_inside_the_scan(codec):
     if codec == "bf16-lossless":
         plain = llama.params_from_tensors(cfg, tensors.__getitem__)
         np.testing.assert_array_equal(a, np.asarray(llama.logits(plain, tokens, cfg, jnp.float32)))
+
+
+@pytest.mark.parametrize("name", ["gqa-untied", "tied-llama3"])
+def test_grouped_layers_and_chunked_head_give_the_same_logits(monkeypatch, request, name):
+    """Layers decoded two per launch, the output head decoded in chunks of rows and the embedding decoded
+    only at the looked-up rows give bit for bit the logits of the plain weights (head in the same chunks)."""
+    from jcodec import codecs
+    from jcodec.tensor import from_encoded
+    cfg = llama.LlamaConfig.from_hf({**CONFIGS[name], "num_hidden_layers": 2})
+    rng = np.random.default_rng(1)
+    tensors = {n: (rng.normal(0, 0.15, s) if len(s) > 1 else rng.uniform(0.5, 1.5, s)).astype(ml_dtypes.bfloat16)
+               for n, s in llama.param_shapes(cfg).items()}
+    enc = {n: codecs.encode(x, "bf16-lossless", lanes=8, steps=64) for n, x in tensors.items() if x.ndim == 2}
+    compressed = llama.params_from_tensors(cfg, lambda n: from_encoded(enc[n]) if n in enc else tensors[n])
+    plain = llama.params_from_tensors(cfg, tensors.__getitem__)
+    tokens = jnp.asarray(tokens_for(cfg.vocab_size, (2, 9)))
+    want = np.asarray(llama.logits(plain, tokens, cfg, jnp.float32))
+
+    monkeypatch.setattr(llama, "head_chunk_rows", lambda cfg_: 50)  # 50 rows at a time: V is no multiple of it
+    llama.logits.clear_cache()  # retrace with the patch (and, at the end, without it)
+    request.addfinalizer(llama.logits.clear_cache)
+    chunked = np.asarray(llama.logits(plain, tokens, cfg, jnp.float32))
+    np.testing.assert_allclose(chunked, want, atol=1e-5, rtol=0)  # other matmul shapes may round differently
+    grouped = llama.group_layers(compressed, 2)
+    assert llama.layer_group(grouped) == 2 and grouped.layers.q_proj.batch_shape == (1, 2)
+    np.testing.assert_array_equal(np.asarray(llama.logits(grouped, tokens, cfg, jnp.float32)), chunked)
+    with pytest.raises(ValueError, match="divide"):
+        llama.group_layers(compressed, 3)
+
+
+def test_auto_layer_group_spends_little_memory():
+    """Small layers are grouped (more lanes per launch) only while the extra decoded layers stay within 5%
+    of the model's weights; plain params are never grouped."""
+    from jcodec import codecs
+    from jcodec.tensor import from_encoded
+    cfg = llama.LlamaConfig.from_hf({**CONFIGS["gqa-untied"], "num_hidden_layers": 4})
+    rng = np.random.default_rng(2)
+    tensors = {n: (rng.normal(0, 0.02, s)).astype(ml_dtypes.bfloat16) for n, s in llama.param_shapes(cfg).items()}
+    enc = {n: codecs.encode(x, "bf16-lossless", lanes=8, steps=64) for n, x in tensors.items() if x.ndim == 2}
+    compressed = llama.params_from_tensors(cfg, lambda n: from_encoded(enc[n]) if n in enc else tensors[n])
+    assert llama.auto_layer_group(cfg, llama.params_from_tensors(cfg, tensors.__getitem__)) == 1
+    # a layer here is ~19% of the weights: no room for a second one at 5%, room for all four at 100%
+    assert llama.auto_layer_group(cfg, compressed) == 1
+    assert llama.auto_layer_group(cfg, compressed, memory_share=1.0) == 4
+    assert llama.auto_layer_group(cfg, compressed, memory_share=1.0, lanes_wanted=1) == 1
