@@ -60,12 +60,12 @@ def build_codec(codec: str, mode: str):
     """Params for a jcodec ``mode`` (see jcodec.api) of weights encoded with ``codec`` at load time.
     For random weights every layer holds the same values, so one layer is encoded and reused (encoding an
     8B model with the NumPy encoder would take the bench's whole time; speed does not depend on it)."""
-    from jcodec.api import place_params
+    from jcodec.api import decode_params, place_params
     from jcodec.checkpoint import choose_encoding
-    from jcodec.tensor import decode, from_encoded
+    from jcodec.tensor import from_encoded
 
     def build(cfg, get):
-        cache, decode_jit = {}, jax.jit(decode)
+        cache = {}
 
         def get_encoded(name):
             key = re.sub(r"\.layers\.\d+\.", ".layers.*.", name) if getattr(get, "shared_layers", False) else name
@@ -76,10 +76,12 @@ def build_codec(codec: str, mode: str):
             v = cache[key]
             if isinstance(v, np.ndarray):
                 return v
-            return decode_jit(from_encoded(v)) if mode == "decoded" else from_encoded(v, to_device=False)
+            return from_encoded(v, to_device=False)
 
         params = place_params(llama.params_from_tensors(cfg, get_encoded, jnp.bfloat16), mode)
-        return params if mode == "decoded" else llama.group_layers(params, llama.auto_layer_group(cfg, params))
+        if mode == "decoded":
+            return decode_params(params)
+        return llama.group_layers(params, llama.auto_layer_group(cfg, params))
 
     return build
 

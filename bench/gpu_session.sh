@@ -2,7 +2,7 @@
 # One device call: GPU tests (compiled kernels, model on compressed weights), the decode bench, the
 # generation bench and the load bench, each under its own time limit (0 skips a part).
 # Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
-#   TEST_S=240 DECODE_S=300 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
+#   TEST_S=240 BITWISE_S=0 DECODE_S=300 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
@@ -13,6 +13,9 @@ python3 -P -c "import jax, jcodec; print('jax', jax.__version__, jax.devices())"
 if [ "${TEST_S:-240}" != 0 ]; then
   timeout ${TEST_S:-240} python3 -P -m pytest ${TESTS:-tests/test_kernels.py tests/test_llama.py tests/test_generate.py} \
       -q -p no:cacheprovider -rf --durations=5 2>&1 | tee $OUT/gpu_tests.log | tail -25
+fi
+if [ "${BITWISE_S:-0}" != 0 ]; then
+  timeout ${BITWISE_S} python3 -P bench/bitwise.py --out $OUT/bitwise.json 2>&1 | tee $OUT/bitwise.log | tail -12
 fi
 if [ "${DECODE_S:-0}" != 0 ]; then
   timeout ${DECODE_S} python3 -P bench/decode.py --out $OUT/decode.json ${DECODE_ARGS:-} 2>&1 \

@@ -1,6 +1,7 @@
 """`jcodec.load`: a checkpoint (jcodec, HF folder or GGUF) as model params, in one of three modes.
 
-- ``decoded``: every weight decoded once at load (on the device: the Pallas kernel on GPU), then plain arrays.
+- ``decoded``: every weight decoded once at load (on the device: the Pallas kernel on GPU, one launch per
+  stacked field of all layers), then plain arrays.
 - ``compressed``: rANS-coded weights stay compressed on the device as CompressedTensors; the forward pass
   decodes each layer inside its ``lax.scan`` step, so peak memory is the compressed model plus one layer.
 - ``offload``: like ``compressed``, but the compressed weights live in host memory and each layer's are
@@ -32,11 +33,12 @@ def is_jcodec_checkpoint(path) -> bool:
 
 
 def load_tensors(path, mode: str = "compressed"):
-    """(config dict, tokenizer folder, get(name)) for a jcodec checkpoint; ``get`` returns what ``mode`` keeps."""
+    """(config dict, tokenizer folder, get(name)) for a jcodec checkpoint. ``get`` returns a NumPy array
+    for a raw or zstd tensor, and a host CompressedTensor for an rANS-coded one (to be stacked with its
+    layers, then placed by :func:`place_params`, and for ``decoded`` decoded by :func:`decode_params`)."""
     if mode not in MODES:
         raise ValueError(f"{mode=} must be one of {', '.join(MODES)}")
     ckpt = Checkpoint(path)
-    decode_jit = jax.jit(decode)
 
     def get(name: str):
         if name not in ckpt.names():
@@ -49,8 +51,6 @@ def load_tensors(path, mode: str = "compressed"):
                 return codecs.decode(value)
             except codecs.FormatError as e:
                 raise CheckpointError(f"{ckpt.where(name)}: tensor {name}: {e}") from None
-        if mode == "decoded":
-            return decode_jit(from_encoded(value))
         return from_encoded(value, to_device=False)  # stacked on the host, then placed once by place_params
 
     return ckpt.config, os.fspath(path), get
@@ -68,6 +68,19 @@ def place_params(params, mode: str):
         return jax.device_put(x, layers_space if in_layers else jax.memory.Space.Device)
 
     return jax.tree_util.tree_map_with_path(place, params, is_leaf=lambda x: isinstance(x, CompressedTensor))
+
+
+def decode_params(params):
+    """Every CompressedTensor of ``params`` decoded on its device: a stack of layers in one kernel launch
+    (few launches and compiles: loading a decoded checkpoint must not be slower than a BF16 one), each
+    compressed leaf dropped once decoded, so the peak is the compressed model plus one decoded field."""
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
+    del params  # the leaves list holds the only references (when the caller passed a temporary)
+    decode_jit = jax.jit(decode)
+    for i in range(len(leaves)):
+        if isinstance(leaves[i], CompressedTensor):
+            leaves[i] = jax.block_until_ready(decode_jit(leaves[i]))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def compressed_bytes(tree) -> int:
@@ -100,8 +113,10 @@ def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | No
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     dtype = dtype or default_dtype()
-    params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
-    if mode != "decoded":
+    if mode == "decoded":
+        params = decode_params(place_params(llama.params_from_tensors(cfg, get, dtype), mode))
+    else:
+        params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
         params = llama.group_layers(params, layers_per_decode or llama.auto_layer_group(cfg, params))
     from transformers import AutoTokenizer
     return Model(cfg, params, AutoTokenizer.from_pretrained(folder), dtype)
