@@ -241,9 +241,11 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
     """Inverse frequencies [D/2], in float32 exactly as transformers computes them (default, linear, llama3).
 
     transformers: ``1.0 / (theta ** (arange(0, D, 2).float() / D))``, all float32. torch's float32 power is
-    the correctly rounded one for the usual theta and D; NumPy's float32 power is 1 ulp off for ~15% of the
-    frequencies, an angle error that grows with the position (2e-4 in cos by position 8k). So the power is
-    rounded to float32 from float64 on the host (a constant: the forward computes nothing in float64).
+    the correctly rounded one for the usual theta and D (seen: all of them for theta 1e4-5e5; one of 64 is
+    1 ulp apart for theta 1e6, D 128); NumPy's float32 power is 1 ulp off for ~15% of the frequencies, an
+    angle error that grows with the position (2-5e-4 in cos by position 8k). So the power is rounded to
+    float32 from float64 on the host (a constant: the forward computes nothing in float64). In llama3
+    scaling, ``scalar / t`` is torch's ``t.reciprocal() * scalar`` (two roundings), as written here.
     """
     D = cfg.head_dim
     exponent = np.arange(0, D, 2).astype(np.float32) / np.float32(D)
@@ -256,9 +258,9 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
         factor, low, high = (np.float32(s[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
         old_len = np.float32(s["original_max_position_embeddings"])
         low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = np.float32(2 * math.pi) / inv_freq
+        wavelen = (np.float32(1) / inv_freq) * np.float32(2 * math.pi)  # torch: scalar / t is 1/t * scalar
         scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long waves: divided by factor
-        smooth = (old_len / wavelen - low) / (high - low)
+        smooth = ((np.float32(1) / wavelen) * old_len - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled         # medium waves: interpolated
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
@@ -290,23 +292,31 @@ def rms_norm(x, w, eps):
 
 
 def dense(x, w, dtype):
-    """x [..., in] @ w[out, in].T, the weight decoded (if compressed) and cast to the compute dtype.
+    """x [..., in] @ w[out, in].T, the weight decoded (if compressed) and cast to the compute dtype."""
+    return contract(x, materialize(w).astype(dtype), dtype)
 
-    In float32 the input axis is summed in blocks of 192, the block sums added in order: that is how torch's
-    CPU matmul (MKL sgemm) accumulates, and XLA:CPU's dot over 192 does the same, so our float32 matmuls
-    equal transformers' bit for bit (for 12 rows and more; a few rows past a multiple of 4 in shorter
-    inputs differ). One long XLA:CPU dot rounds about twice as much (a 576-long one: 3.9e-6 from float64,
-    torch's 1.9e-6), and on SmolLM2 that alone took our logits 1.1-1.6e-4 from transformers'.
+
+def contract(x, w, dtype, out_dtype=None):
+    """x [..., in] @ w[out, in].T in ``dtype`` (``out_dtype``: the accumulator's, as ``preferred_element_type``).
+
+    In float32 the input axis is summed in blocks of 192 and the block sums added in order, as torch's CPU
+    matmul (MKL sgemm) does; XLA:CPU's dot over 192 inputs rounds as MKL's does within a block, so our
+    float32 matmuls equal transformers' bit for bit (seen for 12 rows or more, and multiples of 4; below 12,
+    the rows past a multiple of 4 differ). One long XLA:CPU dot rounds about twice as much (576 inputs:
+    3.9e-6 from float64, torch 1.9e-6): on SmolLM2 it put our logits 0.5-1.8e-4 from transformers'.
     Other dtypes (bfloat16 on accelerators) keep one dot.
     """
     block = 192
-    w = materialize(w).astype(dtype)
     n = x.shape[-1]
+
+    def dot(a, b):
+        return jnp.einsum("...i,oi->...o", a, b, precision=_precision(dtype), preferred_element_type=out_dtype)
+
     if jnp.dtype(dtype) != jnp.float32 or n <= block:
-        return jnp.einsum("...i,oi->...o", x, w, precision=_precision(dtype))
+        return dot(x, w)
     out = None
     for a in range(0, n, block):
-        part = jnp.einsum("...i,oi->...o", x[..., a:a + block], w[:, a:a + block], precision=_precision(dtype))
+        part = dot(x[..., a:a + block], w[:, a:a + block])
         out = part if out is None else out + part
     return out
 
@@ -410,8 +420,7 @@ def head_chunk_rows(cfg: LlamaConfig) -> int | None:
 def output_logits(x, head, chunk: int | None, dtype):
     """x [..., C] @ head [V, C].T -> float32 logits [..., V]; ``chunk`` rows of a compressed head at a time."""
     def matmul(w):
-        return jnp.einsum("...c,vc->...v", x, w.astype(dtype), preferred_element_type=_at_least_f32(dtype),
-                          precision=_precision(dtype))
+        return contract(x, w.astype(dtype), dtype, _at_least_f32(dtype))
 
     if chunk is None:
         return matmul(materialize(head))
