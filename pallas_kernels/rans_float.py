@@ -8,6 +8,9 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
   table    uint32[4096 + 128]  packed slot table ``symbol | (freq - 1) << 8 | bias << 20``, then the coarse
                          table of :func:`rans_common.coarse_table` (computed here when only 4096 are given)
 Value ``i`` of the tensor lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``.
+A stack of ``copies`` tensors of one geometry (layers) has a leading axis on every array, the word streams
+zero-padded to the longest (``jcodec.tensor.stack_layers``); the kernel reads it flattened, copy ``c`` at
+``c`` times each array's row length. ``tiles`` (int32[R], optional) picks the tiles to decode.
 
 The kernel gives every program ``block_lanes`` consecutive lanes (of one or several tiles; the lanes are
 independent), one lane per vector element. Each step it looks up every lane's slot (coarse table first,

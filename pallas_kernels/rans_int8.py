@@ -9,10 +9,12 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
   scales      float32[rows] the per-row (output channel) scale
   predictors  int32[T]      per tile: 0 none, 1 left, 2 up (``jcodec.codecs._predict``)
 Value ``i`` (row ``i // cols``) lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``.
+Stacks (a leading ``copies`` axis) and ``tiles`` as in ``rans_float``.
 The output is ``float32(q) * scales[row]`` rounded once to ``dtype``, with ``q`` the int8 value.
 
 One program decodes one tile: its L lanes are the vector (padded to a power of two), one step (L values
-in symbol order) at a time. The predictor is a per-tile scalar, so every step takes one uniform branch:
+in symbol order) at a time. The predictor is a per-tile scalar: the program branches once, to a step loop
+compiled for that predictor (only for the predictors the tensor's tiles use):
 - none: ``q = r``;
 - left: a running sum along the step's lanes that continues from the previous step's last value and
   restarts at row starts and at the tile start: a cumsum over the lanes, less the sum before the row start
