@@ -73,14 +73,6 @@ def encode_all(shapes, codec, lanes, steps, seed0=0):
         return list(pool.map(_encode, jobs))
 
 
-def device_args(ct):
-    a, m = ct.arrays, ct.meta
-    if m.codec == "bf16-lossless":
-        return (a["words"], a["offsets"], a["states"], a["raw"], a["table"]), (m.size, m.lanes, m.steps, m.dtype)
-    return ((a["words"], a["offsets"], a["states"], a["table"], a["scales"], a["predictors"]),
-            (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors))
-
-
 def time_fn(fn, inputs, reps):
     """Median seconds per call of ``fn(*inputs[i])``; a timed run is one call on each input set in turn."""
     for inp in inputs:
@@ -152,8 +144,8 @@ def lax_xor(a):
 @guarded("bf16-lossless matrix")
 def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     cts = [tensor.from_encoded(enc) for _ in range(rotate)]
-    arrays = [device_args(ct)[0] for ct in cts]
-    meta = device_args(cts[0])[1]
+    arrays = [tensor.kernel_args(ct)[0] for ct in cts]
+    meta = tensor.kernel_args(cts[0])[1]
     n = meta[0]
     ratio = enc.nbytes / x.nbytes
     log(f"[{label}] bf16-lossless {x.shape}: ratio {ratio:.4f} (file {enc.nbytes} B; device {cts[0].nbytes} B)")
@@ -215,7 +207,7 @@ def bench_float_layer(layer, rotate, reps, variants):
     ratio = sum(e.nbytes for e in encs) / sum(x.nbytes for x in xs)
     sets = []
     for _ in range(rotate):
-        args = [device_args(tensor.from_encoded(e)) for e in encs]
+        args = [tensor.kernel_args(tensor.from_encoded(e)) for e in encs]
         sets.append(tuple(a for a, _ in args))
     metas = tuple(m for _, m in args)
     log(f"[layer] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
@@ -256,8 +248,8 @@ def bench_float_layer(layer, rotate, reps, variants):
 def bench_int8(shape, rotate, reps, variants, label):
     x, enc = encode_all([shape], "int8", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS, seed0=11)[0]
     want = codecs.decode(enc)
-    arrays = [device_args(tensor.from_encoded(enc))[0] for _ in range(rotate)]
-    meta = device_args(tensor.from_encoded(enc))[1]
+    arrays = [tensor.kernel_args(tensor.from_encoded(enc))[0] for _ in range(rotate)]
+    meta = tensor.kernel_args(tensor.from_encoded(enc))[1]
     ratio = enc.nbytes / x.nbytes
     log(f"[{label}] int8 {shape}: ratio {ratio:.4f} predictors {np.bincount(enc.arrays['tiles'][:, 2], minlength=3)}")
     best = None
@@ -294,7 +286,7 @@ def bench_int8_layer(rotate, reps, variant):
     ratio = sum(e.nbytes for e in encs) / sum(x.nbytes for x, _ in layer)
     sets = []
     for _ in range(rotate):
-        args = [device_args(tensor.from_encoded(e)) for e in encs]
+        args = [tensor.kernel_args(tensor.from_encoded(e)) for e in encs]
         sets.append(tuple(a for a, _ in args))
     metas = tuple(m for _, m in args)
     un, nw, cb, pf = variant
@@ -343,7 +335,7 @@ def bits_of(a):
 def profile_once():
     """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
     x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)[0]
-    args, meta = device_args(tensor.from_encoded(enc))
+    args, meta = tensor.kernel_args(tensor.from_encoded(enc))
     bl, un, nw, cb, pf = (int(v) for v in os.environ.get("PROFILE_VARIANT", "128,8,4,0,32").split(","))
     out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
                                        block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,

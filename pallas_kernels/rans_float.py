@@ -111,14 +111,42 @@ def rans_float_kernel(
 SECTOR_WORDS = 16
 
 
-def check_launch(tensors, metas, unroll: int, num_warps: int, prefetch: int) -> None:
-    """The arguments every multi-tensor launch (float and int8) shares, checked before it is built."""
+def check_launch(tensors, metas, unroll: int, num_warps: int, prefetch: int, tiles=None) -> list:
+    """The arguments every multi-tensor launch (float and int8) shares, checked before it is built; returns
+    ``tiles`` as a list with one entry (None or an int32 array) per tensor."""
     if len(tensors) != len(metas) or not metas:
         raise ValueError(f"{len(tensors)=} must equal {len(metas)=} and be >= 1")
     if unroll < 1 or num_warps < 1:
         raise ValueError(f"{unroll=} and {num_warps=} must be >= 1")
     if prefetch < 0 or prefetch % SECTOR_WORDS:
         raise ValueError(f"{prefetch=} must be a multiple of {SECTOR_WORDS} (0: none)")
+    tiles = [None] * len(metas) if tiles is None else list(tiles)
+    if len(tiles) != len(metas):
+        raise ValueError(f"{len(tiles)=} must equal {len(metas)=}")
+    return tiles
+
+
+def stack_lead(states) -> tuple[int, ...]:
+    """``(copies,)`` for a stack's arrays (a leading axis), ``()`` for one tensor's."""
+    return tuple(states.shape[:1]) if states.ndim == 2 else ()
+
+
+def check_words(words, lead) -> None:
+    if (words.dtype != jnp.uint16 or words.shape[:-1] != lead or words.ndim != len(lead) + 1
+            or not 1 <= words.size <= rc.INT32_MAX):
+        raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16{list(lead) + ['W']} with "
+                         f"1 <= W and < 2^31 words in all")
+
+
+def unpack_refs(refs, inputs: int, has_tiles, *optional):
+    """The refs of a multi-tensor launch, in call order: ``inputs`` per tensor, the ``tiles`` arrays of the
+    tensors that have them, one output per tensor, then each ``optional`` group (one flag per tensor: a ref
+    where set, None where not). Returns ``(ins, tiles, outs, *groups)``."""
+    refs, k = list(refs), len(has_tiles)
+    ins = [refs.pop(0) for _ in range(inputs * k)]
+    tiles = [refs.pop(0) if has else None for has in has_tiles]
+    outs = [refs.pop(0) for _ in range(k)]
+    return (ins, tiles, outs, *[[refs.pop(0) if flag else None for flag in flags] for flags in optional])
 
 
 def lanes_init(words_ref, offsets_ref, states_ref, lane, word_base, prefetch: int):
@@ -208,12 +236,7 @@ def flat(a):
 
 def _many_kernel(*refs, metas, starts, copies, has_tiles, block_lanes, unroll, coarse_bits, prefetch):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``."""
-    k_count = len(metas)
-    refs = list(refs)
-    ins = [refs.pop(0) for _ in range(5 * k_count)]
-    tiles = [refs.pop(0) if has else None for has in has_tiles]
-    outs = [refs.pop(0) for _ in range(k_count)]
-    sinks = refs or [None] * k_count
+    ins, tiles, outs, sinks = unpack_refs(refs, 5, has_tiles, [bool(prefetch)] * len(metas))
     pid = pl.program_id(0)
 
     def branch(k):
@@ -234,7 +257,7 @@ def _check(words, offsets, states, raw, table, n, lanes, steps, dtype):
     if not (1 <= lanes and 1 <= steps < 1 << 16):
         raise ValueError(f"{lanes=} must be >= 1 and {steps=} must be in [1, 65536)")
     t = max(1, -(-n // (lanes * steps)))
-    lead = tuple(states.shape[:-1])[:1] if states.ndim == 2 else ()
+    lead = stack_lead(states)
     copies = lead[0] if lead else 1
     if n < 1 or copies * n * rc.RAW_BYTES[dtype] > rc.INT32_MAX or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be >= 1 and its padded tiles and raw bytes must have < 2^31 elements")
@@ -243,10 +266,7 @@ def _check(words, offsets, states, raw, table, n, lanes, steps, dtype):
         if a.dtype != dt or a.shape != lead + (size,):
             raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(lead + (size,))}")
     check_table(table, lead)
-    if (words.dtype != jnp.uint16 or words.shape[:-1] != lead or words.ndim != len(lead) + 1
-            or not 1 <= words.size <= rc.INT32_MAX):
-        raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16{list(lead) + ['W']} with "
-                         f"1 <= W and < 2^31 words in all")
+    check_words(words, lead)
 
 
 def check_table(table, lead=()):
@@ -273,12 +293,9 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128
     :func:`rans_float_decode`; every tensor adds a copy of the step loop to the kernel (a stack adds one),
     so ``unroll`` defaults to 4 here (a Llama layer's 7 tensors compile in ~12 s at 4, ~40-90 s at 8).
     """
-    check_launch(tensors, metas, unroll, num_warps, prefetch)
+    tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     if block_lanes < 1 or block_lanes & (block_lanes - 1):
         raise ValueError(f"{block_lanes=} must be a power of two")
-    tiles = [None] * len(metas) if tiles is None else list(tiles)
-    if len(tiles) != len(metas):
-        raise ValueError(f"{len(tiles)=} must equal {len(metas)=}")
     starts, copies = [0], []
     for arrays, (n, lanes, steps, dtype), tl in zip(tensors, metas, tiles):
         _check(*arrays, n, lanes, steps, dtype)

@@ -38,7 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import check_launch, check_table, flat, kernel_table, lanes_init, lanes_sink, lanes_step, launch_shape
+from .rans_float import (check_launch, check_table, check_words, flat, kernel_table, lanes_init, lanes_sink,
+                         lanes_step, launch_shape, stack_lead, unpack_refs)
 
 PREDICTORS = ("none", "left", "up")
 
@@ -167,7 +168,7 @@ def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lan
     if not (1 <= lanes and 1 <= steps < 1 << 16):
         raise ValueError(f"{lanes=} must be >= 1 and {steps=} must be in [1, 65536)")
     t = max(1, -(-n // (lanes * steps)))
-    lead = tuple(states.shape[:-1])[:1] if states.ndim == 2 else ()
+    lead = stack_lead(states)
     copies = lead[0] if lead else 1
     if n < 1 or rows * cols != n or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be rows * cols = {rows} * {cols} >= 1 and its tiles < 2^31 values")
@@ -177,21 +178,13 @@ def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lan
                               ("predictors", predictors, jnp.int32, t)]:
         if a.dtype != dt or a.shape != lead + (size,):
             raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(lead + (size,))}")
-    if (words.dtype != jnp.uint16 or words.shape[:-1] != lead or words.ndim != len(lead) + 1
-            or not 1 <= words.size <= rc.INT32_MAX):
-        raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16{list(lead) + ['W']} with "
-                         f"1 <= W and < 2^31 words in all")
+    check_words(words, lead)
 
 
 def _many_kernel(*refs, metas, starts, copies, has_tiles, unroll, coarse_bits, prefetch, interpret):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``'s tiles."""
-    k_count = len(metas)
-    refs = list(refs)
-    ins = [refs.pop(0) for _ in range(6 * k_count)]
-    tiles = [refs.pop(0) if has else None for has in has_tiles]
-    outs = [refs.pop(0) for _ in range(k_count)]
-    rings = [refs.pop(0) if 2 in m[6] else None for m in metas]
-    sinks = refs or [None] * k_count
+    ins, tiles, outs, rings, sinks = unpack_refs(refs, 6, has_tiles, [2 in m[6] for m in metas],
+                                                 [bool(prefetch)] * len(metas))
     pid = pl.program_id(0)
 
     def branch(k):
@@ -227,10 +220,7 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_wa
     when 2 is among them). ``tiles``: as in ``rans_float.rans_float_decode_many``. Returns per tensor the
     flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``.
     """
-    check_launch(tensors, metas, unroll, num_warps, prefetch)
-    tiles = [None] * len(metas) if tiles is None else list(tiles)
-    if len(tiles) != len(metas):
-        raise ValueError(f"{len(tiles)=} must equal {len(metas)=}")
+    tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     metas = tuple(m[:6] + (check_predictors(m[6]),) for m in metas)
     starts, copies = [0], []
     for arrays, meta, tl in zip(tensors, metas, tiles):
