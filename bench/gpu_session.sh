@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests (compiled kernels, model on compressed weights), the decode bench, the
-# generation bench and the load bench, each under its own time limit (0 skips a part).
+# generation bench, the forward's planned memory and the load bench, each under its own time limit (0 skips a part).
 # Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
 #   TEST_S=240 BITWISE_S=0 DECODE_S=300 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
 set -u
@@ -25,6 +25,9 @@ if [ "${GEN_S:-0}" != 0 ]; then
   timeout ${GEN_S} python3 -P bench/generate.py --models "${MODELS:-smollm2-135m,llama-3.2-1b,llama-3-8b}" \
       --modes "${MODES:-bf16,bf16-lossless compressed,bf16-lossless decoded,bf16-lossless offload,int8 compressed;llama-3.2-1b=bf16|bf16-lossless compressed|int8 compressed;llama-3-8b=bf16|bf16-lossless compressed}" \
       --new-tokens 64 --repeats 2 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log | tail -30
+fi
+if [ "${MEMORY_S:-0}" != 0 ]; then
+  timeout ${MEMORY_S} python3 -P bench/memory.py --out $OUT/memory.json ${MEMORY_ARGS:-} 2>&1 | tee $OUT/memory.log | tail -20
 fi
 if [ "${LOAD_S:-0}" != 0 ]; then
   timeout ${LOAD_S} python3 -P bench/load.py --out $OUT/load.json ${LOAD_ARGS:-} 2>&1 | tee $OUT/load.log | tail -20

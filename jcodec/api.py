@@ -12,6 +12,7 @@ zstd-coded tensors are always decoded on the host before they are put on the dev
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -70,16 +71,27 @@ def place_params(params, mode: str):
     return jax.tree_util.tree_map_with_path(place, params, is_leaf=lambda x: isinstance(x, CompressedTensor))
 
 
-def decode_params(params):
-    """Every CompressedTensor of ``params`` decoded on its device: a stack of layers in one kernel launch
-    (few launches and compiles: loading a decoded checkpoint must not be slower than a BF16 one), each
-    compressed leaf dropped once decoded, so the peak is the compressed model plus one decoded field."""
+def decode_params(params, *, workers: int | None = None):
+    """Every CompressedTensor of ``params`` decoded on its device: a stack of layers in one kernel launch,
+    each compressed leaf dropped once decoded, so the peak is the compressed model plus one decoded field.
+
+    Loading a decoded checkpoint must not be slower than loading a BF16 one, and its cost is compiling
+    (each field's kernel has its own static geometry, and Triton -> PTX -> cubin takes ~0.5 s): so every
+    field's decoder is compiled at once in ``workers`` threads (XLA compiles without the GIL) while the
+    compressed arrays go to the device. Host CompressedTensors are placed here; device ones are used as is.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
     del params  # the leaves list holds the only references (when the caller passed a temporary)
+    todo = [i for i, x in enumerate(leaves) if isinstance(x, CompressedTensor)]
+    if not todo:
+        return jax.tree_util.tree_unflatten(treedef, leaves)
     decode_jit = jax.jit(decode)
-    for i in range(len(leaves)):
-        if isinstance(leaves[i], CompressedTensor):
-            leaves[i] = jax.block_until_ready(decode_jit(leaves[i]))
+    with ThreadPoolExecutor(max_workers=workers or min(len(todo), os.cpu_count() or 1)) as pool:
+        compiled = {i: pool.submit(lambda ct: decode_jit.lower(ct).compile(), leaves[i]) for i in todo}
+        for i in todo:  # (a device_put of arrays already on the device is a no-op)
+            leaves[i] = jax.device_put(leaves[i], jax.memory.Space.Device)
+        for i in todo:
+            leaves[i] = jax.block_until_ready(compiled[i].result()(leaves[i]))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -113,8 +125,8 @@ def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | No
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     dtype = dtype or default_dtype()
-    if mode == "decoded":
-        params = decode_params(place_params(llama.params_from_tensors(cfg, get, dtype), mode))
+    if mode == "decoded":  # placed by decode_params, while the decoders compile
+        params = decode_params(llama.params_from_tensors(cfg, get, dtype))
     else:
         params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
         params = llama.group_layers(params, layers_per_decode or llama.auto_layer_group(cfg, params))

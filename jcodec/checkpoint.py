@@ -6,6 +6,7 @@ A jcodec checkpoint looks like an HF checkpoint: ``config.json``, tokenizer file
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -142,6 +143,7 @@ class Checkpoint:
         self._records: dict[str, dict] = {}
         self._entries: dict[str, set[str]] = {}
         self._raw_crcs: dict[str, int] = {}
+        self._handles: dict[str, object] = {}  # open shards: a header is parsed once, not per tensor read
         for shard in shard_names:
             self._scan_shard(shard)
 
@@ -173,9 +175,13 @@ class Checkpoint:
         raise CheckpointError(f"{self.path}: no model.safetensors or {INDEX_NAME}")
 
     def _open(self, shard: str):
+        """The shard opened once (its header holds a record per tensor: parsing it per read cost ~1 ms)."""
+        if shard in self._handles:
+            return contextlib.nullcontext(self._handles[shard])
         p = self.path / shard
         try:
-            return safetensors.safe_open(str(p), framework="numpy")
+            self._handles[shard] = safetensors.safe_open(str(p), framework="numpy")
+            return contextlib.nullcontext(self._handles[shard])
         except FileNotFoundError:
             raise CheckpointError(f"{p}: missing") from None
         except Exception as e:  # safetensors reports truncation and bad headers with its own error types
