@@ -141,6 +141,7 @@ def run_row(model_name: str, mode: str, args) -> dict:
     load_s = time.perf_counter() - t
     model = gen.Model(cfg, params, None, jnp.bfloat16)
     row = dict(model=model_name, weights=weights, mode=mode, params=cfg.num_params, load_s=load_s,
+               peak_after_load_bytes=peak_bytes(),
                weight_bytes=weight_bytes(params), layers_per_decode=llama.layer_group(params), batches=[])
     rng = np.random.default_rng(0)
     for b in args.batches:

@@ -5,7 +5,7 @@
 
 For each model shape and params kind (``bf16``: plain arrays; ``bf16-lossless``/``int8``: CompressedTensors
 stacked per layer, as ``compressed`` mode holds them) it lowers and compiles ``llama.step`` (a decode step,
-batch B, a KV cache of S slots) on ``jax.ShapeDtypeStruct`` params and prints XLA's memory analysis:
+batch B of T tokens: T=1 a decode step, T=128 a prefill; a KV cache of S slots) on ``jax.ShapeDtypeStruct`` params and prints XLA's memory analysis:
 arguments (weights + cache), temporaries (the decoded layer, the head chunk, everything else), and the
 issue-4 budget for compressed mode: 0.72 x the BF16 weights + one decoded layer + the KV cache. The word
 streams' lengths are not known without encoding, so they are set from the measured bits per value (bf16
@@ -71,7 +71,7 @@ def abstract_params(cfg, kind: str):
                         lm_head=None if cfg.tie_word_embeddings else get("lm_head.weight"))
 
 
-def analyse(model: str, kind: str, batch: int, slots: int, tiny: bool, dump: str | None) -> dict:
+def analyse(model: str, kind: str, batch: int, slots: int, tiny: bool, dump: str | None, tokens: int = 1) -> dict:
     import jax
     import jax.numpy as jnp
     from generate import SHAPES, TINY
@@ -83,8 +83,8 @@ def analyse(model: str, kind: str, batch: int, slots: int, tiny: bool, dump: str
     if kind != "bf16":
         params = llama.group_layers(params, llama.auto_layer_group(cfg, params))
     cache = jax.eval_shape(lambda: llama.init_cache(cfg, batch, slots, jnp.bfloat16))
-    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    compiled = llama.step.lower(params, tokens, cache, cfg, jnp.bfloat16).compile()
+    compiled = llama.step.lower(params, jax.ShapeDtypeStruct((batch, tokens), jnp.int32), cache, cfg,
+                                jnp.bfloat16).compile()
     m = compiled.memory_analysis()
     leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
     weights = sum(x.nbytes if isinstance(x, CompressedTensor) else math.prod(x.shape) * x.dtype.itemsize
@@ -92,7 +92,7 @@ def analyse(model: str, kind: str, batch: int, slots: int, tiny: bool, dump: str
     bf16_weights = 2 * cfg.num_params
     layer = 2 * sum(math.prod(s) for s in llama.layer_shapes(cfg).values()) * llama.layer_group(params)
     kv = 2 * math.prod(cache.k.shape) * 2
-    row = dict(model=model, kind=kind, batch=batch, slots=slots, layers_per_decode=llama.layer_group(params),
+    row = dict(model=model, kind=kind, batch=batch, tokens=tokens, slots=slots, layers_per_decode=llama.layer_group(params),
                weights=weights, kv_cache=kv, decoded_layer=layer, bf16_weights=bf16_weights,
                argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
                temp=m.temp_size_in_bytes, device=jax.devices()[0].device_kind)
@@ -100,7 +100,7 @@ def analyse(model: str, kind: str, batch: int, slots: int, tiny: bool, dump: str
     row["budget"] = 0.72 * bf16_weights + layer + kv
     if dump:
         os.makedirs(dump, exist_ok=True)
-        with open(os.path.join(dump, f"{model}-{kind}-b{batch}.hlo.txt"), "w") as f:
+        with open(os.path.join(dump, f"{model}-{kind}-b{batch}-t{tokens}.hlo.txt"), "w") as f:
             f.write(compiled.as_text())
     return row
 
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="llama-3-8b")
     p.add_argument("--kinds", default="bf16,bf16-lossless,int8")
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--tokens", default="1,128", help="tokens per step: 1 (a decode step), or a prefill's bucket")
     p.add_argument("--slots", type=int, default=256, help="KV cache slots (prompt + new tokens, bucketed)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--dump", help="folder for the compiled HLO text")
@@ -118,14 +119,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = []
     gib = lambda b: f"{b / 2**30:8.3f}"  # noqa: E731
-    print(f"{'model':<14} {'params':<14} {'B':>3} {'weights':>8} {'temp':>8} {'layer':>8} {'KV':>8} "
+    print(f"{'model':<14} {'params':<14} {'B':>3} {'T':>4} {'weights':>8} {'temp':>8} {'layer':>8} {'KV':>8} "
           f"{'planned':>8} {'budget':>8}  (GiB)")
     for model in args.models.split(","):
         for kind in args.kinds.split(","):
-            for b in map(int, args.batches.split(",")):
-                r = analyse(model, kind, b, args.slots, args.tiny, args.dump)
+            for b, t in [(b, t) for b in map(int, args.batches.split(",")) for t in map(int, args.tokens.split(","))]:
+                r = analyse(model, kind, b, args.slots, args.tiny, args.dump, t)
                 rows.append(r)
-                print(f"{model:<14} {kind:<14} {b:>3} {gib(r['weights'])} {gib(r['temp'])} {gib(r['decoded_layer'])} "
+                print(f"{model:<14} {kind:<14} {b:>3} {t:>4} {gib(r['weights'])} {gib(r['temp'])} {gib(r['decoded_layer'])} "
                       f"{gib(r['kv_cache'])} {gib(r['planned_peak'])} {gib(r['budget']) if kind != 'bf16' else '':>8}",
                       flush=True)
     if args.out:

@@ -11,6 +11,7 @@ zstd-coded tensors are always decoded on the host before they are put on the dev
 """
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,25 +73,44 @@ def place_params(params, mode: str):
 
 
 def decode_params(params, *, workers: int | None = None):
-    """Every CompressedTensor of ``params`` decoded on its device: a stack of layers in one kernel launch,
-    each compressed leaf dropped once decoded, so the peak is the compressed model plus one decoded field.
+    """Every CompressedTensor of ``params`` decoded on its device, for ``decoded`` mode.
 
-    Loading a decoded checkpoint must not be slower than loading a BF16 one, and its cost is compiling
-    (each field's kernel has its own static geometry, and Triton -> PTX -> cubin takes ~0.5 s): so every
-    field's decoder is compiled at once in ``workers`` threads (XLA compiles without the GIL) while the
-    compressed arrays go to the device. Host CompressedTensors are placed here; device ones are used as is.
+    Loading a decoded checkpoint must not be slower than loading a BF16 one, and its cost is compiling:
+    a kernel per distinct tensor geometry takes ~0.3 s of Triton compile each. So host ``bf16-lossless``
+    tensors are decoded as *packs* (``tensor.pack_float``: a whole model in one launch of one small kernel,
+    split only past 2^31 values), and other tensors (int8, or already on a device) field by field, a
+    stack of layers per launch; all of these compile at once in ``workers`` threads while the compressed
+    arrays go to the device. Peak memory: the model decoded plus the compressed pack being decoded.
     """
+    from jcodec.tensor import decode_pack, pack_float, pack_groups
+
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
     del params  # the leaves list holds the only references (when the caller passed a temporary)
     todo = [i for i, x in enumerate(leaves) if isinstance(x, CompressedTensor)]
     if not todo:
         return jax.tree_util.tree_unflatten(treedef, leaves)
+    packs = [[todo[k] for k in p] for p in pack_groups([leaves[i] for i in todo])]
+    rest = sorted(set(todo) - {i for p in packs for i in p})
     decode_jit = jax.jit(decode)
-    with ThreadPoolExecutor(max_workers=workers or min(len(todo), os.cpu_count() or 1)) as pool:
-        compiled = {i: pool.submit(lambda ct: decode_jit.lower(ct).compile(), leaves[i]) for i in todo}
-        for i in todo:  # (a device_put of arrays already on the device is a no-op)
+    with ThreadPoolExecutor(max_workers=workers or min(len(packs) + len(rest), os.cpu_count() or 1)) as pool:
+        jobs = []
+        for p in packs:
+            arrays, static = pack_float([leaves[i] for i in p])
+            for i in p:
+                leaves[i] = (leaves[i].shape, leaves[i].dtype)  # the pack holds the host arrays now
+            fn = jax.jit(functools.partial(decode_pack, **static))
+            jobs.append((p, arrays, pool.submit(lambda fn, a: fn.lower(a).compile(), fn, arrays)))
+        compiled = {i: pool.submit(lambda ct: decode_jit.lower(ct).compile(), leaves[i]) for i in rest}
+        for i in rest:  # (a device_put of arrays already on the device is a no-op)
             leaves[i] = jax.device_put(leaves[i], jax.memory.Space.Device)
-        for i in todo:
+        for p, arrays, job in jobs:
+            outs = job.result()(jax.device_put(arrays))
+            for i, out in zip(p, outs):
+                shape, _ = leaves[i]
+                leaves[i] = out.reshape(shape)
+            jax.block_until_ready(outs)
+            del outs, arrays
+        for i in rest:
             leaves[i] = jax.block_until_ready(compiled[i].result()(leaves[i]))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 

@@ -17,7 +17,8 @@ import numpy as np
 from jcodec import codecs, rans
 
 # Arrays a CompressedTensor holds on the device, by codec (see docs/FORMAT.md for the file's arrays).
-#   words   uint16[W]     every lane's word stream, concatenated lane by lane (padded when stacked)
+#   words   uint16[W]     every lane's word stream, concatenated lane by lane; W even (zero words pad it, and
+#                         a stack's rows to the longest), so the kernels may read it as uint32 word pairs
 #   offsets uint32[T*L]   where each lane's stream starts in `words` (prefix sum of the file's counts)
 #   states  uint32[T*L]   each lane's start state
 #   table   uint32[4096+128]  packed slot table: symbol | (freq - 1) << 8 | bias << 20, then the kernels'
@@ -117,8 +118,10 @@ def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = Tr
     else:
         host["scales"] = a["scales"]
         host["predictors"] = a["tiles"][:, 2].astype(np.int32)
-    if host["words"].size == 0:  # a zero-length array cannot be gathered from; one spare word is never read
-        host["words"] = np.zeros(1, np.uint16)
+    # zero words to an even count (at least 2: a zero-length array cannot be gathered from), so that the
+    # kernels can read the stream as uint32 word pairs (word_group=2) without a copy; padding is never read
+    w = host["words"]
+    host["words"] = np.pad(w, (0, max(2, w.size + w.size % 2) - w.size))
     meta = TensorMeta(r["codec"], tuple(r["shape"]), r["dtype"], r["lanes"], r["steps"],
                       r.get("rows", 0), r.get("cols", 0),
                       tuple(sorted(set(host["predictors"].tolist()))) if "predictors" in host else ())
@@ -129,7 +132,8 @@ def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = Tr
 
 def stack_layers(leaves: list):
     """Stack per-layer leaves on a new leading axis: arrays with ``jnp.stack``; CompressedTensors of one
-    meta by stacking their arrays, the word streams zero-padded to the longest (padding is never read)."""
+    meta by stacking their arrays, the word streams zero-padded to the longest, rounded up to an even count
+    (word pairs, as in :func:`from_encoded`; padding is never read)."""
     first = leaves[0]
     kinds = {isinstance(c, CompressedTensor) for c in leaves}
     if len(kinds) > 1:
@@ -146,6 +150,7 @@ def stack_layers(leaves: list):
         parts = [c.arrays[k] for c in leaves]
         xp = np if all(isinstance(p, np.ndarray) for p in parts) else jnp  # host arrays stay on the host
         longest = max(p.shape[-1] for p in parts)
+        longest += (longest & 1) if k == "words" else 0
         out[k] = xp.stack([xp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, longest - p.shape[-1])]) for p in parts])
     return CompressedTensor(out, dataclasses.replace(first.meta, predictors=used))
 
@@ -307,3 +312,88 @@ def materialize_all(tree, *, backend: str | None = None, interpret: bool = False
     for i, c, out in zip(batch, cts, outs):
         leaves[i] = out.reshape(c.shape)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ------------------------------------------------------------------------------------------------ packs
+def pack_float(cts: list) -> tuple[tuple[np.ndarray, ...], dict]:
+    """Host ``bf16-lossless`` CompressedTensors of one geometry (each one tensor or a stack with one leading
+    axis) as ONE pack (``pallas_kernels/rans_pack.py``): ``(words, offsets, states, raw, tables, info)``
+    NumPy arrays and the static arguments ``dict(sizes, lanes, steps, dtype)``. Output ``j`` is ``cts[j]``
+    flat (``[copies * n]``). A whole model decodes in one launch of one small kernel: one compile."""
+    from jcodec.pallas_kernels import rans_pack
+
+    m0 = cts[0].meta
+    parts = {k: [] for k in ("words", "offsets", "states", "raw", "tables", "info")}
+    sizes, words_at, values_at, tables_at = [], 0, 0, 0
+    for j, ct in enumerate(cts):
+        m, a = ct.meta, ct.arrays
+        if (m.codec, m.lanes, m.steps, m.dtype) != (m0.codec, m0.lanes, m0.steps, m0.dtype) or m.codec != "bf16-lossless" \
+                or len(ct.batch_shape) > 1:
+            raise ValueError("pack_float needs bf16-lossless tensors (or stacks of one axis) of one lanes, steps "
+                             "and dtype")
+        copies = ct.batch_shape[0] if ct.batch_shape else 1
+        w = np.asarray(a["words"]).reshape(copies, -1)
+        parts["words"].append(w.reshape(-1))
+        offsets = np.asarray(a["offsets"]).reshape(copies, -1).astype(np.int64)
+        parts["offsets"].append((offsets + words_at + np.arange(copies)[:, None] * w.shape[1]).reshape(-1))
+        parts["states"].append(np.asarray(a["states"]).reshape(-1))
+        parts["raw"].append(np.asarray(a["raw"]).reshape(-1))
+        parts["tables"].append(np.asarray(a["table"]).reshape(copies, -1))
+        first = np.arange(m.tiles, dtype=np.int64) * m.tile                           # [T] tile starts
+        at = np.arange(copies, dtype=np.int64)[:, None] * m.size + first            # [C, T] in the output
+        info = np.zeros((copies, m.tiles, rans_pack.INFO), np.int64)
+        info[..., rans_pack.OUT] = j
+        info[..., rans_pack.OUT_AT] = at
+        info[..., rans_pack.RAW_AT] = values_at + at
+        info[..., rans_pack.COUNT] = np.minimum(m.tile, m.size - first)
+        info[..., rans_pack.TABLE] = tables_at + np.arange(copies)[:, None]
+        parts["info"].append(info.reshape(-1, rans_pack.INFO))
+        words_at += w.size
+        values_at += copies * m.size
+        tables_at += copies
+        sizes.append(copies * m.size)
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    if words_at >= 1 << 31 or values_at * _raw_bytes(m0.dtype) >= 1 << 31:
+        raise ValueError(f"a pack must hold < 2^31 words and raw bytes (got {words_at} and {values_at} values)")
+    arrays["offsets"] = arrays["offsets"].astype(np.uint32)
+    arrays["info"] = arrays["info"].astype(np.int32)
+    order = ("words", "offsets", "states", "raw", "tables", "info")
+    return tuple(arrays[k] for k in order), dict(sizes=tuple(sizes), lanes=m0.lanes, steps=m0.steps, dtype=m0.dtype)
+
+
+def _raw_bytes(dtype: str) -> int:
+    from jcodec.pallas_kernels import rans_common
+    return rans_common.RAW_BYTES[dtype]
+
+
+def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, backend: str | None = None,
+                interpret: bool = False) -> list[jax.Array]:
+    """Decode a :func:`pack_float` pack: the Pallas kernel on GPU, the pure-JAX reference elsewhere."""
+    from jcodec.pallas_kernels import rans_pack
+    backend = backend or default_backend()
+    fn = rans_pack.rans_float_decode_pack if backend == "pallas" else rans_pack.rans_float_pack_reference
+    kw = dict(interpret=interpret) if backend == "pallas" else {}
+    return fn(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, **kw)
+
+
+def pack_groups(cts: list, limit: int = (1 << 31) - 1) -> list[list[int]]:
+    """Indices of ``cts`` grouped into packs: host ``bf16-lossless`` tensors of one geometry, each pack below
+    ``limit`` values (the kernel's 32-bit offsets); tensors that fit no pack (or are on a device) are left out."""
+    groups: dict[tuple, list[list[int]]] = {}
+    for i, ct in enumerate(cts):
+        m = ct.meta
+        if m.codec != "bf16-lossless" or len(ct.batch_shape) > 1 \
+                or not all(isinstance(a, np.ndarray) for a in ct.arrays.values()):
+            continue
+        values = m.size * (ct.batch_shape[0] if ct.batch_shape else 1) * _raw_bytes(m.dtype)
+        if values > limit:
+            continue
+        packs = groups.setdefault((m.lanes, m.steps, m.dtype), [[]])
+        if sum(_pack_values(cts[k]) for k in packs[-1]) + values > limit:
+            packs.append([])
+        packs[-1].append(i)
+    return [p for packs in groups.values() for p in packs if p]
+
+
+def _pack_values(ct) -> int:
+    return ct.meta.size * (ct.batch_shape[0] if ct.batch_shape else 1) * _raw_bytes(ct.meta.dtype)

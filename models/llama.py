@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jcodec.tensor import CompressedTensor, decode_rows, materialize, materialize_all, stack_layers, take_rows
+from jcodec.tensor import (CompressedTensor, decode_rows, decode_tiles, materialize, materialize_all, stack_layers,
+                           take_rows)
 
 Array = Any  # a jax.Array, or a CompressedTensor standing in for one
 
@@ -404,40 +405,48 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
 
 
 HEAD_CHUNK_MIN = 1 << 26  # an output head of at most this many weights is multiplied (and decoded) whole
+HEAD_CHUNK_TILE = 128 * 1024  # values per tile of the converter's default geometry (codecs.DEFAULT_LANES x STEPS)
 
 
 def head_chunk_rows(cfg: LlamaConfig) -> int | None:
     """Rows of the output head multiplied at a time: about one layer's weights' worth when the head is larger
     than that (and than HEAD_CHUNK_MIN weights), so that a compressed head decodes in chunks that cost no
     more memory than a layer; None (all at once) otherwise. It depends on the config only, so plain and
-    compressed weights run the same matmuls, and their logits stay bitwise equal."""
+    compressed weights run the same matmuls, and their logits stay bitwise equal. Chunks are whole tiles of
+    the default geometry, so a compressed chunk is its tiles' output as is (no copy of it is sliced out)."""
     per_layer = sum(math.prod(s) for s in layer_shapes(cfg).values())
     if cfg.vocab_size * cfg.hidden_size <= max(per_layer, HEAD_CHUNK_MIN):
         return None
-    return max(1, per_layer // cfg.hidden_size)
+    align = HEAD_CHUNK_TILE // math.gcd(cfg.hidden_size, HEAD_CHUNK_TILE)  # rows per whole number of tiles
+    chunk = -(-max(1, per_layer // cfg.hidden_size) // align) * align
+    return None if chunk >= cfg.vocab_size else chunk
 
 
 def output_logits(x, head, chunk: int | None, dtype):
-    """x [..., C] @ head [V, C].T -> float32 logits [..., V]; ``chunk`` rows of a compressed head at a time."""
+    """x [..., C] @ head [V, C].T -> float32 logits [..., V]; ``chunk`` rows of the head at a time (the last
+    chunk runs past V: its extra rows are clamped copies, or for a compressed head whatever its last
+    tiles decode to, and their logits are dropped)."""
     def matmul(w):
         return contract(x, w.astype(dtype), dtype, _at_least_f32(dtype))
 
     if chunk is None:
         return matmul(materialize(head))
-    V = head.shape[0]
-    n = -(-V // chunk)
+    V, C = head.shape
+    ids = jnp.arange(chunk, dtype=jnp.int32)
 
-    def rows(c):  # rows c*chunk .. of the head; the last chunk ends at V (it overlaps the one before)
-        start = jnp.minimum(c * chunk, V - chunk)
-        if isinstance(head, CompressedTensor):
-            return decode_rows(head, start, chunk)
-        return jax.lax.dynamic_slice_in_dim(head, start, chunk)
+    def rows(c):  # rows c*chunk .. c*chunk + chunk of the head
+        start = c * chunk
+        if not isinstance(head, CompressedTensor):
+            return jnp.take(head, start + ids, axis=0, mode="clip")
+        if chunk * C % head.meta.tile == 0:  # whole tiles: decoded in place
+            k = chunk * C // head.meta.tile
+            return decode_tiles(head, start * C // head.meta.tile + jnp.arange(k, dtype=jnp.int32)).reshape(chunk, C)
+        window = jnp.minimum(start, V - chunk)  # another geometry: the rows that exist, then re-indexed
+        return jnp.take(decode_rows(head, window, chunk), jnp.minimum(start + ids, V - 1) - window, axis=0)
 
-    parts = jax.lax.map(lambda c: matmul(rows(c)), jnp.arange(n, dtype=jnp.int32))  # [n, ..., chunk]
-    parts = jnp.moveaxis(parts, 0, -2)                                       # [..., n, chunk]
-    last = V - (n - 1) * chunk  # the last chunk starts at V - chunk: its last `last` rows are new
-    return jnp.concatenate([parts[..., :-1, :].reshape(parts.shape[:-2] + (-1,)), parts[..., -1, chunk - last:]],
-                           axis=-1)
+    parts = jax.lax.map(lambda c: matmul(rows(c)), jnp.arange(-(-V // chunk), dtype=jnp.int32))  # [n, ..., chunk]
+    parts = jnp.moveaxis(parts, 0, -2)                                                          # [..., n, chunk]
+    return parts.reshape(parts.shape[:-2] + (-1,))[..., :V]
 
 
 def layer_group(params: Params) -> int:

@@ -283,8 +283,8 @@ def test_compressed_params_decode_inside_the_scan(codec):
         np.testing.assert_array_equal(a, np.asarray(llama.logits(plain, tokens, cfg, jnp.float32)))
 
 
-@pytest.mark.parametrize("name", ["gqa-untied", "tied-llama3"])
-def test_grouped_layers_and_chunked_head_give_the_same_logits(monkeypatch, request, name):
+@pytest.mark.parametrize("name,chunk", [("gqa-untied", 50), ("gqa-untied", 64), ("tied-llama3", 50)])
+def test_grouped_layers_and_chunked_head_give_the_same_logits(monkeypatch, request, name, chunk):
     """Layers decoded two per launch, the output head decoded in chunks of rows and the embedding decoded
     only at the looked-up rows give bit for bit the logits of the plain weights (head in the same chunks)."""
     from jcodec import codecs
@@ -299,7 +299,8 @@ def test_grouped_layers_and_chunked_head_give_the_same_logits(monkeypatch, reque
     tokens = jnp.asarray(tokens_for(cfg.vocab_size, (2, 9)))
     want = np.asarray(llama.logits(plain, tokens, cfg, jnp.float32))
 
-    monkeypatch.setattr(llama, "head_chunk_rows", lambda cfg_: 50)  # 50 rows at a time: V is no multiple of it
+    # `chunk` rows at a time: V is no multiple of it; 64 rows are whole tiles of 8 x 64 (decoded in place)
+    monkeypatch.setattr(llama, "head_chunk_rows", lambda cfg_: chunk)
     llama.logits.clear_cache()  # retrace with the patch (and, at the end, without it)
     request.addfinalizer(llama.logits.clear_cache)
     chunked = np.asarray(llama.logits(plain, tokens, cfg, jnp.float32))

@@ -1,0 +1,173 @@
+"""A *pack*: many ``bf16-lossless`` tensors of one geometry decoded in ONE launch with ONE step loop.
+
+Why: loading a ``decoded`` checkpoint compiles a kernel per distinct tensor shape (each ~0.3 s of Triton
+compile, serialised), and ``rans_float_decode_many`` compiles one step loop per tensor. Here the geometry
+that differs between tensors is data (``info``), so one small kernel decodes a whole model.
+
+Layout read (built on the host by ``jcodec.tensor.pack_float``; T tiles of L lanes x S steps in all):
+  words   uint16[W]     every tensor's word streams, concatenated
+  offsets uint32[T*L]   where each lane starts reading in ``words`` (already offset to its tensor's streams)
+  states  uint32[T*L]   each lane's start state
+  raw     uint8[N*rb]   the raw bytes of every tensor, concatenated (N values in all)
+  tables  uint32[K, 4096 (+ 128)]  one packed slot table per tensor (a stack: one per layer)
+  info    int32[T, 5]   per tile: output index, first value's offset in that output, first value's offset
+                        in the pack (into ``raw``), values in the tile, table index
+Outputs: one flat array per output index, of the sizes given; tile values go to consecutive positions.
+One program decodes ``block_lanes`` consecutive lanes; its stores go to the output of each lane's tile
+(one masked store per output: only one of them is live for a lane).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from . import rans_common as rc
+from .rans_float import check_table, kernel_table, lanes_init, lanes_step
+
+INFO = 5  # int32 fields per tile in ``info``
+OUT, OUT_AT, RAW_AT, COUNT, TABLE = range(INFO)
+
+
+def rans_pack_kernel(
+    words_ref,    # [W] uint16, whole array
+    offsets_ref,  # [T*L] uint32, whole array
+    states_ref,   # [T*L] uint32, whole array
+    raw_ref,      # [N*rb] uint8, whole array
+    table_ref,    # [K * (4096 + 4096 >> coarse_bits)] uint32, whole array
+    info_ref,     # [T*5] int32, whole array
+    *out_refs,    # per output: [size] uint16 | uint32 (the float bits)
+    lanes: int, steps: int, dtype: str, block_lanes: int, unroll: int, coarse_bits: int,
+):
+    """Decode lanes ``program * block_lanes ...`` of the pack (of any of its tensors)."""
+    tiles = states_ref.shape[0] // lanes
+    v = pl.program_id(0) * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane of the pack
+    live = v < tiles * lanes
+    t = jnp.where(live, v // lanes, 0)
+    l = jnp.where(live, v % lanes, 0)
+    out_index, out_at, raw_at, count, table = (info_ref[t * INFO + f] for f in range(INFO))
+    lane_state = lanes_init(words_ref, offsets_ref, states_ref, t * lanes + l, 0, 0)
+    table_base = table * (rc.TABLE_SIZE + (rc.TABLE_SIZE >> coarse_bits if coarse_bits else 0))
+    rb = rc.RAW_BYTES[dtype]
+
+    def read_raw(k):  # [B] uint32 raw bits of step k (masked past each tile's values)
+        i = raw_at + l + k * lanes
+        ok = live & (l + k * lanes < count) & (k < steps)
+        if rb == 1:
+            return plgpu.load(raw_ref.at[i], mask=ok, other=0).astype(jnp.uint32)
+        b = [plgpu.load(raw_ref.at[3 * i + j], mask=ok, other=0).astype(jnp.uint32) for j in range(3)]
+        return b[0] | (b[1] << 8) | (b[2] << 16)
+
+    no_prefetch = jnp.zeros((block_lanes,), jnp.uint32)
+
+    def block(b, carry):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
+        lane_state, raws = carry
+        next_raws = []
+        for u in range(unroll):
+            k = b * unroll + u
+            sym, lane_state, _ = lanes_step(words_ref, table_ref, lane_state, no_prefetch, coarse_bits, 0, table_base)
+            bits = rc.join_float(sym, raws[u], dtype)
+            pos = l + k * lanes
+            for j, out_ref in enumerate(out_refs):
+                mine = live & (out_index == j) & (pos < count)
+                # a lane that does not write points past the end, at its own address (interpret mode's
+                # masked scatter must not see two lanes at one address)
+                plgpu.store(out_ref.at[jnp.where(mine, out_at + pos, out_ref.shape[0] + v)],
+                            bits.astype(out_ref.dtype), mask=mine)
+            next_raws.append(read_raw(k + unroll))
+        return lane_state, tuple(next_raws)
+
+    lax.fori_loop(0, steps // unroll, block, (lane_state, tuple(read_raw(u) for u in range(unroll))))
+
+
+def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, steps: int, dtype: str) -> None:
+    if dtype not in rc.RAW_BYTES:
+        raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
+    if not (1 <= lanes and 1 <= steps < 1 << 16) or not sizes or min(sizes) < 1:
+        raise ValueError(f"{lanes=} must be >= 1, {steps=} in [1, 65536) and sizes={sizes!r} >= 1 each")
+    if states.ndim != 1 or states.size % lanes or not states.size:
+        raise ValueError(f"states={states.dtype}{list(states.shape)} must be uint32[T*{lanes}], T >= 1")
+    t = states.size // lanes
+    for name, a, dt, shape in [("offsets", offsets, jnp.uint32, (t * lanes,)), ("states", states, jnp.uint32, (t * lanes,)),
+                               ("info", info, jnp.int32, (t, INFO))]:
+        if a.dtype != dt or a.shape != shape:
+            raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(shape)}")
+    if words.dtype != jnp.uint16 or words.ndim != 1 or not 1 <= words.size <= rc.INT32_MAX:
+        raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16[W], 1 <= W < 2^31")
+    if raw.dtype != jnp.uint8 or raw.ndim != 1 or raw.size % rc.RAW_BYTES[dtype] or raw.size > rc.INT32_MAX:
+        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be uint8[N*{rc.RAW_BYTES[dtype]}] < 2^31 bytes")
+    if tables.ndim != 2:
+        raise ValueError(f"tables={tables.dtype}{list(tables.shape)} must be uint32[K, 4096 or 4224]")
+    check_table(tables, tables.shape[:1])
+    if max(sizes) > rc.INT32_MAX or t * lanes * steps > rc.INT32_MAX:
+        raise ValueError(f"sizes={sizes!r} and the pack's {t} tiles must stay below 2^31 values")
+
+
+@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "block_lanes", "unroll",
+                                             "num_warps", "coarse_bits", "interpret"])
+def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: tuple[int, ...], lanes: int,
+                           steps: int, dtype: str, block_lanes: int = 128, unroll: int = 4, num_warps: int = 4,
+                           coarse_bits: int = rc.COARSE_BITS, interpret: bool = False) -> list[jax.Array]:
+    """Decode a pack (module docstring) to one flat ``dtype[size]`` array per entry of ``sizes``; bit-exact.
+
+    Block sizes as in ``rans_float.rans_float_decode``. ``info`` is trusted to describe tiles inside the
+    arrays (``jcodec.tensor.pack_float`` builds it from validated tensors); stores outside an output are
+    masked off, reads are not.
+    """
+    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype)
+    if block_lanes < 1 or block_lanes & (block_lanes - 1) or unroll < 1 or num_warps < 1:
+        raise ValueError(f"{block_lanes=} must be a power of two, {unroll=} and {num_warps=} >= 1")
+    rc.filter_triton_deprecation()
+    unroll = math.gcd(unroll, steps)
+    kernel = functools.partial(rans_pack_kernel, lanes=lanes, steps=steps, dtype=dtype, block_lanes=block_lanes,
+                               unroll=unroll, coarse_bits=coarse_bits)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[dtype]) for size in sizes],
+        grid=(pl.cdiv(states.size, block_lanes),),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"rans_pack_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}",
+    )(words, offsets, states, raw, kernel_table(tables, coarse_bits).reshape(-1), info.reshape(-1))
+    return [lax.bitcast_convert_type(o, jnp.dtype(dtype)) for o in outs]
+
+
+# ----------------------------------------------------------------------------------------- reference
+@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype"])
+def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, sizes: tuple[int, ...], lanes: int,
+                              steps: int, dtype: str) -> list[jax.Array]:
+    """Pure-JAX pack decoder: every lane at once, one ``fori_loop`` over the steps, each lane reading its
+    tile's table; then the values scattered to their outputs. Bit-exact with the kernel and with NumPy."""
+    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype)
+    last_word = words.shape[0] - 1
+    t = jnp.arange(states.size, dtype=jnp.int32) // lanes
+    table = tables[:, :rc.TABLE_SIZE]
+    lane_table = info[t, TABLE]
+
+    def step(k, carry):
+        x, ptr, out = carry
+        sym, x = rc.rans_step(x, table[lane_table, x & rc.SLOT_MASK])
+        x, need = rc.renormalise(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
+        return x, ptr + need.astype(ptr.dtype), out.at[k].set(sym.astype(jnp.uint8))
+
+    _, _, sym = lax.fori_loop(0, steps, step, (states, offsets.astype(jnp.int32),
+                                               jnp.zeros((steps, states.size), jnp.uint8)))
+    pos = jnp.arange(steps, dtype=jnp.int32)[:, None] * lanes + (jnp.arange(states.size, dtype=jnp.int32) % lanes)
+    ok = pos < info[t, COUNT]                                        # [steps, T*L]
+    i = jnp.where(ok, info[t, RAW_AT] + pos, 0)
+    if rc.RAW_BYTES[dtype] == 1:
+        r = raw[i].astype(jnp.uint32)
+    else:
+        r = raw[3 * i].astype(jnp.uint32) | (raw[3 * i + 1].astype(jnp.uint32) << 8) | (raw[3 * i + 2].astype(jnp.uint32) << 16)
+    bits = rc.join_float(sym.astype(jnp.uint32), r, dtype).astype(rc.BITS_DTYPE[dtype])
+    outs = []
+    for j, size in enumerate(sizes):
+        at = jnp.where(ok & (info[t, OUT] == j), info[t, OUT_AT] + pos, size)  # size: dropped
+        o = jnp.zeros((size,), bits.dtype).at[at.reshape(-1)].set(bits.reshape(-1), mode="drop")
+        outs.append(lax.bitcast_convert_type(o, jnp.dtype(dtype)))
+    return outs

@@ -1,0 +1,91 @@
+"""Packs (``pallas_kernels/rans_pack.py``): many bf16-lossless tensors of one geometry decoded in one
+launch of one kernel == the pure-JAX pack reference == the NumPy decoder, bit for bit; and
+``api.decode_params`` (which decodes a loaded model as packs) gives what ``decode`` gives leaf by leaf.
+On CPU the kernel runs in Pallas interpret mode; on a GPU the same tests compile it."""
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+try:  # the kernels are installed as jcodec.pallas_kernels; from a bare checkout, alias the folder
+    import jcodec.pallas_kernels  # noqa: F401
+except ImportError:
+    import pallas_kernels
+
+    sys.modules["jcodec.pallas_kernels"] = pallas_kernels
+
+from jcodec import api, codecs, tensor
+from jcodec.pallas_kernels import rans_pack
+
+INTERPRET = jax.default_backend() != "gpu"
+
+
+def bits(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def host_ct(x, lanes, steps):
+    return tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps), to_device=False)
+
+
+def make_tensors(dtype, lanes, steps, seed=0):
+    """Ragged tensors of one geometry: a partial last tile, a one-tile tensor, a one-row tensor, edge bit
+    patterns, an all-equal tensor, incompressible bits, and a stack of three layers."""
+    rng = np.random.default_rng(seed)
+    np_dtype, udt = codecs.FLOAT_DTYPES[dtype][:2]
+    with np.errstate(over="ignore"):  # 3e38 is +inf in float16
+        edge = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-45, 3.0e38, 1.0], np.float32).astype(np_dtype)
+    xs = [(rng.standard_normal((37, 53)) * 0.02).astype(np_dtype),
+          (rng.standard_normal(lanes * steps - 5) * 0.02).astype(np_dtype),
+          (rng.standard_normal((1, 301)) * 0.02).astype(np_dtype),
+          np.tile(edge, 29),
+          np.full((19, 7), 0.125, np_dtype),
+          rng.integers(0, np.iinfo(udt).max, size=(3 * lanes * steps + 11,), dtype=udt, endpoint=True).view(np_dtype)]
+    cts = [host_ct(x, lanes, steps) for x in xs]
+    layers = [(rng.standard_normal((23, 41)) * 0.02 * (i + 1)).astype(np_dtype) for i in range(3)]
+    cts.append(tensor.stack_layers([host_ct(x, lanes, steps) for x in layers]))
+    return xs + [np.stack(layers)], cts
+
+
+@pytest.mark.parametrize("dtype,lanes,steps,block_lanes", [("bfloat16", 32, 24, 32), ("bfloat16", 24, 16, 64),
+                                                           ("float16", 16, 40, 16), ("float32", 8, 24, 32)])
+def test_pack_kernel_and_reference_match_numpy(dtype, lanes, steps, block_lanes):
+    xs, cts = make_tensors(dtype, lanes, steps)
+    arrays, static = tensor.pack_float(cts)
+    assert static["sizes"] == tuple(x.size for x in xs)
+    got = rans_pack.rans_float_decode_pack(*arrays, **static, block_lanes=block_lanes, interpret=INTERPRET)
+    ref = rans_pack.rans_float_pack_reference(*arrays, **static)
+    for x, g, r in zip(xs, got, ref):
+        np.testing.assert_array_equal(bits(g), bits(x).reshape(-1))
+        np.testing.assert_array_equal(bits(r), bits(x).reshape(-1))
+
+
+def test_pack_groups_split_at_the_limit_and_skip_what_cannot_pack():
+    _, cts = make_tensors("bfloat16", 16, 8)
+    other = host_ct(np.ones((5, 5), codecs.FLOAT_DTYPES["bfloat16"][0]), 32, 8)  # another geometry
+    on_device = jax.device_put(cts[0])
+    groups = tensor.pack_groups(cts + [other, on_device], limit=3000)
+    assert sorted(i for g in groups for i in g) == list(range(len(cts) + 1))  # the device one is left out
+    assert all(sum(tensor._pack_values((cts + [other])[i]) for i in g) <= 3000 for g in groups)
+    assert [len(cts)] in groups  # its own geometry, its own pack
+
+
+def test_pack_rejects_mixed_geometry():
+    _, cts = make_tensors("bfloat16", 16, 8)
+    with pytest.raises(ValueError, match="one lanes, steps"):
+        tensor.pack_float([cts[0], host_ct(np.ones(9, codecs.FLOAT_DTYPES["bfloat16"][0]), 32, 8)])
+
+
+def test_decode_params_equals_leafwise_decode():
+    xs, cts = make_tensors("bfloat16", 16, 24, seed=1)
+    tree = {"a": cts[:3], "b": {"stack": cts[-1], "plain": np.arange(4.0)}, "c": cts[3:-1]}
+    out = api.decode_params(tree)
+    flat = out["a"] + [out["b"]["stack"]] + out["c"]
+    for x, y in zip(xs[:3] + [xs[-1]] + xs[3:-1], flat):
+        assert y.shape == x.shape and isinstance(y, jax.Array)
+        np.testing.assert_array_equal(bits(y), bits(x))
+    np.testing.assert_array_equal(out["b"]["plain"], np.arange(4.0))
