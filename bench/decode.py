@@ -3,6 +3,7 @@
     python3 bench/decode.py --out results.json            # everything (several minutes)
     python3 bench/decode.py --quick                       # the 4096 x 14336 matrix only
     python3 bench/decode.py --profile                     # one kernel launch, for ncu
+    python3 bench/decode.py --skip matrix,int8 --int8-layer-variants '4,4,5,0;4,4,5,0,g2,h1'  # see OPTIONS
 
 Inputs are Gaussian weights (std 0.02) in BF16: a Llama-3-8B MLP matrix (4096 x 14336), a 4096 x 4096
 matrix, and all seven weights of one Llama-3-8B layer decoded in one kernel launch. They are encoded once
@@ -45,6 +46,11 @@ FLOAT_VARIANTS = [(128, 8, 4, 5, 0), (128, 4, 4, 5, 0), (256, 8, 8, 5, 0), (128,
 LAYER_VARIANTS = [(128, 4, 4, 5, 0), (256, 4, 8, 5, 0)]
 INT8_VARIANTS = [(8, 4, 5, 0), (8, 4, 0, 0), (8, 4, 5, 32)]  # (unroll, num_warps, coarse_bits, prefetch)
 INT8_LAYER_VARIANT = (4, 4, 5, 0)
+# Options after a variant's numbers, as a letter and a value ("128,4,4,5,0,g2", "4,2,5,0,g2,h1"); absent ones
+# take their default, so strings without them mean what they always did: g word_group (bf16 and int8: 2 reads
+# the words as uint32 pairs), h hoist_scale (int8: 1 keeps each lane's row scale in a register).
+OPTIONS = {"g": 1, "h": 0}
+FLOAT_OPTIONS, INT8_OPTIONS = "g", "gh"
 
 ROWS: list[dict] = []
 INTERPRET = jax.default_backend() != "gpu"  # on CPU (a dry run of this script) the kernels are interpreted
@@ -124,6 +130,28 @@ def guarded(label):
     return wrap
 
 
+def parse_variants(spec: str, numbers: int, options: str) -> list[tuple[int, ...]]:
+    """``"n,n,...[,g2][,h1];..."`` -> one tuple per variant: its ``numbers`` ints, then the value of each of
+    ``options`` (letters of OPTIONS, in that order; an absent one takes its default)."""
+    out = []
+    for part in spec.split(";"):
+        fields = part.split(",")
+        head, opts = fields[:numbers], {k: OPTIONS[k] for k in options}
+        for f in fields[numbers:]:
+            if f[:1] not in opts or not f[1:].isdigit():
+                raise SystemExit(f"variant {part!r}: {f!r} must be a letter of {options!r} and a number, e.g. g2")
+            opts[f[0]] = int(f[1:])
+        if len(head) != numbers or not all(f.isdigit() for f in head):
+            raise SystemExit(f"variant {part!r} must start with {numbers} numbers")
+        out.append(tuple(int(f) for f in head) + tuple(opts.values()))
+    return out
+
+
+def opts_name(**opts) -> str:
+    """The non-default options of a variant for its row name, e.g. ' g2 h1' ('' when all are default)."""
+    return "".join(f" {k}{v}" for k, v in opts.items() if v != OPTIONS[k])
+
+
 # ------------------------------------------------------------------------------------------- parts
 @guarded("ceiling")
 def bench_ceiling(x, rotate, reps):
@@ -151,10 +179,10 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     log(f"[{label}] bf16-lossless {x.shape}: ratio {ratio:.4f} (file {enc.nbytes} B; device {cts[0].nbytes} B)")
     results = {}
     for v in variants:
-        bl, un, nw, cb, pf = v
-        fn = jax.jit(lambda *a, bl=bl, un=un, nw=nw, cb=cb, pf=pf: rans_float.rans_float_decode(
+        bl, un, nw, cb, pf, g = v
+        fn = jax.jit(lambda *a, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g: rans_float.rans_float_decode(
             *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], block_lanes=bl, unroll=un, num_warps=nw,
-            coarse_bits=cb, prefetch=pf, interpret=INTERPRET))
+            coarse_bits=cb, prefetch=pf, word_group=g, interpret=INTERPRET))
         try:
             t0 = time.perf_counter()
             ok = same_bits(fn(*arrays[0]), x)
@@ -164,8 +192,8 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
             continue
         s, runs = time_fn(fn, arrays, reps)
         results[v] = s
-        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf} exact={ok}", s, n, ratio=ratio, exact=ok,
-               spread_ms=[min(runs) * 1e3, max(runs) * 1e3], first_call_s=first,
+        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(g=g)} exact={ok}", s, n,
+               ratio=ratio, exact=ok, spread_ms=[min(runs) * 1e3, max(runs) * 1e3], first_call_s=first,
                temp_bytes=temp_bytes(lambda *a: fn(*a), *arrays[0]) if v == variants[0] else None)
     return results, arrays, meta, ratio
 
@@ -212,10 +240,10 @@ def bench_float_layer(layer, rotate, reps, variants):
     metas = tuple(m for _, m in args)
     log(f"[layer] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
     for v in variants:
-        bl, un, nw, cb, pf = v
-        one = jax.jit(lambda *ts, bl=bl, un=un, nw=nw, cb=cb, pf=pf: rans_float.rans_float_decode_many(
+        bl, un, nw, cb, pf, g = v
+        one = jax.jit(lambda *ts, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g: rans_float.rans_float_decode_many(
             list(ts), metas=metas, block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
-            interpret=INTERPRET))
+            word_group=g, interpret=INTERPRET))
         t0 = time.perf_counter()
         outs = one(*sets[0])
         jax.block_until_ready(outs)
@@ -223,17 +251,17 @@ def bench_float_layer(layer, rotate, reps, variants):
         ok = all(same_bits(o, x) for o, x in zip(outs, xs))
         del outs
         s, _ = time_fn(one, sets, reps)
-        record("bf16-lossless layer", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf} exact={ok}", s, n_total,
-               ratio=ratio, exact=ok, first_call_s=first,
+        record("bf16-lossless layer", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(g=g)} exact={ok}",
+               s, n_total, ratio=ratio, exact=ok, first_call_s=first,
                temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
         log(f"    (first call incl. compile {first:.1f}s)")
-    bl, un, nw, cb, pf = variants[0]
+    bl, un, nw, cb, pf, g = variants[0]
     sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3],
                                                             block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb,
-                                                            prefetch=pf, interpret=INTERPRET)
+                                                            prefetch=pf, word_group=g, interpret=INTERPRET)
                                for t, m in zip(ts, metas)])
     s, _ = time_fn(sep, sets, reps)
-    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}", s, n_total)
+    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(g=g)}", s, n_total)
     ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3])
                                for t, m in zip(ts, metas)])
     s, _ = time_fn(ref, sets[:1], 3)
@@ -253,16 +281,16 @@ def bench_int8(shape, rotate, reps, variants, label):
     ratio = enc.nbytes / x.nbytes
     log(f"[{label}] int8 {shape}: ratio {ratio:.4f} predictors {np.bincount(enc.arrays['tiles'][:, 2], minlength=3)}")
     best = None
-    for un, nw, cb, pf in variants:
-        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf: rans_int8.rans_int8_decode(
+    for un, nw, cb, pf, g, h in variants:
+        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g, h=h: rans_int8.rans_int8_decode(
             *a, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3], steps=meta[4], dtype=meta[5],
-            predictors_used=meta[6], unroll=un,
-            num_warps=nw, coarse_bits=cb, prefetch=pf, interpret=INTERPRET))
+            predictors_used=meta[6], unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g,
+            hoist_scale=bool(h), interpret=INTERPRET))
         ok = same_bits(fn(*arrays[0]), want)
         s, _ = time_fn(fn, arrays, reps)
-        record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf} exact={ok}", s, meta[0], ratio=ratio, exact=ok,
-               temp_bytes=temp_bytes(fn, *arrays[0]) if best is None else None)
-        best = min(best or (s, un, nw, cb, pf), (s, un, nw, cb, pf))
+        record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(g=g, h=h)} exact={ok}", s, meta[0],
+               ratio=ratio, exact=ok, temp_bytes=temp_bytes(fn, *arrays[0]) if best is None else None)
+        best = min(best or (s, un, nw, cb, pf, g, h), (s, un, nw, cb, pf, g, h))
     ref = jax.jit(lambda *a: rans_int8.rans_int8_reference(*a, n=meta[0], rows=meta[1], cols=meta[2],
                                                            lanes=meta[3], steps=meta[4], dtype=meta[5]))
     ok = same_bits(ref(*arrays[0]), want)
@@ -289,15 +317,17 @@ def bench_int8_layer(rotate, reps, variant):
         args = [tensor.kernel_args(tensor.from_encoded(e)) for e in encs]
         sets.append(tuple(a for a, _ in args))
     metas = tuple(m for _, m in args)
-    un, nw, cb, pf = variant
+    un, nw, cb, pf, g, h = variant
     log(f"[layer] int8: ratio {ratio:.4f}")
     one = jax.jit(lambda *ts: rans_int8.rans_int8_decode_many(list(ts), metas=metas, unroll=un, num_warps=nw,
-                                                              coarse_bits=cb, prefetch=pf, interpret=INTERPRET))
+                                                              coarse_bits=cb, prefetch=pf, word_group=g,
+                                                              hoist_scale=bool(h), interpret=INTERPRET))
     t0 = time.perf_counter()
     ok = all(same_bits(o, w) for o, w in zip(one(*sets[0]), wants))
     log(f"    (first call incl. compile and check {time.perf_counter() - t0:.1f}s)")
     s, _ = time_fn(one, sets, reps)
-    record("int8 layer", f"pallas ONE launch u{un} w{nw} c{cb} p{pf} exact={ok}", s, n_total, ratio=ratio, exact=ok,
+    record("int8 layer", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(g=g, h=h)} exact={ok}", s, n_total,
+           ratio=ratio, exact=ok,
            temp_bytes=temp_bytes(one, *sets[0]))
 
 
@@ -336,10 +366,10 @@ def profile_once():
     """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
     x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)[0]
     args, meta = tensor.kernel_args(tensor.from_encoded(enc))
-    bl, un, nw, cb, pf = (int(v) for v in os.environ.get("PROFILE_VARIANT", "128,8,4,0,32").split(","))
+    (bl, un, nw, cb, pf, g), = parse_variants(os.environ.get("PROFILE_VARIANT", "128,8,4,0,32"), 5, FLOAT_OPTIONS)
     out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
                                        block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
-                                       interpret=INTERPRET)
+                                       word_group=g, interpret=INTERPRET)
     log("profile run exact:", same_bits(out, x))
 
 
@@ -353,10 +383,12 @@ def main():
     ap.add_argument("--small", action="store_true", help="tiny shapes: a dry run of this script on CPU")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: "
                     "matrix,layer,int8,int8layer,square,zstd,ref,ceiling,stacked")
-    ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p;b,u,w,c,p;...' (default: FLOAT_VARIANTS)")
+    ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p[,gG];...' (default: FLOAT_VARIANTS; "
+                    "gG: word_group G, see OPTIONS)")
     ap.add_argument("--layer-variants", help="bf16 layer variants, same form (default: LAYER_VARIANTS)")
-    ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p;...' (default: INT8_VARIANTS)")
-    ap.add_argument("--int8-layer-variants", help="int8 layer variants 'u,w,c,p;...' (default: INT8_LAYER_VARIANT)")
+    ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p[,gG][,hH];...' (default: INT8_VARIANTS; "
+                    "hH: hoist_scale on (1) or off (0))")
+    ap.add_argument("--int8-layer-variants", help="int8 layer variants, same form (default: INT8_LAYER_VARIANT)")
     ap.add_argument("--square-steps", default="1024,512,256", help="steps per lane to encode the 4096 x 4096 matrix with")
     args = ap.parse_args()
     if args.profile:
@@ -369,8 +401,11 @@ def main():
         SMOL_LAYER = {k: (r // 64, c // 8) for k, (r, c) in SMOL_LAYER.items()}
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    parse = lambda spec: [tuple(int(v) for v in part.split(",")) for part in spec.split(";")]  # noqa: E731
-    variants = parse(args.variants) if args.variants else FLOAT_VARIANTS
+    def parse(spec, defaults, numbers, options):  # a flag's variants, or the defaults with default options
+        if spec:
+            return parse_variants(spec, numbers, options)
+        return [tuple(v) + tuple(OPTIONS[k] for k in options) for v in defaults]
+    variants = parse(args.variants, FLOAT_VARIANTS, 5, FLOAT_OPTIONS)
     best = variants[0]
     if not {"matrix", "ceiling", "ref", "zstd"} <= skip:
         t0 = time.time()
@@ -399,14 +434,14 @@ def main():
             layer = encode_all(list(LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS,
                                seed0=30)
             log(f"encoded layer in {time.time() - t0:.1f}s")
-            lv = parse(args.layer_variants) if args.layer_variants else LAYER_VARIANTS
+            lv = parse(args.layer_variants, LAYER_VARIANTS, 5, FLOAT_OPTIONS)
             bench_float_layer(layer, args.rotate, args.reps, lv)
             del layer
         if "int8" not in skip:
-            bench_int8(MATRIX, args.rotate, args.reps,
-                       parse(args.int8_variants) if args.int8_variants else INT8_VARIANTS, "matrix")
+            bench_int8(MATRIX, args.rotate, args.reps, parse(args.int8_variants, INT8_VARIANTS, 4, INT8_OPTIONS),
+                       "matrix")
         if "int8layer" not in skip:
-            for iv in parse(args.int8_layer_variants) if args.int8_layer_variants else [INT8_LAYER_VARIANT]:
+            for iv in parse(args.int8_layer_variants, [INT8_LAYER_VARIANT], 4, INT8_OPTIONS):
                 bench_int8_layer(args.rotate, args.reps, iv)
     log("\n| group | variant | ms | GB/s (BF16 out) |\n|---|---|---|---|")
     for r in ROWS:

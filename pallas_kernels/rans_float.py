@@ -1,7 +1,9 @@
 """Fused ``bf16-lossless`` decoder: rANS-coded exponent bytes + raw sign/mantissa -> float bits.
 
 Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L lanes x S steps):
-  words    uint16[W]     every lane's 16-bit renormalisation words, lane by lane, each lane's in read order
+  words    uint16[W]     every lane's 16-bit renormalisation words, lane by lane, each lane's in read order;
+                         with ``word_group=2`` W is even and the kernel reads uint32[W/2] pairs
+                         ``w[2i] | w[2i+1] << 16`` (a free view), loading only when a lane enters a new pair
   offsets  uint32[T*L]   where lane ``t*L + l`` starts reading in ``words``
   states   uint32[T*L]   each lane's start state
   raw      uint8[n*rb]   the raw bytes of value i at ``i*rb .. i*rb+rb-1`` (rb = 1, or 3 for float32)
@@ -109,6 +111,11 @@ def rans_float_kernel(
 # is first used `unroll` steps later, folded into a sink that is stored at the end (a load whose value is
 # unused would be removed by the compiler, and Pallas has no prefetch instruction).
 SECTOR_WORDS = 16
+# Word pairs. A lane that renormalises loads its next word with a per-lane gather: one L1 wavefront per
+# such lane, ~0.16 (exponents) to ~0.41 (int8 residuals) of the lanes every step. With word_group=2 the
+# kernels read the words as uint32 pairs; a lane keeps the pair that holds its read position and loads
+# only when it moves into the next pair, so half as many lanes gather per step (a shift and a mask more).
+WORD_GROUPS = (1, 2)
 
 
 def check_launch(tensors, metas, unroll: int, num_warps: int, prefetch: int, tiles=None) -> list:
@@ -131,11 +138,24 @@ def stack_lead(states) -> tuple[int, ...]:
     return tuple(states.shape[:1]) if states.ndim == 2 else ()
 
 
-def check_words(words, lead) -> None:
+def check_words(words, lead, word_group: int = 1) -> None:
+    if word_group not in WORD_GROUPS:
+        raise ValueError(f"{word_group=} must be one of {WORD_GROUPS}")
     if (words.dtype != jnp.uint16 or words.shape[:-1] != lead or words.ndim != len(lead) + 1
             or not 1 <= words.size <= rc.INT32_MAX):
         raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16{list(lead) + ['W']} with "
                          f"1 <= W and < 2^31 words in all")
+    if words.shape[-1] % word_group:
+        raise ValueError(f"words={words.dtype}{list(words.shape)} must have a multiple of {word_group=} words "
+                         f"per copy (jcodec.tensor.from_encoded and stack_layers pad them to an even count)")
+
+
+def kernel_words(words, word_group: int):
+    """The word array the kernels read: ``uint16[..., W]`` as is, or (``word_group=2``) viewed as
+    ``uint32[..., W/2]`` word pairs ``w[2i] | w[2i+1] << 16``: a reshape and a bitcast, no copy."""
+    if word_group == 1:
+        return words
+    return lax.bitcast_convert_type(words.reshape(words.shape[:-1] + (-1, 2)), jnp.uint32)
 
 
 def unpack_refs(refs, inputs: int, has_tiles, *optional):
@@ -149,16 +169,26 @@ def unpack_refs(refs, inputs: int, has_tiles, *optional):
     return (ins, tiles, outs, *[[refs.pop(0) if flag else None for flag in flags] for flags in optional])
 
 
+def group_shift(words_ref) -> int:
+    """log2 of the words per element of ``words_ref``: 0 for uint16 words, 1 for uint32 word pairs."""
+    return {2: 0, 4: 1}[jnp.dtype(words_ref.dtype).itemsize]
+
+
 def lanes_init(words_ref, offsets_ref, states_ref, lane, word_base, prefetch: int):
-    """Start of lanes ``lane`` ([B] int32), whose word streams start ``word_base`` words into ``words_ref``
-    (a stack's copy): (x, ptr, next word, sink); touches the sectors ahead."""
-    last_word = words_ref.shape[0] - 1
+    """Start of lanes ``lane`` ([B] int32), whose word streams start ``word_base`` elements into ``words_ref``
+    (a stack's copy): (x, ptr, next word, sink); touches the sectors ahead.
+
+    ``words_ref`` holds uint16 words, or uint32 word pairs (``kernel_words``, ``word_group=2``): then the
+    lane keeps the pair that holds its read position ``ptr`` (counted in words) in place of the word.
+    """
+    shift = group_shift(words_ref)
+    last = words_ref.shape[0] - 1
     x = states_ref[lane]
-    ptr = offsets_ref[lane].astype(jnp.int32) + word_base
-    word = words_ref[jnp.minimum(ptr, last_word)].astype(jnp.uint32)
+    ptr = offsets_ref[lane].astype(jnp.int32) + (word_base << shift)
+    word = words_ref[jnp.minimum(ptr >> shift, last)].astype(jnp.uint32)
     sink = jnp.zeros_like(x)
     for d in range(SECTOR_WORDS, prefetch + 1, SECTOR_WORDS):
-        sink = sink ^ words_ref[jnp.minimum(ptr + d, last_word)].astype(jnp.uint32)
+        sink = sink ^ words_ref[jnp.minimum((ptr + d) >> shift, last)].astype(jnp.uint32)
     return x, ptr, word, sink
 
 
@@ -168,18 +198,25 @@ def lanes_step(words_ref, table_ref, lane_state, touched, coarse_bits: int, pref
     ``touched``: the prefetch value of ``unroll`` steps ago; folding it into the sink is its first use.
     """
     x, ptr, word, sink = lane_state
-    last_word = words_ref.shape[0] - 1
+    shift = group_shift(words_ref)
+    last = words_ref.shape[0] - 1
     sym, x = rc.rans_step(x, lookup(table_ref, x, coarse_bits, table_base))
-    x, need = rc.renormalise(x, word)
-    ptr = ptr + need.astype(jnp.int32)
-    # the word the lane needs next (at most one a step), loaded a step before it can be needed
-    word = plgpu.load(words_ref.at[jnp.minimum(ptr, last_word)], mask=need,
-                      other=word.astype(jnp.uint16)).astype(jnp.uint32)
+    if shift:  # `word` is the pair holding ptr: its low half at even ptr, its high half at odd
+        x, need = rc.renormalise(x, (word >> ((ptr & 1) << 4).astype(jnp.uint32)) & 0xFFFF)
+        ptr = ptr + need.astype(jnp.int32)
+        # the next pair, loaded only by the lanes that moved into it (half the word loads)
+        word = plgpu.load(words_ref.at[jnp.minimum(ptr >> 1, last)], mask=need & ((ptr & 1) == 0), other=word)
+    else:
+        x, need = rc.renormalise(x, word)
+        ptr = ptr + need.astype(jnp.int32)
+        # the word the lane needs next (at most one a step), loaded a step before it can be needed
+        word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=need,
+                          other=word.astype(jnp.uint16)).astype(jnp.uint32)
     t = touched
     if prefetch:
         sink = sink ^ touched
         enter = need & ((ptr & (SECTOR_WORDS - 1)) == 0)
-        t = plgpu.load(words_ref.at[jnp.minimum(ptr + prefetch, last_word)], mask=enter,
+        t = plgpu.load(words_ref.at[jnp.minimum((ptr + prefetch) >> shift, last)], mask=enter,
                        other=0).astype(jnp.uint32)
     return sym, (x, ptr, word, sink), t
 
@@ -278,10 +315,10 @@ def check_table(table, lead=()):
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "block_lanes", "unroll", "num_warps", "coarse_bits",
-                                             "prefetch", "interpret"])
+                                             "prefetch", "word_group", "interpret"])
 def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128, unroll: int = 4,
                            num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
-                           interpret: bool = False) -> list[jax.Array]:
+                           word_group: int = 1, interpret: bool = False) -> list[jax.Array]:
     """Decode several ``bf16-lossless`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
     ``tensors``: a sequence of ``(words, offsets, states, raw, table)``, each the arrays of one tensor or
@@ -292,6 +329,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128
     (tile ``tiles[r]`` at ``r * L*S``; positions past the tensor's end are unspecified). Block sizes as in
     :func:`rans_float_decode`; every tensor adds a copy of the step loop to the kernel (a stack adds one),
     so ``unroll`` defaults to 4 here (a Llama layer's 7 tensors compile in ~12 s at 4, ~40-90 s at 8).
+    ``word_group=2`` needs an even word count per copy (as ``jcodec.tensor`` builds them).
     """
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     if block_lanes < 1 or block_lanes & (block_lanes - 1):
@@ -299,6 +337,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128
     starts, copies = [0], []
     for arrays, (n, lanes, steps, dtype), tl in zip(tensors, metas, tiles):
         _check(*arrays, n, lanes, steps, dtype)
+        check_words(arrays[0], stack_lead(arrays[2]), word_group)
         c, programs = launch_shape(arrays, tl, lanes, block_lanes)
         copies.append(c)
         starts.append(starts[-1] + programs)
@@ -316,8 +355,10 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128
         grid=(starts[-1],),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rans_float_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}",
-    )(*[flat(a) for arrays in tensors for a in (*arrays[:4], kernel_table(arrays[4], coarse_bits))],
+        name=f"rans_float_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
+             + (f"_g{word_group}" if word_group > 1 else ""),
+    )(*[flat(a) for arrays in tensors
+        for a in (kernel_words(arrays[0], word_group), *arrays[1:4], kernel_table(arrays[4], coarse_bits))],
       *[tl for tl in tiles if tl is not None])
     return [lax.bitcast_convert_type(b, jnp.dtype(m[3])).reshape((c, -1) if c > 1 or t[2].ndim == 2 else (-1,))
             for b, m, c, t in zip(outs[:len(metas)], metas, copies, tensors)]
@@ -325,19 +366,22 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128
 
 def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
                       tiles=None, block_lanes: int = 128, unroll: int = 8, num_warps: int = 4,
-                      coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, interpret: bool = False) -> jax.Array:
+                      coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, word_group: int = 1,
+                      interpret: bool = False) -> jax.Array:
     """Decode a ``bf16-lossless`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact.
 
     ``tiles`` (int32[R]): decode only those tiles, to ``dtype[R * L*S]`` (see ``rans_float_decode_many``).
     ``block_lanes`` lanes per program (a power of two), ``unroll`` steps per loop iteration (also how far
     ahead raw bytes are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program,
     ``coarse_bits``: log2 of the slots per coarse-table bucket (0: one gather from the full table),
-    ``prefetch``: how many words ahead a lane touches when it enters a new 32-byte sector (0: never).
+    ``prefetch``: how many words ahead a lane touches when it enters a new 32-byte sector (0: never),
+    ``word_group``: 1 loads one word per renormalisation; 2 reads the words as uint32 pairs and loads only
+    when a lane moves into its next pair (half the per-lane gathers; needs an even word count).
     """
     return rans_float_decode_many([(words, offsets, states, raw, table)], metas=((n, lanes, steps, dtype),),
                                   tiles=None if tiles is None else [tiles], block_lanes=block_lanes,
                                   unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
-                                  prefetch=prefetch, interpret=interpret)[0]
+                                  prefetch=prefetch, word_group=word_group, interpret=interpret)[0]
 
 
 # ----------------------------------------------------------------------------------------- reference

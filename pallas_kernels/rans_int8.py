@@ -1,7 +1,8 @@
 """Fused ``int8`` decoder: rANS-coded residuals -> inverse prediction -> int8 -> dequantised floats.
 
 Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L lanes x S steps):
-  words       uint16[W]     every lane's 16-bit renormalisation words, lane by lane, in read order
+  words       uint16[W]     every lane's 16-bit renormalisation words, lane by lane, in read order (read as
+                            uint32[W/2] word pairs with ``word_group=2``: ``rans_float``'s layout notes)
   offsets     uint32[T*L]   where lane ``t*L + l`` starts reading in ``words``
   states      uint32[T*L]   each lane's start state
   table       uint32[4096 + 128]  packed slot table ``symbol | (freq - 1) << 8 | bias << 20``, then the
@@ -23,6 +24,8 @@ compiled for that predictor (only for the predictors the tensor's tiles use):
   live in a per-tile ring in device memory (``ring``, uint8[T, cols + L], the kernel's scratch besides
   the optional prefetch's 4-byte-per-lane sink), read back after a barrier; rows shorter than a step take
   ``ceil(L / cols)`` rounds per step.
+Each value is scaled by its row's scale, loaded ``unroll`` steps ahead: by every lane every step, or with
+``hoist_scale`` kept in a register and reloaded (a masked load) only by the lanes whose row changed.
 Positions past the end of the tensor in the last tile are not coded; the kernel decodes them anyway (they
 end each lane's sequence, so nothing before them changes) and does not write them.
 """
@@ -38,8 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import (check_launch, check_table, check_words, flat, kernel_table, lanes_init, lanes_sink,
-                         lanes_step, launch_shape, stack_lead, unpack_refs)
+from .rans_float import (check_launch, check_table, check_words, flat, kernel_table, kernel_words, lanes_init,
+                         lanes_sink, lanes_step, launch_shape, stack_lead, unpack_refs)
 
 PREDICTORS = ("none", "left", "up")
 
@@ -50,7 +53,7 @@ def _signed(q):
 
 
 def rans_int8_kernel(
-    words_ref,       # [copies * W] uint16, whole array
+    words_ref,       # [copies * W] uint16 | [copies * W/2] uint32 word pairs (word_group=2), whole array
     offsets_ref,     # [copies * T*L] uint32, whole array
     states_ref,      # [copies * T*L] uint32, whole array
     table_ref,       # [copies * (4096 + 4096 >> coarse_bits)] uint32, whole array
@@ -62,7 +65,7 @@ def rans_int8_kernel(
                      # None when no tile uses `up`
     sink_ref,        # [programs * block_lanes] uint32: what the prefetching loads read (never used); None without
     *, program, n: int, cols: int, lanes: int, steps: int, copies: int, predictors: tuple[int, ...],
-    block_lanes: int, unroll: int, coarse_bits: int, prefetch: int, interpret: bool,
+    block_lanes: int, unroll: int, coarse_bits: int, prefetch: int, hoist_scale: bool, interpret: bool,
 ):
     """Decode one tile: tile ``p`` (or ``tiles[p]``) of copy ``c``, where ``program = c * per_copy + p``."""
     tile = lanes * steps
@@ -86,10 +89,27 @@ def rans_int8_kernel(
         if not interpret:  # interpret mode runs the program's lanes in lockstep
             plgpu.debug_barrier()
 
-    def read_scale(k):
+    def read_scale(k, held):
+        """The scales of step ``k``'s values (masked past the end) and what ``hoist_scale`` keeps. Without it
+        every lane loads its row's scale every step; with it ``held = (row, row_end, scale)`` of the step
+        read before, and only the lanes whose row changed load (once per ``cols / lanes`` steps)."""
         i = first + k * lanes
-        return plgpu.load(scales_ref.at[c * rows + jnp.minimum(i // cols, rows - 1)],
-                          mask=live & (i < n) & (k < steps), other=0.0)
+        ok = live & (i < n) & (k < steps)
+        if not hoist_scale:
+            return plgpu.load(scales_ref.at[c * rows + jnp.minimum(i // cols, rows - 1)], mask=ok, other=0.0), held
+        row, row_end, scale = held
+        if cols >= lanes:  # at most one row start per step: count rows, no division
+            moved = i >= row_end
+            row, row_end = row + moved.astype(jnp.int32), row_end + jnp.where(moved, cols, 0)
+        else:
+            moved = i // cols != row
+            row = i // cols
+        scale = plgpu.load(scales_ref.at[c * rows + jnp.minimum(row, rows - 1)], mask=ok & moved, other=scale)
+        return scale, (row, row_end, scale)
+
+    # before step 0: the row before each lane's first, ending where that row starts (so step 0 loads)
+    held0 = ((first // cols - 1, first // cols * cols, jnp.zeros((block_lanes,), jnp.float32)) if hoist_scale
+             else ())
 
     def none(k, r, carry):
         return r, carry
@@ -127,7 +147,7 @@ def rans_int8_kernel(
     def decode_loop(unpredict):
         """The whole tile with one inverse predictor: the per-tile branch is taken once, outside the loop."""
         def block(b, carry):  # `unroll` steps; scales are loaded `unroll` steps before they are used
-            lane_state, scales, touched, acc = carry
+            lane_state, scales, held, touched, acc = carry
             next_scales, next_touched = [], []
             for u in range(unroll):
                 k = b * unroll + u
@@ -136,15 +156,19 @@ def rans_int8_kernel(
                 q, acc = unpredict(k, jnp.where(live, sym.astype(jnp.int32), 0), acc)
                 plgpu.store(out_ref.at[out_first + k * lanes], (_signed(q) * scales[u]).astype(out_ref.dtype),
                             mask=live & (first + k * lanes < n))
-                next_scales.append(read_scale(k + unroll))
+                scale, held = read_scale(k + unroll, held)
+                next_scales.append(scale)
                 next_touched.append(tu)
-            return lane_state, tuple(next_scales), tuple(next_touched), acc
+            return lane_state, tuple(next_scales), held, tuple(next_touched), acc
 
         def run():
-            scales = tuple(read_scale(u) for u in range(unroll))
+            scales, held = [], held0
+            for u in range(unroll):
+                scale, held = read_scale(u, held)
+                scales.append(scale)
             touched = (jnp.zeros((block_lanes,), jnp.uint32),) * unroll
-            lane_state, _, touched, _ = lax.fori_loop(0, steps // unroll, block,
-                                                      (lane_state0, scales, touched, jnp.int32(0)))
+            lane_state, _, _, touched, _ = lax.fori_loop(0, steps // unroll, block,
+                                                         (lane_state0, tuple(scales), held, touched, jnp.int32(0)))
             return lanes_sink(lane_state, touched)
         return run
 
@@ -181,7 +205,7 @@ def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lan
     check_words(words, lead)
 
 
-def _many_kernel(*refs, metas, starts, copies, has_tiles, unroll, coarse_bits, prefetch, interpret):
+def _many_kernel(*refs, metas, starts, copies, has_tiles, unroll, coarse_bits, prefetch, hoist_scale, interpret):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``'s tiles."""
     ins, tiles, outs, rings, sinks = unpack_refs(refs, 6, has_tiles, [2 in m[6] for m in metas],
                                                  [bool(prefetch)] * len(metas))
@@ -193,7 +217,8 @@ def _many_kernel(*refs, metas, starts, copies, has_tiles, unroll, coarse_bits, p
             rans_int8_kernel(*ins[6 * k:6 * k + 6], tiles[k], outs[k], rings[k], sinks[k], program=pid - starts[k],
                              n=n, cols=cols, lanes=lanes, steps=steps, copies=copies[k], predictors=predictors,
                              block_lanes=pl.next_power_of_2(lanes), unroll=math.gcd(unroll, steps),
-                             coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret)
+                             coarse_bits=coarse_bits, prefetch=prefetch, hoist_scale=hoist_scale,
+                             interpret=interpret)
         return run
 
     rc.run_segment(pid, starts, branch)
@@ -207,10 +232,10 @@ def check_predictors(predictors) -> tuple[int, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "unroll", "num_warps", "coarse_bits", "prefetch",
-                                             "interpret"])
+                                             "word_group", "hoist_scale", "interpret"])
 def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_warps: int = 4,
-                          coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
-                          interpret: bool = False) -> list[jax.Array]:
+                          coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, word_group: int = 1,
+                          hoist_scale: bool = False, interpret: bool = False) -> list[jax.Array]:
     """Decode several ``int8`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
     ``tensors``: a sequence of ``(words, offsets, states, table, scales, predictors)``, each the arrays of
@@ -218,13 +243,17 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_wa
     a tuple of ``(n, rows, cols, lanes, steps, dtype, predictors_used)`` per tensor, ``predictors_used`` the
     predictor ids its tiles may hold (the kernel compiles a loop for each; the `up` ring is allocated only
     when 2 is among them). ``tiles``: as in ``rans_float.rans_float_decode_many``. Returns per tensor the
-    flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``.
+    flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``. Options as in
+    :func:`rans_int8_decode`.
     """
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
+    if not isinstance(hoist_scale, bool):
+        raise ValueError(f"{hoist_scale=} must be a bool")
     metas = tuple(m[:6] + (check_predictors(m[6]),) for m in metas)
     starts, copies = [0], []
     for arrays, meta, tl in zip(tensors, metas, tiles):
         _check(*arrays, *meta[:6])
+        check_words(arrays[0], stack_lead(arrays[2]), word_group)
         lanes = meta[3]
         c, programs = launch_shape(arrays, tl, lanes, lanes)
         copies.append(c)
@@ -232,7 +261,8 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_wa
     rc.filter_triton_deprecation()
     kernel = functools.partial(_many_kernel, metas=metas, starts=tuple(starts), copies=tuple(copies),
                                has_tiles=tuple(tl is not None for tl in tiles), unroll=unroll,
-                               coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret)
+                               coarse_bits=coarse_bits, prefetch=prefetch, hoist_scale=hoist_scale,
+                               interpret=interpret)
     sizes = [c * m[0] if tl is None else tl.shape[0] * m[3] * m[4] for c, m, tl in zip(copies, metas, tiles)]
     programs = [b - a for a, b in zip(starts, starts[1:])]
     outs = pl.pallas_call(
@@ -245,8 +275,10 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_wa
         grid=(starts[-1],),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rans_int8_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}",
-    )(*[flat(a) for arrays in tensors for a in (*arrays[:3], kernel_table(arrays[3], coarse_bits), *arrays[4:])],
+        name=f"rans_int8_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
+             + (f"_g{word_group}" if word_group > 1 else "") + ("_h" if hoist_scale else ""),
+    )(*[flat(a) for arrays in tensors for a in (kernel_words(arrays[0], word_group), *arrays[1:3],
+                                                kernel_table(arrays[3], coarse_bits), *arrays[4:])],
       *[tl for tl in tiles if tl is not None])
     return [o.reshape((c, -1) if c > 1 or t[2].ndim == 2 else (-1,))
             for o, c, t in zip(outs[:len(metas)], copies, tensors)]
@@ -254,19 +286,22 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_wa
 
 def rans_int8_decode(words, offsets, states, table, scales, predictors, *, n: int, rows: int, cols: int,
                      lanes: int, steps: int, dtype: str, predictors_used=(0, 1, 2), tiles=None, unroll: int = 8,
-                     num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
-                     interpret: bool = False) -> jax.Array:
+                     num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, word_group: int = 1,
+                     hoist_scale: bool = False, interpret: bool = False) -> jax.Array:
     """Decode an ``int8`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact with NumPy.
 
     One program per tile; ``predictors_used``: the predictor ids the tiles may hold; ``tiles``: decode only
     those (see ``rans_int8_decode_many``); ``unroll`` steps per loop iteration (also how far ahead scales
-    are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program, ``coarse_bits`` and
-    ``prefetch`` as in ``rans_float.rans_float_decode``.
+    are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program, ``coarse_bits``,
+    ``prefetch`` and ``word_group`` as in ``rans_float.rans_float_decode``; ``hoist_scale``: keep each lane's
+    row scale in a register and reload it only when the lane's row changes (rows are usually >= 128 values,
+    so a lane loads once per ``cols / L`` steps instead of every step).
     """
     return rans_int8_decode_many([(words, offsets, states, table, scales, predictors)],
                                  metas=((n, rows, cols, lanes, steps, dtype, tuple(predictors_used)),),
                                  tiles=None if tiles is None else [tiles], unroll=unroll, num_warps=num_warps,
-                                 coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret)[0]
+                                 coarse_bits=coarse_bits, prefetch=prefetch, word_group=word_group,
+                                 hoist_scale=hoist_scale, interpret=interpret)[0]
 
 
 # ----------------------------------------------------------------------------------------- reference

@@ -155,6 +155,22 @@ class TestFloatKernel(KernelTestBase):
         assert enc.arrays["words"].size == 0
         self.check_float(x, 32, 16)
 
+    @pytest.mark.parametrize("dtype,kind,shape,lanes,steps,blocks", [
+        ("bfloat16", "gauss", (37, 41), 32, 16, dict()),  # an odd word count, padded by from_encoded
+        ("float32", "bits", (1000,), 32, 8, dict(prefetch=16, unroll=1, block_lanes=64)),
+        ("float16", "gauss", (700,), 7, 5, dict(block_lanes=8)),
+        ("bfloat16", "equal", (9, 100), 32, 16, dict())])  # no words at all: two padding words
+    def test_word_pairs(self, dtype, kind, shape, lanes, steps, blocks):
+        rng = np.random.default_rng(shape[0] + lanes)
+        x = (np.full(shape, 1.5, codecs.FLOAT_DTYPES[dtype][0]) if kind == "equal"
+             else random_float(rng, shape, dtype, kind))
+        enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps)
+        w = enc.arrays["words"].size
+        if (dtype, kind) == ("bfloat16", "gauss"):
+            assert w % 2, w  # this case is the odd word count
+        assert tensor.from_encoded(enc).arrays["words"].shape == (max(2, w + w % 2),)
+        self.check_float(x, lanes, steps, word_group=2, **blocks)
+
     def test_exact_tiles_and_default_geometry(self):
         rng = np.random.default_rng(3)
         self.check_float(random_float(rng, (1024,), "bfloat16"), 32, 16)  # two full tiles
@@ -214,6 +230,19 @@ class TestInt8Kernel(KernelTestBase):
         x[5] = 0.25  # a constant row; the others are all zero (scale 0)
         self.check_int8(x, 32, 16)
         self.check_int8(np.zeros((4, 4096), ml_dtypes.bfloat16), 32, 16)
+
+    @pytest.mark.parametrize("shape,lanes,steps,blocks", [
+        ((96, 64), 32, 16, dict(word_group=2, hoist_scale=True)),  # all three predictors, rows >= a step
+        ((33, 31), 32, 16, dict(word_group=2, hoist_scale=True, prefetch=16, unroll=1)),  # rows < a step
+        ((7, 100), 7, 5, dict(hoist_scale=True)),  # padding lanes, rows across tiles
+        ((40, 200), 32, 8, dict(word_group=2))])
+    def test_word_pairs_and_hoisted_scales(self, shape, lanes, steps, blocks):
+        rng = np.random.default_rng(shape[0] * 3 + lanes)
+        x = rng.standard_normal(shape)
+        x[shape[0] // 3:2 * shape[0] // 3] = np.cumsum(x[shape[0] // 3:2 * shape[0] // 3], axis=1)
+        x[2 * shape[0] // 3:] = np.cumsum(x[2 * shape[0] // 3:], axis=0)
+        x *= 10.0 ** rng.uniform(-3, 3, (shape[0], 1))  # every row's scale differs: a stale scale shows
+        self.check_int8(x.astype(ml_dtypes.bfloat16), lanes, steps, **blocks)
 
     def test_extreme_scales(self):
         rng = np.random.default_rng(6)
@@ -275,6 +304,38 @@ class TestStacksAndTiles(KernelTestBase):
         np.testing.assert_array_equal(bits(both["b"]), want[0])
 
     @pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
+    def test_word_pairs_stack_and_tiles(self, codec):
+        rng = np.random.default_rng(11)
+        layers = [(rng.standard_normal((24, 70)) * 0.02 * 10.0 ** rng.uniform(-2, 2, (24, 1)))
+                  .astype(ml_dtypes.bfloat16) for _ in range(3)]
+        encs = [codecs.encode(x, codec, lanes=32, steps=16) for x in layers]
+        counts = [e.arrays["words"].size for e in encs]
+        assert any(w % 2 for w in counts), counts
+        # odd streams as another builder might hand them over (from_encoded's padding word cut off):
+        # stack_layers pads every row to an even count
+        cts = [tensor.from_encoded(e, to_device=False) for e in encs]
+        cts = [tensor.CompressedTensor({**c.arrays, "words": c.arrays["words"][:w]}, c.meta) for c, w in zip(cts, counts)]
+        stacked = tensor.stack_layers(cts)
+        assert stacked.arrays["words"].shape[-1] % 2 == 0
+        want = np.stack([bits(codecs.decode(e)).reshape(-1) for e in encs])
+        decode_many, opts = ((rans_float.rans_float_decode_many, dict(word_group=2, block_lanes=32))
+                             if codec == "bf16-lossless"
+                             else (rans_int8.rans_int8_decode_many, dict(word_group=2, hoist_scale=True)))
+        args, meta = tensor.kernel_args(stacked)
+        out = decode_many([args], metas=(meta,), **opts, interpret=self.INTERPRET)[0]
+        np.testing.assert_array_equal(bits(out), want)
+        # a subset of the tiles of one tensor, the partial last tile first
+        args, meta = tensor.kernel_args(tensor.from_encoded(encs[0]))
+        tile, count = 32 * 16, -(-want.shape[1] // (32 * 16))
+        ids = jnp.asarray([count - 1, 0, 1], jnp.int32)
+        got = bits(decode_many([args], metas=(meta,), tiles=[ids], **opts, interpret=self.INTERPRET)[0])
+        for r, t in enumerate(np.asarray(ids)):
+            part = want[0, t * tile:(t + 1) * tile]
+            np.testing.assert_array_equal(got[r * tile:r * tile + part.size], part)
+        with pytest.raises(ValueError, match="word_group"):  # an odd stream is refused, not read past its end
+            decode_many([(args[0][:-1], *args[1:])], metas=(meta,), **opts, interpret=self.INTERPRET)
+
+    @pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
     @pytest.mark.parametrize("shape,lanes,steps", [((37, 41), 32, 16), ((40, 64), 16, 8), ((3, 500), 32, 4)])
     def test_tiles_rows_and_embedding_lookup(self, codec, shape, lanes, steps):
         rng = np.random.default_rng(shape[0] + shape[1])
@@ -329,3 +390,11 @@ class TestErrors(KernelTestBase):
             rans_float.rans_float_decode(*args, **{**kw, "dtype": "int8"}, interpret=True)
         with pytest.raises(ValueError, match="states"):
             rans_float.rans_float_reference(args[0], args[1], args[2][:-1], *args[3:], **kw)
+        with pytest.raises(ValueError, match="word_group"):
+            rans_float.rans_float_decode(*args, **kw, word_group=4, interpret=True)
+        x8 = codecs.encode(random_float(np.random.default_rng(8), (10, 10), "bfloat16"), "int8", lanes=32, steps=16)
+        args8, kw8 = device_args(tensor.from_encoded(x8))
+        with pytest.raises(ValueError, match="hoist_scale"):
+            rans_int8.rans_int8_decode(*args8, **kw8, hoist_scale=1, interpret=True)
+        with pytest.raises(ValueError, match="word_group"):
+            rans_int8.rans_int8_decode(args8[0][:-1], *args8[1:], **kw8, word_group=2, interpret=True)
