@@ -188,10 +188,11 @@ def _reference(ct: CompressedTensor) -> jax.Array:
                                          steps=meta[4], dtype=meta[5])
 
 
-def decode_many(cts: list, *, tiles=None, interpret: bool = False) -> list[jax.Array]:
+def decode_many(cts: list, *, tiles=None, start=None, window: int = 0, interpret: bool = False) -> list[jax.Array]:
     """Decode CompressedTensors (each one tensor or a stack with one leading axis) with the Pallas kernels:
-    all of one codec in ONE launch. ``tiles``: None, or per tensor None or int32[R] (see ``decode_tiles``).
-    Returns flat arrays: ``[n]``, ``[copies, n]`` or ``[R * tile]``."""
+    all of one codec in ONE launch. ``tiles``: None, or per tensor None or int32[R] (see ``decode_tiles``);
+    ``start``/``window``: copies ``start .. start + window`` of every stack (see ``decode_window``).
+    Returns flat arrays: ``[n]``, ``[copies, n]``, ``[window, n]`` or ``[R * tile]``."""
     from jcodec.pallas_kernels import rans_float, rans_int8
     tiles = [None] * len(cts) if tiles is None else list(tiles)
     out = [None] * len(cts)
@@ -201,7 +202,7 @@ def decode_many(cts: list, *, tiles=None, interpret: bool = False) -> list[jax.A
         if idx:
             args = [kernel_args(cts[i]) for i in idx]
             decoded = fn([a for a, _ in args], metas=tuple(m for _, m in args), tiles=[tiles[i] for i in idx],
-                         interpret=interpret)
+                         start=start, window=window, interpret=interpret)
             for i, d in zip(idx, decoded):
                 out[i] = d
     return out
@@ -222,6 +223,30 @@ def decode(ct: CompressedTensor, *, backend: str | None = None, interpret: bool 
     if backend == "reference":
         return _reference(ct).reshape(ct.shape)
     return decode_many([ct], interpret=interpret)[0].reshape(ct.shape)
+
+
+def decode_window(cts: list, start, window: int, *, backend: str | None = None,
+                  interpret: bool = False) -> list[jax.Array]:
+    """Layers ``start .. start + window`` of stacks of layers (one leading axis each): ``[window, *shape]``
+    per stack, all in one launch per codec on the Pallas backend, which reads the stacks' arrays in place.
+    Why: a ``lax.scan`` over stacked compressed layers slices each step's arrays out first, and a slice
+    that feeds a kernel is a copy (a layer's compressed bytes written and read once more, and held as a
+    temporary). ``start`` may be traced; it is clamped so that the window exists."""
+    backend = backend or default_backend()
+    for c in cts:
+        _check_backend(c, backend)
+        if len(c.batch_shape) != 1 or not 1 <= window <= c.batch_shape[0]:
+            raise ValueError(f"decode_window needs stacks of >= {window=} layers (one leading axis), got {c.shape}")
+    if backend == "pallas":
+        outs = decode_many([jax.device_put(c, jax.memory.Space.Device) for c in cts], start=start, window=window,
+                           interpret=interpret)
+        return [o.reshape((window,) + c.meta.shape) for o, c in zip(outs, cts)]
+    out = []
+    for c in cts:  # the reference: slice, then decode
+        first = jnp.clip(jnp.asarray(start, jnp.int32), 0, c.batch_shape[0] - window)
+        part = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, first, window), c)
+        out.append(decode(part, backend=backend))
+    return out
 
 
 def decode_tiles(ct: CompressedTensor, tiles, *, backend: str | None = None, interpret: bool = False) -> jax.Array:

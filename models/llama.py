@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jcodec.tensor import (CompressedTensor, decode_rows, decode_tiles, materialize, materialize_all, stack_layers,
-                           take_rows)
+from jcodec.tensor import (CompressedTensor, decode_rows, decode_tiles, decode_window, materialize, materialize_all,
+                           stack_layers, take_rows)
 
 Array = Any  # a jax.Array, or a CompressedTensor standing in for one
 
@@ -382,10 +382,20 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
         return x, k_cache, v_cache
 
     G = layer_group(params)
+    L = cfg.num_layers
+    # compressed layers held on the device are decoded G at a time straight from their [L, ...] stacks
+    # (decode_window): scanning over them would copy each step's compressed arrays out of the stack first
+    stacks = {f: jax.tree_util.tree_map(lambda a: a.reshape((L,) + a.shape[2 if G > 1 else 1:]), w)
+              for f, w in ((f.name, getattr(params.layers, f.name)) for f in dataclasses.fields(params.layers))
+              if isinstance(w, CompressedTensor) and jax.typeof(w.arrays["states"]).memory_space != jax.memory.Space.Host}
+    scanned = params.layers.replace(**{f: None for f in stacks})
 
     def group(carry, xs):
         w, i = xs  # this group's weights (leading L/G axis scanned away; [G, ...] if grouped), first index
-        # compressed weights: the whole layer (or group of G layers) decoded in one kernel launch on GPU
+        if stacks:  # the whole layer (or group of G layers) decoded in one kernel launch on GPU
+            decoded = decode_window(list(stacks.values()), i, G)
+            w = w.replace(**{f: d if G > 1 else d[0] for f, d in zip(stacks, decoded)})
+        # other compressed weights (offload mode: moved from host memory now), also in one launch
         w = materialize_all(w)
         if G == 1:
             return layer(carry, w, i), None
@@ -393,7 +403,7 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
         return jax.lax.scan(lambda c, wi: (layer(c, *wi), None), carry, (w, i + jnp.arange(G, dtype=jnp.int32)))
 
     first = jnp.arange(0, cfg.num_layers, G, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(group, (x, cache.k, cache.v), (params.layers, first))
+    (x, k, v), _ = jax.lax.scan(group, (x, cache.k, cache.v), (scanned, first))
     x = rms_norm(x, materialize(params.norm), cfg.rms_norm_eps)
     if not all_logits:
         x = x[:, -1]

@@ -12,7 +12,9 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
 Value ``i`` of the tensor lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``.
 A stack of ``copies`` tensors of one geometry (layers) has a leading axis on every array, the word streams
 zero-padded to the longest (``jcodec.tensor.stack_layers``); the kernel reads it flattened, copy ``c`` at
-``c`` times each array's row length. ``tiles`` (int32[R], optional) picks the tiles to decode.
+``c`` times each array's row length. ``tiles`` (int32[R], optional) picks the tiles to decode; a *window*
+(``start``, a traced int32, and ``window`` copies) picks copies ``start .. start + window`` of a stack, read
+in place (a ``lax.scan`` over layers that sliced each layer's arrays out first would copy them).
 
 The kernel gives every program ``block_lanes`` consecutive lanes (of one or several tiles; the lanes are
 independent), one lane per vector element. Each step it looks up every lane's slot (coarse table first,
@@ -49,15 +51,17 @@ def rans_float_kernel(
     sink_ref,     # [programs * block_lanes] uint32: what the prefetching loads read (never used); None
                   # without prefetch
     *, program, n: int, lanes: int, steps: int, dtype: str, copies: int, block_lanes: int, unroll: int,
-    coarse_bits: int, prefetch: int,
+    coarse_bits: int, prefetch: int, start_ref=None, window: int = 0,
 ):
     """Decode ``block_lanes`` consecutive lanes of the tiles this launch decodes: lanes
-    ``p * block_lanes ...`` of copy ``c``, where ``program = c * programs_per_copy + p``."""
+    ``p * block_lanes ...`` of output copy ``o``, where ``program = o * programs_per_copy + p``; that is
+    array copy ``c = o``, or ``c = start + o`` for a window (``start_ref``: [1] int32, ``window`` copies)."""
     tile = lanes * steps
     tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
     decoded = tiles if tiles_ref is None else tiles_ref.shape[0]  # tiles decoded per copy
     per_copy = pl.cdiv(decoded * lanes, block_lanes)
-    c = program // per_copy
+    o = program // per_copy
+    c = o if start_ref is None else jnp.clip(start_ref[0], 0, copies - window) + o
     v = (program % per_copy) * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane of the launch
     live = v < decoded * lanes
     if tiles_ref is None:
@@ -71,7 +75,7 @@ def rans_float_kernel(
                             c * (words_ref.shape[0] // copies), prefetch)
     first = t * tile + l                                   # [B] each lane's value at step 0, in its copy
     out_first = (v // lanes) * tile + v % lanes            # [B] where it goes in the output (of its copy)
-    out_base = c * (out_ref.shape[0] // copies)
+    out_base = o * (out_ref.shape[0] // (window or copies))
     table_base = c * (table_ref.shape[0] // copies)
     rb = rc.RAW_BYTES[dtype]
 
@@ -158,15 +162,33 @@ def kernel_words(words, word_group: int):
     return lax.bitcast_convert_type(words.reshape(words.shape[:-1] + (-1, 2)), jnp.uint32)
 
 
-def unpack_refs(refs, inputs: int, has_tiles, *optional):
+def unpack_refs(refs, inputs: int, has_tiles, has_start: bool, *optional):
     """The refs of a multi-tensor launch, in call order: ``inputs`` per tensor, the ``tiles`` arrays of the
-    tensors that have them, one output per tensor, then each ``optional`` group (one flag per tensor: a ref
-    where set, None where not). Returns ``(ins, tiles, outs, *groups)``."""
+    tensors that have them, a window's ``start`` if it has one, one output per tensor, then each ``optional``
+    group (one flag per tensor: a ref where set, None where not). Returns ``(ins, tiles, start, outs,
+    *groups)``."""
     refs, k = list(refs), len(has_tiles)
     ins = [refs.pop(0) for _ in range(inputs * k)]
     tiles = [refs.pop(0) if has else None for has in has_tiles]
+    start = refs.pop(0) if has_start else None
     outs = [refs.pop(0) for _ in range(k)]
-    return (ins, tiles, outs, *[[refs.pop(0) if flag else None for flag in flags] for flags in optional])
+    return (ins, tiles, start, outs, *[[refs.pop(0) if flag else None for flag in flags] for flags in optional])
+
+
+def check_window(tensors, tiles, start, window: int) -> list:
+    """A window (copies ``start .. start + window`` of every tensor, each a stack of at least ``window``)
+    checked before launch; returns the call's extra input (``[start]`` as int32[1]) or []."""
+    if not window:
+        if start is not None:
+            raise ValueError(f"start={start!r} needs window >= 1")
+        return []
+    if window < 1 or start is None or any(t is not None for t in tiles):
+        raise ValueError(f"{window=} must be >= 1, with a start and without tiles")
+    for arrays in tensors:
+        if arrays[2].ndim != 2 or arrays[2].shape[0] < window:
+            raise ValueError(f"a window of {window} copies needs stacks of at least {window}, got "
+                             f"states{list(arrays[2].shape)}")
+    return [jnp.asarray(start, jnp.int32).reshape(1)]
 
 
 def group_shift(words_ref) -> int:
@@ -271,9 +293,9 @@ def flat(a):
     return a.reshape(-1)
 
 
-def _many_kernel(*refs, metas, starts, copies, has_tiles, block_lanes, unroll, coarse_bits, prefetch):
+def _many_kernel(*refs, metas, starts, copies, has_tiles, window, block_lanes, unroll, coarse_bits, prefetch):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``."""
-    ins, tiles, outs, sinks = unpack_refs(refs, 5, has_tiles, [bool(prefetch)] * len(metas))
+    ins, tiles, start, outs, sinks = unpack_refs(refs, 5, has_tiles, bool(window), [bool(prefetch)] * len(metas))
     pid = pl.program_id(0)
 
     def branch(k):
@@ -281,7 +303,8 @@ def _many_kernel(*refs, metas, starts, copies, has_tiles, block_lanes, unroll, c
             n, lanes, steps, dtype = metas[k]
             rans_float_kernel(*ins[5 * k:5 * k + 5], tiles[k], outs[k], sinks[k], program=pid - starts[k], n=n,
                               lanes=lanes, steps=steps, dtype=dtype, copies=copies[k], block_lanes=block_lanes,
-                              unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch)
+                              unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch,
+                              start_ref=start, window=window)
         return run
 
     rc.run_segment(pid, starts, branch)
@@ -315,8 +338,9 @@ def check_table(table, lead=()):
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "block_lanes", "unroll", "num_warps", "coarse_bits",
-                                             "prefetch", "word_group", "interpret"])
-def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128, unroll: int = 4,
+                                             "prefetch", "word_group", "window", "interpret"])
+def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, block_lanes: int = 128,
+                           unroll: int = 4,
                            num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
                            word_group: int = 1, interpret: bool = False) -> list[jax.Array]:
     """Decode several ``bf16-lossless`` tensors in ONE kernel launch (e.g. all weights of a layer).
@@ -329,9 +353,12 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128
     (tile ``tiles[r]`` at ``r * L*S``; positions past the tensor's end are unspecified). Block sizes as in
     :func:`rans_float_decode`; every tensor adds a copy of the step loop to the kernel (a stack adds one),
     so ``unroll`` defaults to 4 here (a Llama layer's 7 tensors compile in ~12 s at 4, ~40-90 s at 8).
-    ``word_group=2`` needs an even word count per copy (as ``jcodec.tensor`` builds them).
+    ``word_group=2`` needs an even word count per copy (as ``jcodec.tensor`` builds them). ``window`` >= 1
+    with ``start`` (an int32 scalar, traced welcome; clamped so that the window exists): decode copies
+    ``start .. start + window`` of every tensor (each a stack), to ``[window, n]``, reading them in place.
     """
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
+    extra = check_window(tensors, tiles, start, window)
     if block_lanes < 1 or block_lanes & (block_lanes - 1):
         raise ValueError(f"{block_lanes=} must be a power of two")
     starts, copies = [0], []
@@ -340,12 +367,12 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128
         check_words(arrays[0], stack_lead(arrays[2]), word_group)
         c, programs = launch_shape(arrays, tl, lanes, block_lanes)
         copies.append(c)
-        starts.append(starts[-1] + programs)
+        starts.append(starts[-1] + (programs // c * window if window else programs))
     rc.filter_triton_deprecation()
     kernel = functools.partial(_many_kernel, metas=tuple(metas), starts=tuple(starts), copies=tuple(copies),
-                               has_tiles=tuple(tl is not None for tl in tiles), block_lanes=block_lanes,
+                               has_tiles=tuple(tl is not None for tl in tiles), window=window, block_lanes=block_lanes,
                                unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch)
-    sizes = [c * n if tl is None else tl.shape[0] * lanes * steps
+    sizes = [(window or c) * n if tl is None else tl.shape[0] * lanes * steps
              for c, (n, lanes, steps, _), tl in zip(copies, metas, tiles)]
     outs = pl.pallas_call(
         kernel,
@@ -359,8 +386,8 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, block_lanes: int = 128
              + (f"_g{word_group}" if word_group > 1 else ""),
     )(*[flat(a) for arrays in tensors
         for a in (kernel_words(arrays[0], word_group), *arrays[1:4], kernel_table(arrays[4], coarse_bits))],
-      *[tl for tl in tiles if tl is not None])
-    return [lax.bitcast_convert_type(b, jnp.dtype(m[3])).reshape((c, -1) if c > 1 or t[2].ndim == 2 else (-1,))
+      *[tl for tl in tiles if tl is not None], *extra)
+    return [lax.bitcast_convert_type(b, jnp.dtype(m[3])).reshape((window or c, -1) if t[2].ndim == 2 else (-1,))
             for b, m, c, t in zip(outs[:len(metas)], metas, copies, tensors)]
 
 

@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import (check_launch, check_table, check_words, flat, kernel_table, kernel_words, lanes_init,
+from .rans_float import (check_launch, check_table, check_window, check_words, flat, kernel_table, kernel_words, lanes_init,
                          lanes_sink, lanes_step, launch_shape, stack_lead, unpack_refs)
 
 PREDICTORS = ("none", "left", "up")
@@ -66,12 +66,15 @@ def rans_int8_kernel(
     sink_ref,        # [programs * block_lanes] uint32: what the prefetching loads read (never used); None without
     *, program, n: int, cols: int, lanes: int, steps: int, copies: int, predictors: tuple[int, ...],
     block_lanes: int, unroll: int, coarse_bits: int, prefetch: int, hoist_scale: bool, interpret: bool,
+    start_ref=None, window: int = 0,
 ):
-    """Decode one tile: tile ``p`` (or ``tiles[p]``) of copy ``c``, where ``program = c * per_copy + p``."""
+    """Decode one tile: tile ``p`` (or ``tiles[p]``) of output copy ``o``, where ``program = o * per_copy + p``;
+    that is array copy ``c = o``, or ``c = start + o`` for a window (as in ``rans_float``)."""
     tile = lanes * steps
     tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
     per_copy = tiles if tiles_ref is None else tiles_ref.shape[0]
-    c, p = program // per_copy, program % per_copy
+    o, p = program // per_copy, program % per_copy
+    c = o if start_ref is None else jnp.clip(start_ref[0], 0, copies - window) + o
     t = p if tiles_ref is None else jnp.clip(tiles_ref[p], 0, tiles - 1)  # out-of-range ids are clamped
     rows = scales_ref.shape[0] // copies
     j = jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane
@@ -82,7 +85,7 @@ def rans_int8_kernel(
     first = t * tile + j  # [B] each lane's value at step 0, in its copy
     # where it goes; padding lanes (j >= L) point past the tile, where nothing is written (interpret mode's
     # masked scatter must not see a padding lane and a live lane at one address)
-    out_first = c * (out_ref.shape[0] // copies) + jnp.where(live, p * tile + j, out_ref.shape[0] + j)
+    out_first = o * (out_ref.shape[0] // (window or copies)) + jnp.where(live, p * tile + j, out_ref.shape[0] + j)
     pred = predictors_ref[c * tiles + t]
 
     def barrier():
@@ -205,9 +208,10 @@ def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lan
     check_words(words, lead)
 
 
-def _many_kernel(*refs, metas, starts, copies, has_tiles, unroll, coarse_bits, prefetch, hoist_scale, interpret):
+def _many_kernel(*refs, metas, starts, copies, has_tiles, window, unroll, coarse_bits, prefetch, hoist_scale,
+                 interpret):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``'s tiles."""
-    ins, tiles, outs, rings, sinks = unpack_refs(refs, 6, has_tiles, [2 in m[6] for m in metas],
+    ins, tiles, start, outs, rings, sinks = unpack_refs(refs, 6, has_tiles, bool(window), [2 in m[6] for m in metas],
                                                  [bool(prefetch)] * len(metas))
     pid = pl.program_id(0)
 
@@ -218,7 +222,7 @@ def _many_kernel(*refs, metas, starts, copies, has_tiles, unroll, coarse_bits, p
                              n=n, cols=cols, lanes=lanes, steps=steps, copies=copies[k], predictors=predictors,
                              block_lanes=pl.next_power_of_2(lanes), unroll=math.gcd(unroll, steps),
                              coarse_bits=coarse_bits, prefetch=prefetch, hoist_scale=hoist_scale,
-                             interpret=interpret)
+                             interpret=interpret, start_ref=start, window=window)
         return run
 
     rc.run_segment(pid, starts, branch)
@@ -232,8 +236,9 @@ def check_predictors(predictors) -> tuple[int, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "unroll", "num_warps", "coarse_bits", "prefetch",
-                                             "word_group", "hoist_scale", "interpret"])
-def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_warps: int = 4,
+                                             "word_group", "hoist_scale", "window", "interpret"])
+def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, unroll: int = 4,
+                          num_warps: int = 4,
                           coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, word_group: int = 1,
                           hoist_scale: bool = False, interpret: bool = False) -> list[jax.Array]:
     """Decode several ``int8`` tensors in ONE kernel launch (e.g. all weights of a layer).
@@ -242,11 +247,12 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_wa
     one tensor or of a stack of tensors of one meta (a leading axis of ``copies`` on every array); ``metas``:
     a tuple of ``(n, rows, cols, lanes, steps, dtype, predictors_used)`` per tensor, ``predictors_used`` the
     predictor ids its tiles may hold (the kernel compiles a loop for each; the `up` ring is allocated only
-    when 2 is among them). ``tiles``: as in ``rans_float.rans_float_decode_many``. Returns per tensor the
-    flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``. Options as in
+    when 2 is among them). ``tiles``, ``start`` and ``window``: as in ``rans_float.rans_float_decode_many``.
+    Returns per tensor the flat decoded values: ``[n]``, ``[copies, n]``, ``[window, n]`` or ``[R * L*S]``. Options as in
     :func:`rans_int8_decode`.
     """
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
+    extra = check_window(tensors, tiles, start, window)
     if not isinstance(hoist_scale, bool):
         raise ValueError(f"{hoist_scale=} must be a bool")
     metas = tuple(m[:6] + (check_predictors(m[6]),) for m in metas)
@@ -257,13 +263,13 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_wa
         lanes = meta[3]
         c, programs = launch_shape(arrays, tl, lanes, lanes)
         copies.append(c)
-        starts.append(starts[-1] + programs)
+        starts.append(starts[-1] + (programs // c * window if window else programs))
     rc.filter_triton_deprecation()
     kernel = functools.partial(_many_kernel, metas=metas, starts=tuple(starts), copies=tuple(copies),
-                               has_tiles=tuple(tl is not None for tl in tiles), unroll=unroll,
+                               has_tiles=tuple(tl is not None for tl in tiles), window=window, unroll=unroll,
                                coarse_bits=coarse_bits, prefetch=prefetch, hoist_scale=hoist_scale,
                                interpret=interpret)
-    sizes = [c * m[0] if tl is None else tl.shape[0] * m[3] * m[4] for c, m, tl in zip(copies, metas, tiles)]
+    sizes = [(window or c) * m[0] if tl is None else tl.shape[0] * m[3] * m[4] for c, m, tl in zip(copies, metas, tiles)]
     programs = [b - a for a, b in zip(starts, starts[1:])]
     outs = pl.pallas_call(
         kernel,
@@ -279,8 +285,8 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, unroll: int = 4, num_wa
              + (f"_g{word_group}" if word_group > 1 else "") + ("_h" if hoist_scale else ""),
     )(*[flat(a) for arrays in tensors for a in (kernel_words(arrays[0], word_group), *arrays[1:3],
                                                 kernel_table(arrays[3], coarse_bits), *arrays[4:])],
-      *[tl for tl in tiles if tl is not None])
-    return [o.reshape((c, -1) if c > 1 or t[2].ndim == 2 else (-1,))
+      *[tl for tl in tiles if tl is not None], *extra)
+    return [o.reshape((window or c, -1) if t[2].ndim == 2 else (-1,))
             for o, c, t in zip(outs[:len(metas)], copies, tensors)]
 
 

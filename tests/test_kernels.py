@@ -304,6 +304,31 @@ class TestStacksAndTiles(KernelTestBase):
         np.testing.assert_array_equal(bits(both["b"]), want[0])
 
     @pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
+    def test_window_of_a_stack_read_in_place(self, codec):
+        """Layers start .. start + window of a stack (start traced, clamped), with a second stack of another
+        shape in the same launch, as the model's scan decodes a group of layers."""
+        rng = np.random.default_rng(13)
+        shapes = [(24, 70), (9, 33)]
+        stacks, wants = [], []
+        for shape in shapes:
+            layers = [(rng.standard_normal(shape) * 0.02 * (i + 1)).astype(ml_dtypes.bfloat16) for i in range(4)]
+            layers[3] = np.cumsum(layers[3].astype(np.float32), axis=1).astype(ml_dtypes.bfloat16)
+            encs = [codecs.encode(x, codec, lanes=32, steps=16) for x in layers]
+            stacks.append(tensor.stack_layers([tensor.from_encoded(e) for e in encs]))
+            wants.append(np.stack([bits(codecs.decode(e)) for e in encs]))
+        window = jax.jit(lambda cts, s: tensor.decode_window(cts, s, 2, backend="pallas", interpret=self.INTERPRET))
+        for start, first in [(1, 1), (0, 0), (3, 2), (-5, 0)]:  # past either end: clamped
+            outs = window(stacks, jnp.int32(start))
+            for out, want, shape in zip(outs, wants, shapes):
+                assert out.shape == (2,) + shape
+                np.testing.assert_array_equal(bits(out), want[first:first + 2])
+        ref = tensor.decode_window(stacks, jnp.int32(1), 2, backend="reference")
+        for out, want in zip(ref, wants):
+            np.testing.assert_array_equal(bits(out), want[1:3])
+        with pytest.raises(ValueError, match="stacks of >= window=5"):
+            tensor.decode_window(stacks, 0, 5, backend="pallas", interpret=self.INTERPRET)
+
+    @pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
     def test_word_pairs_stack_and_tiles(self, codec):
         rng = np.random.default_rng(11)
         layers = [(rng.standard_normal((24, 70)) * 0.02 * 10.0 ** rng.uniform(-2, 2, (24, 1)))
