@@ -12,6 +12,7 @@ zstd-coded tensors are always decoded on the host before they are put on the dev
 from __future__ import annotations
 
 import functools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,7 +73,7 @@ def place_params(params, mode: str):
     return jax.tree_util.tree_map_with_path(place, params, is_leaf=lambda x: isinstance(x, CompressedTensor))
 
 
-def decode_params(params, *, workers: int | None = None):
+def decode_params(params, *, workers: int | None = None, timings: dict | None = None):
     """Every CompressedTensor of ``params`` decoded on its device, for ``decoded`` mode.
 
     Loading a decoded checkpoint must not be slower than loading a BF16 one, and its cost is compiling:
@@ -81,7 +82,12 @@ def decode_params(params, *, workers: int | None = None):
     split only past 2^31 values), and other tensors (int8, or already on a device) field by field, a
     stack of layers per launch; all of these compile at once in ``workers`` threads while the compressed
     arrays go to the device. Peak memory: the model decoded plus the compressed pack being decoded.
+    ``timings``: a dict that receives seconds spent packing, waiting for compiles, and decoding.
     """
+    import time
+    clock = time.perf_counter
+    timings = {} if timings is None else timings
+    t0 = clock()
     from jcodec.tensor import decode_pack, pack_float, pack_groups
 
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
@@ -101,10 +107,14 @@ def decode_params(params, *, workers: int | None = None):
             fn = jax.jit(functools.partial(decode_pack, **static))
             jobs.append((p, arrays, pool.submit(lambda fn, a: fn.lower(a).compile(), fn, arrays)))
         compiled = {i: pool.submit(lambda ct: decode_jit.lower(ct).compile(), leaves[i]) for i in rest}
+        timings["pack_s"] = clock() - t0
         for i in rest:  # (a device_put of arrays already on the device is a no-op)
             leaves[i] = jax.device_put(leaves[i], jax.memory.Space.Device)
         for p, arrays, job in jobs:
-            outs = job.result()(jax.device_put(arrays))
+            t1 = clock()
+            fn = job.result()
+            timings["compile_wait_s"] = timings.get("compile_wait_s", 0.0) + clock() - t1
+            outs = fn(jax.device_put(arrays))
             for i, out in zip(p, outs):
                 shape, _ = leaves[i]
                 leaves[i] = out.reshape(shape)
@@ -112,7 +122,102 @@ def decode_params(params, *, workers: int | None = None):
             del outs, arrays
         for i in rest:
             leaves[i] = jax.block_until_ready(compiled[i].result()(leaves[i]))
+    timings["decode_s"] = clock() - t0
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
+    """``decoded`` mode: Params of plain arrays from a jcodec checkpoint, as fast as a BF16 checkpoint loads.
+
+    The ``bf16-lossless`` tensors are decoded as packs (``tensor.PackBuilder``: all layers of a field, and
+    the embedding and head, each one output of one launch of one small kernel), laid out from the file's
+    header before any tensor is read, so that the decoder compiles in a thread while the file is read;
+    each tensor is read straight into its pack (no per-layer arrays, no stacking). Everything else (raw
+    and zstd tensors, int8, other geometries) goes the general way (:func:`decode_params`).
+    ``timings``: a dict that receives seconds spent reading, waiting for the compile, and decoding.
+    """
+    import time
+
+    from jcodec.models import llama
+    from jcodec.tensor import PACK_LIMIT, PackBuilder, decode_pack, host_arrays
+
+    clock, t0 = time.perf_counter, time.perf_counter()
+    timings = {} if timings is None else timings
+    config, _, get = load_tensors(path, "decoded")
+    ckpt = Checkpoint(path)
+    names = set(ckpt.names())
+    L = cfg.num_layers
+    groups = [(hf, [f"model.layers.{i}.{hf}" for i in range(L)]) for hf in llama.LAYER_NAMES.values()]
+    groups += [(n, [n]) for n in ("model.embed_tokens.weight", "lm_head.weight") if n in names]
+    packs: dict[tuple, list[list]] = {}  # geometry -> packs -> groups; each pack < 2^31 values
+    for key, members in groups:
+        recs = [_pack_record(ckpt, n) if n in names else None for n in members]
+        if not all(recs):  # not all bf16-lossless with a well-formed record: the general way (which checks it)
+            continue
+        geometry = {r[:3] for r in recs}
+        if len(geometry) > 1:
+            continue
+        size = sum(r[3] for r in recs) * (3 if recs[0][2] == "float32" else 1)
+        if size > PACK_LIMIT:
+            continue
+        chain = packs.setdefault(geometry.pop(), [[]])
+        if sum(s for _, _, s in chain[-1]) + size > PACK_LIMIT:
+            chain.append([])
+        chain[-1].append((key, members, size))
+    fields, singles = {}, {}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        jobs = []
+        for (lanes, steps, dtype_name), chain in packs.items():
+            for pack_groups in filter(None, chain):
+                tensors = [(j, _pack_record(ckpt, n)[3], _pack_record(ckpt, n)[4])
+                           for j, (_, members, _) in enumerate(pack_groups) for n in members]
+                builder = PackBuilder(tensors, lanes, steps, dtype_name)
+                fn = jax.jit(functools.partial(decode_pack, **builder.static))
+                jobs.append((pack_groups, builder, pool.submit(lambda f, a: f.lower(a).compile(), fn, builder.abstract())))
+        for pack_groups, builder, _ in jobs:  # the file, read while the decoders compile
+            i = 0
+            for _, members, _ in pack_groups:
+                for n in members:
+                    a = host_arrays(ckpt.read(n))  # (read validates the tensor against its record)
+                    try:
+                        builder.add(i, a["words"], a["offsets"], a["states"], a["raw"], a["table"])
+                    except ValueError as e:
+                        raise CheckpointError(f"{ckpt.where(n)}: tensor {n}: {e}") from None
+                    i += 1
+        timings["read_s"] = clock() - t0
+        for pack_groups, builder, job in jobs:
+            t1 = clock()
+            decoder = job.result()
+            timings["compile_wait_s"] = timings.get("compile_wait_s", 0.0) + clock() - t1
+            outs = decoder(jax.device_put(builder.arrays))
+            for (key, members, _), out in zip(pack_groups, outs):
+                shape = tuple(ckpt.record(members[0])["shape"])
+                if key in llama.LAYER_NAMES.values():  # a field: all layers, stacked
+                    fields[key] = out.reshape((L,) + shape)
+                else:
+                    singles[key] = out.reshape(shape)
+            del builder.arrays
+    params = llama.params_from_tensors(cfg, lambda n: singles[n] if n in singles else get(n), dtype, fields=fields)
+    params = decode_params(params)  # what was not packed
+    jax.block_until_ready(params)
+    timings["decode_s"] = clock() - t0 - timings["read_s"]
+    return params
+
+
+def _pack_record(ckpt, name):
+    """``(lanes, steps, dtype, n, words)`` of a bf16-lossless tensor from the file's header, or None when
+    it is of another codec or its record or entries are not as expected (then it is read the general way)."""
+    r = ckpt.record(name)
+    try:
+        if r.get("codec") != "bf16-lossless" or r.get("dtype") not in ("bfloat16", "float16", "float32"):
+            return None
+        lanes, steps, shape = r["lanes"], r["steps"], r["shape"]
+        if not all(type(v) is int and v >= 1 for v in [lanes, steps, *shape]):
+            return None
+        (words,) = ckpt.stored_shape(name, "words")
+        return lanes, steps, r["dtype"], math.prod(shape), words
+    except Exception:  # noqa: BLE001 - a malformed header is reported by the general path's read
+        return None
 
 
 def compressed_bytes(tree) -> int:
@@ -145,8 +250,8 @@ def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | No
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     dtype = dtype or default_dtype()
-    if mode == "decoded":  # placed by decode_params, while the decoders compile
-        params = decode_params(llama.params_from_tensors(cfg, get, dtype))
+    if mode == "decoded":
+        params = load_decoded(path, cfg, dtype)
     else:
         params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
         params = llama.group_layers(params, layers_per_decode or llama.auto_layer_group(cfg, params))

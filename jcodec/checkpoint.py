@@ -240,6 +240,12 @@ class Checkpoint:
         if name not in self._tensor_shard:
             raise CheckpointError(f"{self.path}: no tensor named {name}")
 
+    def stored_shape(self, name: str, key: str) -> tuple[int, ...]:
+        """The shape of entry ``key`` (e.g. ``words``) of encoded tensor ``name``, from the header alone."""
+        self._check_name(name)
+        with self._open(self._tensor_shard[name]) as f:
+            return tuple(f.get_slice(f"{name}.{key}").get_shape())
+
     def where(self, name: str) -> str:
         return str(self.path / self._tensor_shard[name])
 

@@ -98,12 +98,9 @@ class CompressedTensor:
         return f"CompressedTensor({self.meta.codec}, shape={self.shape}, dtype={self.meta.dtype}, {self.nbytes} bytes)"
 
 
-def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = True) -> CompressedTensor:
-    """Put an rANS-coded :class:`~jcodec.codecs.EncodedTensor` on a device, in the kernels' layout.
-
-    ``device``: a device, sharding or memory space for ``jax.device_put``. With ``to_device=False`` the
-    arrays stay NumPy arrays in host memory (stack them with :func:`stack_layers`, then ``device_put`` once).
-    """
+def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
+    """The arrays the kernels read (``DEVICE_ARRAYS``) of a validated EncodedTensor, as NumPy arrays; the
+    word stream as stored (not padded)."""
     codecs.validate(enc)
     r, a = enc.record, enc.arrays
     if r["codec"] not in DEVICE_ARRAYS:
@@ -118,6 +115,17 @@ def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = Tr
     else:
         host["scales"] = a["scales"]
         host["predictors"] = a["tiles"][:, 2].astype(np.int32)
+    return host
+
+
+def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = True) -> CompressedTensor:
+    """Put an rANS-coded :class:`~jcodec.codecs.EncodedTensor` on a device, in the kernels' layout.
+
+    ``device``: a device, sharding or memory space for ``jax.device_put``. With ``to_device=False`` the
+    arrays stay NumPy arrays in host memory (stack them with :func:`stack_layers`, then ``device_put`` once).
+    """
+    r = enc.record
+    host = host_arrays(enc)
     # zero words to an even count (at least 2: a zero-length array cannot be gathered from), so that the
     # kernels can read the stream as uint32 word pairs (word_group=2) without a copy; padding is never read
     w = host["words"]
@@ -340,77 +348,114 @@ def materialize_all(tree, *, backend: str | None = None, interpret: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ packs
+PACK_LIMIT = (1 << 31) - 1  # values (and raw bytes, and words) per pack: the kernel's 32-bit offsets
+
+
+class PackBuilder:
+    """The host arrays of one pack (``pallas_kernels/rans_pack.py``), laid out before any tensor is read.
+
+    ``tensors``: per tensor ``(output, n, words)``: which output it goes to (its values follow the output's
+    earlier tensors: a stack's layers are consecutive tensors of one output), its value count and the words
+    reserved for its stream. The shapes are fixed here, so the pack's decoder can be compiled while the
+    tensors are still being read; :meth:`add` then copies each tensor's arrays into place.
+    """
+
+    def __init__(self, tensors: list[tuple[int, int, int]], lanes: int, steps: int, dtype: str):
+        from jcodec.pallas_kernels import rans_common, rans_pack
+        tile = lanes * steps
+        outs = 1 + max(j for j, _, _ in tensors)
+        sizes = [0] * outs
+        self.slots = []  # per tensor: (words at, lanes at, values at, output, value in the output, n)
+        words = lanes_at = values = 0
+        for j, n, w in tensors:
+            self.slots.append((words, lanes_at, values, j, sizes[j], n))
+            words, lanes_at, values = words + w, lanes_at + -(-n // tile) * lanes, values + n
+            sizes[j] += n
+        rb = rans_common.RAW_BYTES[dtype]
+        if max(words, values * rb, lanes_at * steps) > PACK_LIMIT or min(sizes) < 1:
+            raise ValueError(f"a pack holds < 2^31 words, raw bytes and tile values, and every output >= 1 value "
+                             f"(got {words} words, {values} values, outputs {sizes})")
+        self.lanes, self.steps, self.dtype, self.tile = lanes, steps, dtype, tile
+        self.arrays = (np.zeros(max(words, 1), np.uint16), np.zeros(lanes_at, np.uint32),
+                       np.zeros(lanes_at, np.uint32), np.zeros(values * rb, np.uint8),
+                       np.zeros((len(tensors), rans_common.TABLE_SIZE + rans_common.COARSE_SIZE), np.uint32),
+                       np.zeros((lanes_at // lanes, rans_pack.INFO), np.int32))
+        self.static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype)
+
+    def abstract(self):
+        """The arrays as ``jax.ShapeDtypeStruct``s (to compile the decoder before they are filled)."""
+        return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.arrays)
+
+    def add(self, i: int, words, offsets, states, raw, table) -> None:
+        """Tensor ``i``'s arrays in the kernels' layout (``host_arrays``; ``offsets`` relative to its words)."""
+        from jcodec.pallas_kernels import rans_common, rans_pack
+        words_at, lanes_at, values_at, j, out_at, n = self.slots[i]
+        w = words.reshape(-1)
+        end = self.slots[i + 1][0] if i + 1 < len(self.slots) else self.arrays[0].size
+        tiles = -(-n // self.tile)
+        if w.size > end - words_at or offsets.size != tiles * self.lanes or raw.size != n * rans_common.RAW_BYTES[self.dtype]:
+            raise ValueError(f"tensor {i} does not match the pack's layout ({w.size} words for {end - words_at}, "
+                             f"{offsets.size} lanes for {tiles * self.lanes}, {raw.size} raw bytes for {n} values)")
+        all_words, all_offsets, all_states, all_raw, tables, info = self.arrays
+        all_words[words_at:words_at + w.size] = w
+        all_offsets[lanes_at:lanes_at + offsets.size] = offsets.astype(np.int64) + words_at
+        all_states[lanes_at:lanes_at + states.size] = states
+        rb = rans_common.RAW_BYTES[self.dtype]
+        all_raw[values_at * rb:(values_at + n) * rb] = raw.reshape(-1)
+        tables[i] = table
+        first = np.arange(tiles, dtype=np.int64) * self.tile
+        rows = info[lanes_at // self.lanes:lanes_at // self.lanes + tiles]
+        rows[:, rans_pack.OUT] = j
+        rows[:, rans_pack.OUT_AT] = out_at + first
+        rows[:, rans_pack.RAW_AT] = values_at + first
+        rows[:, rans_pack.COUNT] = np.minimum(self.tile, n - first)
+        rows[:, rans_pack.TABLE] = i
+
+
 def pack_float(cts: list) -> tuple[tuple[np.ndarray, ...], dict]:
     """Host ``bf16-lossless`` CompressedTensors of one geometry (each one tensor or a stack with one leading
-    axis) as ONE pack (``pallas_kernels/rans_pack.py``): ``(words, offsets, states, raw, tables, info)``
-    NumPy arrays and the static arguments ``dict(sizes, lanes, steps, dtype)``. Output ``j`` is ``cts[j]``
-    flat (``[copies * n]``). A whole model decodes in one launch of one small kernel: one compile."""
-    from jcodec.pallas_kernels import rans_pack
-
+    axis) as ONE pack: ``(words, offsets, states, raw, tables, info)`` NumPy arrays and the static
+    arguments ``dict(sizes, lanes, steps, dtype)``. Output ``j`` is ``cts[j]`` flat (``[copies * n]``).
+    A whole model decodes in one launch of one small kernel: one compile."""
     m0 = cts[0].meta
-    parts = {k: [] for k in ("words", "offsets", "states", "raw", "tables", "info")}
-    sizes, words_at, values_at, tables_at = [], 0, 0, 0
+    entries = []
     for j, ct in enumerate(cts):
-        m, a = ct.meta, ct.arrays
-        if (m.codec, m.lanes, m.steps, m.dtype) != (m0.codec, m0.lanes, m0.steps, m0.dtype) or m.codec != "bf16-lossless" \
+        m = ct.meta
+        if (m.codec, m.lanes, m.steps, m.dtype) != ("bf16-lossless", m0.lanes, m0.steps, m0.dtype) \
                 or len(ct.batch_shape) > 1:
             raise ValueError("pack_float needs bf16-lossless tensors (or stacks of one axis) of one lanes, steps "
                              "and dtype")
         copies = ct.batch_shape[0] if ct.batch_shape else 1
-        w = np.asarray(a["words"]).reshape(copies, -1)
-        parts["words"].append(w.reshape(-1))
-        offsets = np.asarray(a["offsets"]).reshape(copies, -1).astype(np.int64)
-        parts["offsets"].append((offsets + words_at + np.arange(copies)[:, None] * w.shape[1]).reshape(-1))
-        parts["states"].append(np.asarray(a["states"]).reshape(-1))
-        parts["raw"].append(np.asarray(a["raw"]).reshape(-1))
-        parts["tables"].append(np.asarray(a["table"]).reshape(copies, -1))
-        first = np.arange(m.tiles, dtype=np.int64) * m.tile                           # [T] tile starts
-        at = np.arange(copies, dtype=np.int64)[:, None] * m.size + first            # [C, T] in the output
-        info = np.zeros((copies, m.tiles, rans_pack.INFO), np.int64)
-        info[..., rans_pack.OUT] = j
-        info[..., rans_pack.OUT_AT] = at
-        info[..., rans_pack.RAW_AT] = values_at + at
-        info[..., rans_pack.COUNT] = np.minimum(m.tile, m.size - first)
-        info[..., rans_pack.TABLE] = tables_at + np.arange(copies)[:, None]
-        parts["info"].append(info.reshape(-1, rans_pack.INFO))
-        words_at += w.size
-        values_at += copies * m.size
-        tables_at += copies
-        sizes.append(copies * m.size)
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    if words_at >= 1 << 31 or values_at * _raw_bytes(m0.dtype) >= 1 << 31:
-        raise ValueError(f"a pack must hold < 2^31 words and raw bytes (got {words_at} and {values_at} values)")
-    arrays["offsets"] = arrays["offsets"].astype(np.uint32)
-    arrays["info"] = arrays["info"].astype(np.int32)
-    order = ("words", "offsets", "states", "raw", "tables", "info")
-    return tuple(arrays[k] for k in order), dict(sizes=tuple(sizes), lanes=m0.lanes, steps=m0.steps, dtype=m0.dtype)
-
-
-def _raw_bytes(dtype: str) -> int:
-    from jcodec.pallas_kernels import rans_common
-    return rans_common.RAW_BYTES[dtype]
+        rows = {k: np.asarray(a).reshape(copies, -1) for k, a in ct.arrays.items()}
+        entries += [(j, m.size, {k: r[c] for k, r in rows.items()}) for c in range(copies)]
+    pack = PackBuilder([(j, n, a["words"].size) for j, n, a in entries], m0.lanes, m0.steps, m0.dtype)
+    for i, (_, _, a) in enumerate(entries):
+        pack.add(i, a["words"], a["offsets"], a["states"], a["raw"], a["table"])
+    return pack.arrays, pack.static
 
 
 def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, backend: str | None = None,
-                interpret: bool = False) -> list[jax.Array]:
-    """Decode a :func:`pack_float` pack: the Pallas kernel on GPU, the pure-JAX reference elsewhere."""
+                interpret: bool = False, unroll: int = 1) -> list[jax.Array]:
+    """Decode a pack: the Pallas kernel on GPU (``unroll`` 1: it compiles fastest, and a load decodes
+    once), the pure-JAX reference elsewhere."""
     from jcodec.pallas_kernels import rans_pack
     backend = backend or default_backend()
-    fn = rans_pack.rans_float_decode_pack if backend == "pallas" else rans_pack.rans_float_pack_reference
-    kw = dict(interpret=interpret) if backend == "pallas" else {}
-    return fn(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, **kw)
+    if backend == "pallas":
+        return rans_pack.rans_float_decode_pack(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype,
+                                                unroll=unroll, interpret=interpret)
+    return rans_pack.rans_float_pack_reference(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype)
 
 
-def pack_groups(cts: list, limit: int = (1 << 31) - 1) -> list[list[int]]:
+def pack_groups(cts: list, limit: int = PACK_LIMIT) -> list[list[int]]:
     """Indices of ``cts`` grouped into packs: host ``bf16-lossless`` tensors of one geometry, each pack below
-    ``limit`` values (the kernel's 32-bit offsets); tensors that fit no pack (or are on a device) are left out."""
+    ``limit`` values; tensors that fit no pack (or are on a device) are left out."""
     groups: dict[tuple, list[list[int]]] = {}
     for i, ct in enumerate(cts):
         m = ct.meta
         if m.codec != "bf16-lossless" or len(ct.batch_shape) > 1 \
                 or not all(isinstance(a, np.ndarray) for a in ct.arrays.values()):
             continue
-        values = m.size * (ct.batch_shape[0] if ct.batch_shape else 1) * _raw_bytes(m.dtype)
+        values = _pack_values(ct)
         if values > limit:
             continue
         packs = groups.setdefault((m.lanes, m.steps, m.dtype), [[]])
@@ -421,4 +466,5 @@ def pack_groups(cts: list, limit: int = (1 << 31) - 1) -> list[list[int]]:
 
 
 def _pack_values(ct) -> int:
-    return ct.meta.size * (ct.batch_shape[0] if ct.batch_shape else 1) * _raw_bytes(ct.meta.dtype)
+    from jcodec.pallas_kernels import rans_common
+    return ct.meta.size * (ct.batch_shape[0] if ct.batch_shape else 1) * rans_common.RAW_BYTES[ct.meta.dtype]

@@ -139,13 +139,16 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def params_from_tensors(cfg: LlamaConfig, get: Callable[[str], Any], dtype=jnp.bfloat16) -> Params:
+def params_from_tensors(cfg: LlamaConfig, get: Callable[[str], Any], dtype=jnp.bfloat16,
+                        fields: dict | None = None) -> Params:
     """Build Params from ``get(hf_name)``, called once per tensor (field by field, each over all layers).
 
     ``get`` returns a NumPy array, a jax.Array or a CompressedTensor. Arrays are cast to ``dtype``;
     CompressedTensors are kept as they are (decoded to their stored dtype inside the forward). NumPy layers
     are stacked in one host buffer and sent to the device once, so loading needs no device memory beyond
     the params; other leaves are stacked with ``stack_layers``. Every shape is checked against the config.
+    ``fields``: layer fields already stacked ``[L, ...]`` (by HF name inside a layer, e.g. ``self_attn.q_proj.weight``:
+    decoded in one launch), used as they are; their per-layer tensors are not asked for.
     """
     shapes = param_shapes(cfg)
 
@@ -162,6 +165,11 @@ def params_from_tensors(cfg: LlamaConfig, get: Callable[[str], Any], dtype=jnp.b
         return jnp.asarray(w, dtype) if isinstance(w, (np.ndarray, jax.Array)) else w
 
     def stacked(hf):
+        if fields and hf in fields:
+            w = fields[hf]
+            if tuple(w.shape) != (cfg.num_layers,) + shapes[f"model.layers.0.{hf}"]:
+                raise ValueError(f"layers' {hf}: shape {tuple(w.shape)} does not match the config's")
+            return place(w)
         first = load(f"model.layers.0.{hf}")
         if not isinstance(first, np.ndarray):
             return stack_layers([place(first)] + [place(load(f"model.layers.{i}.{hf}"))

@@ -89,3 +89,34 @@ def test_decode_params_equals_leafwise_decode():
         assert y.shape == x.shape and isinstance(y, jax.Array)
         np.testing.assert_array_equal(bits(y), bits(x))
     np.testing.assert_array_equal(out["b"]["plain"], np.arange(4.0))
+
+
+def test_load_decoded_gives_the_original_weights(tmp_path):
+    """``decoded`` mode reads each bf16-lossless tensor straight into its pack and decodes the model in one
+    launch: every weight is bit for bit the original; tensors that cannot pack (stored raw) load as usual."""
+    import json
+
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from jcodec.convert import convert
+    from jcodec.models import llama
+
+    config = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False, model_type="llama", architectures=["LlamaForCausalLM"])
+    cfg = llama.LlamaConfig.from_hf(config)
+    rng = np.random.default_rng(5)
+    tensors = {n: (rng.standard_normal(s) * 0.05 + (1.0 if n.endswith("norm.weight") else 0.0)).astype(ml_dtypes.bfloat16)
+               for n, s in llama.param_shapes(cfg).items()}
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(hf / "model.safetensors"))
+    convert(str(hf), str(tmp_path / "jc"), "bf16-lossless", progress=False)
+    timings = {}
+    params = api.load_decoded(tmp_path / "jc", cfg, jax.numpy.bfloat16, timings=timings)
+    assert set(timings) >= {"read_s", "compile_wait_s", "decode_s"}  # something was packed
+    want = llama.params_from_tensors(cfg, tensors.__getitem__, jax.numpy.bfloat16)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(want)):
+        assert a.shape == b.shape, path
+        np.testing.assert_array_equal(bits(a), bits(b), err_msg=str(path))
