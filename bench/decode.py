@@ -3,7 +3,7 @@
     python3 bench/decode.py --out results.json            # everything (several minutes)
     python3 bench/decode.py --quick                       # the 4096 x 14336 matrix only
     python3 bench/decode.py --profile                     # one kernel launch, for ncu
-    python3 bench/decode.py --skip matrix,int8 --int8-layer-variants '4,4,5,0;4,4,5,0,g2,h1'  # see OPTIONS
+    python3 bench/decode.py --skip matrix,int8 --int8-layer-variants '4,4,5,0;4,4,5,0,g1,h1'  # see INT8_OPTIONS
 
 Inputs are Gaussian weights (std 0.02) in BF16: a Llama-3-8B MLP matrix (4096 x 14336), a 4096 x 4096
 matrix, and all seven weights of one Llama-3-8B layer decoded in one kernel launch. They are encoded once
@@ -47,10 +47,9 @@ LAYER_VARIANTS = [(128, 4, 4, 5, 0), (256, 4, 8, 5, 0)]
 INT8_VARIANTS = [(8, 4, 5, 0), (8, 4, 0, 0), (8, 4, 5, 32)]  # (unroll, num_warps, coarse_bits, prefetch)
 INT8_LAYER_VARIANT = (4, 4, 5, 0)
 # Options after a variant's numbers, as a letter and a value ("128,4,4,5,0,g2", "4,2,5,0,g2,h1"); absent ones
-# take their default, so strings without them mean what they always did: g word_group (bf16 and int8: 2 reads
-# the words as uint32 pairs), h hoist_scale (int8: 1 keeps each lane's row scale in a register).
-OPTIONS = {"g": 1, "h": 0}
-FLOAT_OPTIONS, INT8_OPTIONS = "g", "gh"
+# take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for
+# bf16-lossless), h hoist_scale (int8: 1 keeps each lane's row scale in a register).
+FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1}, {"g": 2, "h": 0}
 
 ROWS: list[dict] = []
 INTERPRET = jax.default_backend() != "gpu"  # on CPU (a dry run of this script) the kernels are interpreted
@@ -130,13 +129,13 @@ def guarded(label):
     return wrap
 
 
-def parse_variants(spec: str, numbers: int, options: str) -> list[tuple[int, ...]]:
+def parse_variants(spec: str, numbers: int, options: dict) -> list[tuple[int, ...]]:
     """``"n,n,...[,g2][,h1];..."`` -> one tuple per variant: its ``numbers`` ints, then the value of each of
-    ``options`` (letters of OPTIONS, in that order; an absent one takes its default)."""
+    ``options`` (letter -> default, in that order; an absent one takes its default)."""
     out = []
     for part in spec.split(";"):
         fields = part.split(",")
-        head, opts = fields[:numbers], {k: OPTIONS[k] for k in options}
+        head, opts = fields[:numbers], dict(options)
         for f in fields[numbers:]:
             if f[:1] not in opts or not f[1:].isdigit():
                 raise SystemExit(f"variant {part!r}: {f!r} must be a letter of {options!r} and a number, e.g. g2")
@@ -147,9 +146,9 @@ def parse_variants(spec: str, numbers: int, options: str) -> list[tuple[int, ...
     return out
 
 
-def opts_name(**opts) -> str:
+def opts_name(defaults: dict, **opts) -> str:
     """The non-default options of a variant for its row name, e.g. ' g2 h1' ('' when all are default)."""
-    return "".join(f" {k}{v}" for k, v in opts.items() if v != OPTIONS[k])
+    return "".join(f" {k}{v}" for k, v in opts.items() if v != defaults[k])
 
 
 # ------------------------------------------------------------------------------------------- parts
@@ -192,7 +191,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
             continue
         s, runs = time_fn(fn, arrays, reps)
         results[v] = s
-        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(g=g)} exact={ok}", s, n,
+        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g)} exact={ok}", s, n,
                ratio=ratio, exact=ok, spread_ms=[min(runs) * 1e3, max(runs) * 1e3], first_call_s=first,
                temp_bytes=temp_bytes(lambda *a: fn(*a), *arrays[0]) if v == variants[0] else None)
     return results, arrays, meta, ratio
@@ -251,7 +250,7 @@ def bench_float_layer(layer, rotate, reps, variants):
         ok = all(same_bits(o, x) for o, x in zip(outs, xs))
         del outs
         s, _ = time_fn(one, sets, reps)
-        record("bf16-lossless layer", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(g=g)} exact={ok}",
+        record("bf16-lossless layer", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g)} exact={ok}",
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
                temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
         log(f"    (first call incl. compile {first:.1f}s)")
@@ -261,7 +260,7 @@ def bench_float_layer(layer, rotate, reps, variants):
                                                             prefetch=pf, word_group=g, interpret=INTERPRET)
                                for t, m in zip(ts, metas)])
     s, _ = time_fn(sep, sets, reps)
-    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(g=g)}", s, n_total)
+    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g)}", s, n_total)
     ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3])
                                for t, m in zip(ts, metas)])
     s, _ = time_fn(ref, sets[:1], 3)
@@ -288,7 +287,7 @@ def bench_int8(shape, rotate, reps, variants, label):
             hoist_scale=bool(h), interpret=INTERPRET))
         ok = same_bits(fn(*arrays[0]), want)
         s, _ = time_fn(fn, arrays, reps)
-        record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(g=g, h=h)} exact={ok}", s, meta[0],
+        record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g, h=h)} exact={ok}", s, meta[0],
                ratio=ratio, exact=ok, temp_bytes=temp_bytes(fn, *arrays[0]) if best is None else None)
         best = min(best or (s, un, nw, cb, pf, g, h), (s, un, nw, cb, pf, g, h))
     ref = jax.jit(lambda *a: rans_int8.rans_int8_reference(*a, n=meta[0], rows=meta[1], cols=meta[2],
@@ -326,7 +325,7 @@ def bench_int8_layer(rotate, reps, variant):
     ok = all(same_bits(o, w) for o, w in zip(one(*sets[0]), wants))
     log(f"    (first call incl. compile and check {time.perf_counter() - t0:.1f}s)")
     s, _ = time_fn(one, sets, reps)
-    record("int8 layer", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(g=g, h=h)} exact={ok}", s, n_total,
+    record("int8 layer", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g, h=h)} exact={ok}", s, n_total,
            ratio=ratio, exact=ok,
            temp_bytes=temp_bytes(one, *sets[0]))
 
@@ -384,7 +383,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: "
                     "matrix,layer,int8,int8layer,square,zstd,ref,ceiling,stacked")
     ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p[,gG];...' (default: FLOAT_VARIANTS; "
-                    "gG: word_group G, see OPTIONS)")
+                    "gG: word_group G, see FLOAT_OPTIONS)")
     ap.add_argument("--layer-variants", help="bf16 layer variants, same form (default: LAYER_VARIANTS)")
     ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p[,gG][,hH];...' (default: INT8_VARIANTS; "
                     "hH: hoist_scale on (1) or off (0))")
@@ -404,7 +403,7 @@ def main():
     def parse(spec, defaults, numbers, options):  # a flag's variants, or the defaults with default options
         if spec:
             return parse_variants(spec, numbers, options)
-        return [tuple(v) + tuple(OPTIONS[k] for k in options) for v in defaults]
+        return [tuple(v) + tuple(options.values()) for v in defaults]
     variants = parse(args.variants, FLOAT_VARIANTS, 5, FLOAT_OPTIONS)
     best = variants[0]
     if not {"matrix", "ceiling", "ref", "zstd"} <= skip:
