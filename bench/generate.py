@@ -95,15 +95,18 @@ for _codec, _mode in [("bf16-lossless", "compressed"), ("bf16-lossless", "decode
 def random_tensors(cfg: llama.LlamaConfig, seed: int = 0):
     """get(name) -> a Gaussian (std 0.02; norms 1) bfloat16 host array, the same for a name on every call
     and the same in every layer.
-    Drawn on the device, where an 8B model's worth takes seconds rather than NumPy's minutes."""
+    Drawn by XLA on the CPU (all cores: seconds for an 8B model's worth, where NumPy takes minutes), not on
+    the GPU: the draw's float32 temporaries would otherwise count in the GPU's peak memory and fragment
+    its allocator before the weights arrive, which a real checkpoint's load does not do."""
     shapes = llama.param_shapes(cfg)
 
     def get(name):
         if name.endswith("norm.weight"):
             return np.ones(shapes[name], jnp.bfloat16)
         shared = re.sub(r"\.layers\.\d+\.", ".layers.*.", name)  # every layer holds the same values
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(shared.encode()))
-        return np.asarray((0.02 * jax.random.normal(key, shapes[name], jnp.float32)).astype(jnp.bfloat16))
+        with jax.default_device(jax.devices("cpu")[0]):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(shared.encode()))
+            return np.asarray((0.02 * jax.random.normal(key, shapes[name], jnp.float32)).astype(jnp.bfloat16))
 
     get.shared_layers = True
     return get

@@ -12,23 +12,23 @@ python3 -P -c "import jax, jcodec; print('jax', jax.__version__, jax.devices())"
 # -P: import jcodec from the installed package, not from the source folder (whose layout maps subpackages)
 if [ "${TEST_S:-240}" != 0 ]; then
   timeout ${TEST_S:-240} python3 -P -m pytest ${TESTS:-tests/test_kernels.py tests/test_llama.py tests/test_generate.py} \
-      -q -p no:cacheprovider -rf --durations=5 2>&1 | tee $OUT/gpu_tests.log | tail -25
+      -q -p no:cacheprovider -rf --durations=5 2>&1 | tee $OUT/gpu_tests.log | tail -25; echo "[tests: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${BITWISE_S:-0}" != 0 ]; then
-  timeout ${BITWISE_S} python3 -P bench/bitwise.py --out $OUT/bitwise.json 2>&1 | tee $OUT/bitwise.log | tail -12
+  timeout ${BITWISE_S} python3 -P bench/bitwise.py --out $OUT/bitwise.json 2>&1 | tee $OUT/bitwise.log | tail -12; echo "[bitwise: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${DECODE_S:-0}" != 0 ]; then
   timeout ${DECODE_S} python3 -P bench/decode.py --out $OUT/decode.json ${DECODE_ARGS:-} 2>&1 \
-      | tee $OUT/decode.log | tail -40
+      | tee $OUT/decode.log | tail -40; echo "[decode: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${GEN_S:-0}" != 0 ]; then
   timeout ${GEN_S} python3 -P bench/generate.py --models "${MODELS:-smollm2-135m,llama-3.2-1b,llama-3-8b}" \
       --modes "${MODES:-bf16,bf16-lossless compressed,bf16-lossless decoded,bf16-lossless offload,int8 compressed;llama-3.2-1b=bf16|bf16-lossless compressed|int8 compressed;llama-3-8b=bf16|bf16-lossless compressed}" \
-      --new-tokens 64 --repeats 2 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log | tail -30
+      --new-tokens 64 --repeats 2 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log | tail -30; echo "[generate: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${MEMORY_S:-0}" != 0 ]; then
-  timeout ${MEMORY_S} python3 -P bench/memory.py --out $OUT/memory.json ${MEMORY_ARGS:-} 2>&1 | tee $OUT/memory.log | tail -20
+  timeout ${MEMORY_S} python3 -P bench/memory.py --out $OUT/memory.json ${MEMORY_ARGS:-} 2>&1 | tee $OUT/memory.log | tail -20; echo "[memory: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${LOAD_S:-0}" != 0 ]; then
-  timeout ${LOAD_S} python3 -P bench/load.py --out $OUT/load.json ${LOAD_ARGS:-} 2>&1 | tee $OUT/load.log | tail -20
+  timeout ${LOAD_S} python3 -P bench/load.py --out $OUT/load.json ${LOAD_ARGS:-} 2>&1 | tee $OUT/load.log | tail -20; echo "[load: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
