@@ -24,7 +24,7 @@ fi
 if [ "${GEN_S:-0}" != 0 ]; then
   XLA_FLAGS="${GEN_XLA_FLAGS:-${XLA_FLAGS:-}}" timeout ${GEN_S} python3 -P bench/generate.py --models "${MODELS:-smollm2-135m,llama-3.2-1b,llama-3-8b}" \
       --modes "${MODES:-bf16,bf16-lossless compressed,bf16-lossless decoded,bf16-lossless offload,int8 compressed;llama-3.2-1b=bf16|bf16-lossless compressed|int8 compressed;llama-3-8b=bf16|bf16-lossless compressed}" \
-      --new-tokens 64 --repeats 2 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log | tail -30; echo "[generate: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
+      --new-tokens 64 --repeats 2 ${GEN_ARGS:-} --out $OUT/generate.json 2>&1 | tee $OUT/generate.log | tail -30; echo "[generate: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${MEMORY_S:-0}" != 0 ]; then
   timeout ${MEMORY_S} python3 -P bench/memory.py --out $OUT/memory.json ${MEMORY_ARGS:-} 2>&1 | tee $OUT/memory.log | tail -20; echo "[memory: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
