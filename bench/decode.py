@@ -227,7 +227,7 @@ def bench_zstd(x, reps):
 
 
 @guarded("bf16-lossless layer")
-def bench_float_layer(layer, rotate, reps, variants):
+def bench_float_layer(layer, rotate, reps, variants, skip=frozenset()):
     xs = [x for x, _ in layer]
     encs = [e for _, e in layer]
     n_total = sum(x.size for x in xs)
@@ -254,6 +254,8 @@ def bench_float_layer(layer, rotate, reps, variants):
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
                temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
         log(f"    (first call incl. compile {first:.1f}s)")
+    if "separate" in skip:
+        return
     bl, un, nw, cb, pf, g = variants[0]
     sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3],
                                                             block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb,
@@ -261,10 +263,15 @@ def bench_float_layer(layer, rotate, reps, variants):
                                for t, m in zip(ts, metas)])
     s, _ = time_fn(sep, sets, reps)
     record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g)}", s, n_total)
+    if "ref" in skip and "ceiling" in skip:
+        return
     ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3])
                                for t, m in zip(ts, metas)])
-    s, _ = time_fn(ref, sets[:1], 3)
-    record("bf16-lossless layer", "pure-JAX reference under XLA", s, n_total)
+    if "ref" not in skip:
+        s, _ = time_fn(ref, sets[:1], 3)
+        record("bf16-lossless layer", "pure-JAX reference under XLA", s, n_total)
+    if "ceiling" in skip:
+        return
     copies = [tuple(jax.device_put(x) for x in xs) for _ in range(rotate)]
     ew = jax.jit(lambda *a: [lax_xor(t) for t in a])
     s, _ = time_fn(ew, copies, reps)
@@ -381,7 +388,8 @@ def main():
     ap.add_argument("--rotate", type=int, default=3, help="input copies a timed run cycles through")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a dry run of this script on CPU")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: "
-                    "matrix,layer,int8,int8layer,square,zstd,ref,ceiling,stacked")
+                    "matrix,layer,int8,int8layer,square,zstd,ref,ceiling,stacked,separate (ref and "
+                    "ceiling cover the layer's rows too; separate: the layer in one launch per tensor)")
     ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p[,gG];...' (default: FLOAT_VARIANTS; "
                     "gG: word_group G, see FLOAT_OPTIONS)")
     ap.add_argument("--layer-variants", help="bf16 layer variants, same form (default: LAYER_VARIANTS)")
@@ -434,7 +442,7 @@ def main():
                                seed0=30)
             log(f"encoded layer in {time.time() - t0:.1f}s")
             lv = parse(args.layer_variants, LAYER_VARIANTS, 5, FLOAT_OPTIONS)
-            bench_float_layer(layer, args.rotate, args.reps, lv)
+            bench_float_layer(layer, args.rotate, args.reps, lv, skip)
             del layer
         if "int8" not in skip:
             bench_int8(MATRIX, args.rotate, args.reps, parse(args.int8_variants, INT8_VARIANTS, 4, INT8_OPTIONS),

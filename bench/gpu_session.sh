@@ -9,10 +9,11 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-d
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 nvidia-smi -L
 python3 -P -c "import jax, jcodec; print('jax', jax.__version__, jax.devices())"
+# (pytest: pyproject's addopts already has -q; a second -q would hide the summary line)
 # -P: import jcodec from the installed package, not from the source folder (whose layout maps subpackages)
 if [ "${TEST_S:-240}" != 0 ]; then
   timeout ${TEST_S:-240} python3 -P -m pytest ${TESTS:-tests/test_kernels.py tests/test_llama.py tests/test_generate.py} \
-      -q -p no:cacheprovider -rf --durations=5 2>&1 | tee $OUT/gpu_tests.log | tail -25; echo "[tests: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
+      -p no:cacheprovider -rf --durations=5 2>&1 | tee $OUT/gpu_tests.log | tail -25; echo "[tests: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${BITWISE_S:-0}" != 0 ]; then
   timeout ${BITWISE_S} python3 -P bench/bitwise.py --out $OUT/bitwise.json 2>&1 | tee $OUT/bitwise.log | tail -12; echo "[bitwise: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
