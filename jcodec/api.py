@@ -1,7 +1,7 @@
 """`jcodec.load`: a checkpoint (jcodec, HF folder or GGUF) as model params, in one of three modes.
 
-- ``decoded``: every weight decoded once at load (on the device: the Pallas kernel on GPU, one launch per
-  stacked field of all layers), then plain arrays.
+- ``decoded``: every weight decoded once at load (on the device: the Pallas kernel on GPU, the whole model's
+  bf16-lossless tensors in one launch, see :func:`load_decoded`), then plain arrays.
 - ``compressed``: rANS-coded weights stay compressed on the device as CompressedTensors; the forward pass
   decodes each layer inside its ``lax.scan`` step, so peak memory is the compressed model plus one layer.
 - ``offload``: like ``compressed``, but the compressed weights live in host memory and each layer's are
@@ -139,7 +139,8 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
     import time
 
     from jcodec.models import llama
-    from jcodec.tensor import PACK_LIMIT, PackBuilder, decode_pack, host_arrays
+    from jcodec.pallas_kernels.rans_common import RAW_BYTES
+    from jcodec.tensor import PackBuilder, decode_pack, fill_packs, host_arrays
 
     clock, t0 = time.perf_counter, time.perf_counter()
     timings = {} if timings is None else timings
@@ -149,31 +150,20 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
     L = cfg.num_layers
     groups = [(hf, [f"model.layers.{i}.{hf}" for i in range(L)]) for hf in llama.LAYER_NAMES.values()]
     groups += [(n, [n]) for n in ("model.embed_tokens.weight", "lm_head.weight") if n in names]
-    packs: dict[tuple, list[list]] = {}  # geometry -> packs -> groups; each pack < 2^31 values
+    items = []  # (group, geometry, raw bytes) of the groups that can be packed
     for key, members in groups:
         recs = [_pack_record(ckpt, n) if n in names else None for n in members]
-        if not all(recs):  # not all bf16-lossless with a well-formed record: the general way (which checks it)
+        if not all(recs) or len({r[:3] for r in recs}) > 1:  # not packable: the general way (which checks it)
             continue
-        geometry = {r[:3] for r in recs}
-        if len(geometry) > 1:
-            continue
-        size = sum(r[3] for r in recs) * (3 if recs[0][2] == "float32" else 1)
-        if size > PACK_LIMIT:
-            continue
-        chain = packs.setdefault(geometry.pop(), [[]])
-        if sum(s for _, _, s in chain[-1]) + size > PACK_LIMIT:
-            chain.append([])
-        chain[-1].append((key, members, size))
+        items.append(((key, members, recs), recs[0][:3], sum(r[3] for r in recs) * RAW_BYTES[recs[0][2]]))
     fields, singles = {}, {}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         jobs = []
-        for (lanes, steps, dtype_name), chain in packs.items():
-            for pack_groups in filter(None, chain):
-                tensors = [(j, _pack_record(ckpt, n)[3], _pack_record(ckpt, n)[4])
-                           for j, (_, members, _) in enumerate(pack_groups) for n in members]
-                builder = PackBuilder(tensors, lanes, steps, dtype_name)
-                fn = jax.jit(functools.partial(decode_pack, **builder.static))
-                jobs.append((pack_groups, builder, pool.submit(lambda f, a: f.lower(a).compile(), fn, builder.abstract())))
+        for (lanes, steps, dtype_name), pack_groups in fill_packs(items):
+            tensors = [(j, r[3], r[4]) for j, (_, _, recs) in enumerate(pack_groups) for r in recs]
+            builder = PackBuilder(tensors, lanes, steps, dtype_name)
+            fn = jax.jit(functools.partial(decode_pack, **builder.static))
+            jobs.append((pack_groups, builder, pool.submit(lambda f, a: f.lower(a).compile(), fn, builder.abstract())))
         for pack_groups, builder, _ in jobs:  # the file, read while the decoders compile
             i = 0
             for _, members, _ in pack_groups:

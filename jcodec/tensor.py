@@ -446,23 +446,29 @@ def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, backend: s
     return rans_pack.rans_float_pack_reference(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype)
 
 
+def fill_packs(items, limit: int = PACK_LIMIT) -> list[tuple]:
+    """``items`` of ``(key, geometry, size)`` (size in raw bytes) into packs, in order: one geometry per pack,
+    a new pack when the next item would pass ``limit``; an item larger than ``limit`` fits none and is left
+    out. Returns ``[(geometry, [key, ...]), ...]``."""
+    chains: dict[tuple, list] = {}
+    for key, geometry, size in items:
+        if size > limit:
+            continue
+        chain = chains.setdefault(geometry, [])
+        if not chain or chain[-1][0] + size > limit:
+            chain.append([0, []])
+        chain[-1][0] += size
+        chain[-1][1].append(key)
+    return [(geometry, keys) for geometry, chain in chains.items() for _, keys in chain]
+
+
 def pack_groups(cts: list, limit: int = PACK_LIMIT) -> list[list[int]]:
     """Indices of ``cts`` grouped into packs: host ``bf16-lossless`` tensors of one geometry, each pack below
     ``limit`` values; tensors that fit no pack (or are on a device) are left out."""
-    groups: dict[tuple, list[list[int]]] = {}
-    for i, ct in enumerate(cts):
-        m = ct.meta
-        if m.codec != "bf16-lossless" or len(ct.batch_shape) > 1 \
-                or not all(isinstance(a, np.ndarray) for a in ct.arrays.values()):
-            continue
-        values = _pack_values(ct)
-        if values > limit:
-            continue
-        packs = groups.setdefault((m.lanes, m.steps, m.dtype), [[]])
-        if sum(_pack_values(cts[k]) for k in packs[-1]) + values > limit:
-            packs.append([])
-        packs[-1].append(i)
-    return [p for packs in groups.values() for p in packs if p]
+    items = [(i, (ct.meta.lanes, ct.meta.steps, ct.meta.dtype), _pack_values(ct)) for i, ct in enumerate(cts)
+             if ct.meta.codec == "bf16-lossless" and len(ct.batch_shape) <= 1
+             and all(isinstance(a, np.ndarray) for a in ct.arrays.values())]
+    return [keys for _, keys in fill_packs(items, limit)]
 
 
 def _pack_values(ct) -> int:

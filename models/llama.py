@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jcodec.codecs import DEFAULT_LANES, DEFAULT_STEPS
 from jcodec.tensor import (CompressedTensor, decode_rows, decode_tiles, decode_window, materialize, materialize_all,
                            stack_layers, take_rows)
 
@@ -423,7 +424,7 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
 
 
 HEAD_CHUNK_MIN = 1 << 26  # an output head of at most this many weights is multiplied (and decoded) whole
-HEAD_CHUNK_TILE = 128 * 1024  # values per tile of the converter's default geometry (codecs.DEFAULT_LANES x STEPS)
+HEAD_CHUNK_TILE = DEFAULT_LANES * DEFAULT_STEPS  # values per tile of the converter's default geometry
 
 
 def head_chunk_rows(cfg: LlamaConfig) -> int | None:

@@ -81,11 +81,7 @@ def rans_float_kernel(
 
     def read_raw(k):  # [B] uint32 raw bits of step k (masked past the end)
         i = c * n + first + k * lanes
-        ok = live & (first + k * lanes < n) & (k < steps)
-        if rb == 1:
-            return plgpu.load(raw_ref.at[i], mask=ok, other=0).astype(jnp.uint32)
-        b = [plgpu.load(raw_ref.at[3 * i + j], mask=ok, other=0).astype(jnp.uint32) for j in range(3)]
-        return b[0] | (b[1] << 8) | (b[2] << 16)
+        return load_raw(raw_ref, i, live & (first + k * lanes < n) & (k < steps), rb)
 
     def block(b, carry):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
         lane_state, raws, touched = carry
@@ -194,6 +190,15 @@ def check_window(tensors, tiles, start, window: int) -> list:
 def group_shift(words_ref) -> int:
     """log2 of the words per element of ``words_ref``: 0 for uint16 words, 1 for uint32 word pairs."""
     return {2: 0, 4: 1}[jnp.dtype(words_ref.dtype).itemsize]
+
+
+def load_raw(raw_ref, i, ok, rb: int):
+    """[B] uint32 raw bits of values ``i`` (masked by ``ok``): the raw byte, or (``rb`` = 3, float32) the
+    24-bit little-endian value of the three raw bytes (``rans_common.join_float``'s ``raw``)."""
+    if rb == 1:
+        return plgpu.load(raw_ref.at[i], mask=ok, other=0).astype(jnp.uint32)
+    b = [plgpu.load(raw_ref.at[3 * i + j], mask=ok, other=0).astype(jnp.uint32) for j in range(3)]
+    return b[0] | (b[1] << 8) | (b[2] << 16)
 
 
 def lanes_init(words_ref, offsets_ref, states_ref, lane, word_base, prefetch: int):

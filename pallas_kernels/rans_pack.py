@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import check_table, kernel_table, lanes_init, lanes_step
+from .rans_float import check_table, kernel_table, lanes_init, lanes_step, load_raw
 
 INFO = 5  # int32 fields per tile in ``info``
 OUT, OUT_AT, RAW_AT, COUNT, TABLE = range(INFO)
@@ -56,12 +56,7 @@ def rans_pack_kernel(
     rb = rc.RAW_BYTES[dtype]
 
     def read_raw(k):  # [B] uint32 raw bits of step k (masked past each tile's values)
-        i = raw_at + l + k * lanes
-        ok = live & (l + k * lanes < count) & (k < steps)
-        if rb == 1:
-            return plgpu.load(raw_ref.at[i], mask=ok, other=0).astype(jnp.uint32)
-        b = [plgpu.load(raw_ref.at[3 * i + j], mask=ok, other=0).astype(jnp.uint32) for j in range(3)]
-        return b[0] | (b[1] << 8) | (b[2] << 16)
+        return load_raw(raw_ref, raw_at + l + k * lanes, live & (l + k * lanes < count) & (k < steps), rb)
 
     no_prefetch = jnp.zeros((block_lanes,), jnp.uint32)
 
