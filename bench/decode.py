@@ -41,15 +41,16 @@ SQUARE = (4096, 4096)
 LAYER = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
          "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
 # (block_lanes, unroll, num_warps, coarse_bits, prefetch) of the bf16-lossless kernel to time on the matrix
-FLOAT_VARIANTS = [(128, 8, 4, 5, 0), (128, 4, 4, 5, 0), (256, 8, 8, 5, 0), (128, 8, 4, 0, 0), (128, 8, 4, 5, 32)]
+FLOAT_VARIANTS = [(128, 8, 4, 5, 0), (128, 4, 4, 5, 0), (256, 8, 8, 5, 0), (128, 8, 4, 0, 0), (128, 8, 4, 5, 8)]
 # one launch for the whole layer: unroll 4 (each tensor adds a copy of the loop; unroll 8 compiles 4x longer)
 LAYER_VARIANTS = [(128, 4, 4, 5, 0), (256, 4, 8, 5, 0)]
-INT8_VARIANTS = [(8, 4, 5, 0), (8, 4, 0, 0), (8, 4, 5, 32)]  # (unroll, num_warps, coarse_bits, prefetch)
+INT8_VARIANTS = [(8, 4, 5, 0), (8, 4, 0, 0), (8, 4, 5, 8)]  # (unroll, num_warps, coarse_bits, prefetch)
 INT8_LAYER_VARIANT = (4, 4, 5, 0)
 # Options after a variant's numbers, as a letter and a value ("128,4,4,5,0,g2", "4,2,5,0,g2,h1"); absent ones
 # take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for
-# bf16-lossless), h hoist_scale (int8: 1 keeps each lane's row scale in a register).
-FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1}, {"g": 2, "h": 0}
+# bf16-lossless), r raw_early (bf16-lossless: 1 loads a block's raw bytes at the top of the block before),
+# h hoist_scale (int8: 1 keeps each lane's row scale in a register).
+FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1, "r": 0}, {"g": 2, "h": 0}
 
 ROWS: list[dict] = []
 INTERPRET = jax.default_backend() != "gpu"  # on CPU (a dry run of this script) the kernels are interpreted
@@ -178,10 +179,10 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     log(f"[{label}] bf16-lossless {x.shape}: ratio {ratio:.4f} (file {enc.nbytes} B; device {cts[0].nbytes} B)")
     results = {}
     for v in variants:
-        bl, un, nw, cb, pf, g = v
-        fn = jax.jit(lambda *a, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g: rans_float.rans_float_decode(
+        bl, un, nw, cb, pf, g, r = v
+        fn = jax.jit(lambda *a, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode(
             *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], block_lanes=bl, unroll=un, num_warps=nw,
-            coarse_bits=cb, prefetch=pf, word_group=g, interpret=INTERPRET))
+            coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET))
         try:
             t0 = time.perf_counter()
             ok = same_bits(fn(*arrays[0]), x)
@@ -191,7 +192,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
             continue
         s, runs = time_fn(fn, arrays, reps)
         results[v] = s
-        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g)} exact={ok}", s, n,
+        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}", s, n,
                ratio=ratio, exact=ok, spread_ms=[min(runs) * 1e3, max(runs) * 1e3], first_call_s=first,
                temp_bytes=temp_bytes(lambda *a: fn(*a), *arrays[0]) if v == variants[0] else None)
     return results, arrays, meta, ratio
@@ -239,10 +240,10 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset()):
     metas = tuple(m for _, m in args)
     log(f"[layer] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
     for v in variants:
-        bl, un, nw, cb, pf, g = v
-        one = jax.jit(lambda *ts, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g: rans_float.rans_float_decode_many(
+        bl, un, nw, cb, pf, g, r = v
+        one = jax.jit(lambda *ts, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode_many(
             list(ts), metas=metas, block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
-            word_group=g, interpret=INTERPRET))
+            word_group=g, raw_early=bool(r), interpret=INTERPRET))
         t0 = time.perf_counter()
         outs = one(*sets[0])
         jax.block_until_ready(outs)
@@ -250,19 +251,19 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset()):
         ok = all(same_bits(o, x) for o, x in zip(outs, xs))
         del outs
         s, _ = time_fn(one, sets, reps)
-        record("bf16-lossless layer", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g)} exact={ok}",
+        record("bf16-lossless layer", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}",
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
                temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
         log(f"    (first call incl. compile {first:.1f}s)")
     if "separate" in skip:
         return
-    bl, un, nw, cb, pf, g = variants[0]
+    bl, un, nw, cb, pf, g, r = variants[0]
     sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3],
                                                             block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb,
-                                                            prefetch=pf, word_group=g, interpret=INTERPRET)
+                                                            prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
                                for t, m in zip(ts, metas)])
     s, _ = time_fn(sep, sets, reps)
-    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g)}", s, n_total)
+    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)}", s, n_total)
     if "ref" in skip and "ceiling" in skip:
         return
     ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3])
@@ -372,10 +373,10 @@ def profile_once():
     """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
     x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)[0]
     args, meta = tensor.kernel_args(tensor.from_encoded(enc))
-    (bl, un, nw, cb, pf, g), = parse_variants(os.environ.get("PROFILE_VARIANT", "128,8,4,0,32"), 5, FLOAT_OPTIONS)
+    (bl, un, nw, cb, pf, g, r), = parse_variants(os.environ.get("PROFILE_VARIANT", "128,8,4,5,0"), 5, FLOAT_OPTIONS)
     out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
                                        block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
-                                       word_group=g, interpret=INTERPRET)
+                                       word_group=g, raw_early=bool(r), interpret=INTERPRET)
     log("profile run exact:", same_bits(out, x))
 
 
@@ -390,12 +391,14 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: "
                     "matrix,layer,int8,int8layer,square,zstd,ref,ceiling,stacked,separate (ref and "
                     "ceiling cover the layer's rows too; separate: the layer in one launch per tensor)")
-    ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p[,gG];...' (default: FLOAT_VARIANTS; "
-                    "gG: word_group G, see FLOAT_OPTIONS)")
+    ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p[,gG][,rR];...' (default: FLOAT_VARIANTS; "
+                    "gG: word_group G, r1: raw_early, see FLOAT_OPTIONS)")
     ap.add_argument("--layer-variants", help="bf16 layer variants, same form (default: LAYER_VARIANTS)")
     ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p[,gG][,hH];...' (default: INT8_VARIANTS; "
                     "hH: hoist_scale on (1) or off (0))")
     ap.add_argument("--int8-layer-variants", help="int8 layer variants, same form (default: INT8_LAYER_VARIANT)")
+    ap.add_argument("--matrix-steps", default="", help="also time the 4096 x 14336 matrix encoded with these "
+                    "steps per lane (comma list; the default geometry's row is always there)")
     ap.add_argument("--square-steps", default="1024,512,256", help="steps per lane to encode the 4096 x 4096 matrix with")
     args = ap.parse_args()
     if args.profile:
@@ -427,7 +430,11 @@ def main():
             bench_float_reference(x, res[1], res[2], args.rotate, args.reps)
         if "zstd" not in skip:
             bench_zstd(x, args.reps)
-        del x, enc
+        del x, enc, res
+        for steps in [int(v) for v in args.matrix_steps.split(",") if v] if "matrix" not in skip else []:
+            (x, enc), = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, steps)
+            bench_float_matrix(x, enc, args.rotate, args.reps, variants, label=f"matrix s{steps}")
+            del x, enc
     if not args.quick:
         if "stacked" not in skip:
             for codec in ("bf16-lossless", "int8"):

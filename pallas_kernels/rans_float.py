@@ -51,7 +51,7 @@ def rans_float_kernel(
     sink_ref,     # [programs * block_lanes] uint32: what the prefetching loads read (never used); None
                   # without prefetch
     *, program, n: int, lanes: int, steps: int, dtype: str, copies: int, block_lanes: int, unroll: int,
-    coarse_bits: int, prefetch: int, start_ref=None, window: int = 0,
+    coarse_bits: int, prefetch: int, start_ref=None, window: int = 0, raw_early: bool = False,
 ):
     """Decode ``block_lanes`` consecutive lanes of the tiles this launch decodes: lanes
     ``p * block_lanes ...`` of output copy ``o``, where ``program = o * programs_per_copy + p``; that is
@@ -84,32 +84,35 @@ def rans_float_kernel(
         return load_raw(raw_ref, i, live & (first + k * lanes < n) & (k < steps), rb)
 
     def block(b, carry):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
-        lane_state, raws, touched = carry
-        next_raws, next_touched = [], []
+        lane_state, raws = carry
+        touched = lanes_touch(words_ref, lane_state, prefetch)
+        # raw_early: the next block's raw bytes all at the top (the loop head waits for every load still in
+        # flight, so a load issued late in a block stalls the next one for most of a memory latency)
+        next_raws = [read_raw((b + 1) * unroll + u) for u in range(unroll)] if raw_early else []
         for u in range(unroll):
             k = b * unroll + u
-            sym, lane_state, tu = lanes_step(words_ref, table_ref, lane_state, touched[u], coarse_bits, prefetch,
-                                             table_base)
+            sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
             bits = rc.join_float(sym, raws[u], dtype).astype(out_ref.dtype)
             plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits,
                         mask=live & (first + k * lanes < n))
-            next_raws.append(read_raw(k + unroll))
-            next_touched.append(tu)
-        return lane_state, tuple(next_raws), tuple(next_touched)
+            if not raw_early:
+                next_raws.append(read_raw(k + unroll))
+        return lanes_fold(lane_state, touched), tuple(next_raws)
 
     raws = tuple(read_raw(u) for u in range(unroll))
-    touched = (jnp.zeros((block_lanes,), jnp.uint32),) * unroll
-    lane_state, _, touched = lax.fori_loop(0, steps // unroll, block, (lane_state, raws, touched))
+    lane_state, _ = lax.fori_loop(0, steps // unroll, block, (lane_state, raws))
     if prefetch:
-        plgpu.store(sink_ref.at[program * block_lanes + jnp.arange(block_lanes)], lanes_sink(lane_state, touched))
+        plgpu.store(sink_ref.at[program * block_lanes + jnp.arange(block_lanes)], lane_state[3])
 
 
 # Word prefetch. A lane reads its words one at a time, ~0.16 (exponents) to ~0.4 (int8 residuals) per step,
-# so it enters a new 32-byte sector every 40-100 steps, and the first read of a sector comes from DRAM: the
-# warp then waits in the middle of its dependency chain, and with 32 lanes a warp this happens every few
-# steps. So when a lane enters a sector it also loads the word `prefetch` words ahead (into L1); that value
-# is first used `unroll` steps later, folded into a sink that is stored at the end (a load whose value is
-# unused would be removed by the compiler, and Pallas has no prefetch instruction).
+# so it enters a new 32-byte sector every 40-100 steps, and that first read comes from L2 or DRAM: the warp
+# then waits in the middle of its dependency chain (ncu: the word's first use is where the matrix kernel
+# waits most). With ``prefetch`` = P, at the top of each block of ``unroll`` steps every lane within P words
+# of its next sector loads a word of it (into L1), and folds the value into a sink at the END of the block:
+# the first instruction that reads a loaded register is where a warp waits for it, and the loop head waits
+# for every load still in flight, so a load issued at the top has the whole block to arrive. (Pallas has no
+# prefetch instruction, and a load whose value is unused is deleted, hence the sink, stored at the end.)
 SECTOR_WORDS = 16
 # Word pairs. A lane that renormalises loads its next word with a per-lane gather: one L1 wavefront per
 # such lane, ~0.16 (exponents) to ~0.41 (int8 residuals) of the lanes every step. With word_group=2 the
@@ -125,8 +128,8 @@ def check_launch(tensors, metas, unroll: int, num_warps: int, prefetch: int, til
         raise ValueError(f"{len(tensors)=} must equal {len(metas)=} and be >= 1")
     if unroll < 1 or num_warps < 1:
         raise ValueError(f"{unroll=} and {num_warps=} must be >= 1")
-    if prefetch < 0 or prefetch % SECTOR_WORDS:
-        raise ValueError(f"{prefetch=} must be a multiple of {SECTOR_WORDS} (0: none)")
+    if not 0 <= prefetch <= SECTOR_WORDS:
+        raise ValueError(f"{prefetch=} must be in [0, {SECTOR_WORDS}] words (0: no prefetch)")
     tiles = [None] * len(metas) if tiles is None else list(tiles)
     if len(tiles) != len(metas):
         raise ValueError(f"{len(tiles)=} must equal {len(metas)=}")
@@ -203,7 +206,7 @@ def load_raw(raw_ref, i, ok, rb: int):
 
 def lanes_init(words_ref, offsets_ref, states_ref, lane, word_base, prefetch: int):
     """Start of lanes ``lane`` ([B] int32), whose word streams start ``word_base`` elements into ``words_ref``
-    (a stack's copy): (x, ptr, next word, sink); touches the sectors ahead.
+    (a stack's copy): (x, ptr, next word, sink); with ``prefetch`` the sink holds a word of the next sector.
 
     ``words_ref`` holds uint16 words, or uint32 word pairs (``kernel_words``, ``word_group=2``): then the
     lane keeps the pair that holds its read position ``ptr`` (counted in words) in place of the word.
@@ -214,16 +217,33 @@ def lanes_init(words_ref, offsets_ref, states_ref, lane, word_base, prefetch: in
     ptr = offsets_ref[lane].astype(jnp.int32) + (word_base << shift)
     word = words_ref[jnp.minimum(ptr >> shift, last)].astype(jnp.uint32)
     sink = jnp.zeros_like(x)
-    for d in range(SECTOR_WORDS, prefetch + 1, SECTOR_WORDS):
-        sink = sink ^ words_ref[jnp.minimum((ptr + d) >> shift, last)].astype(jnp.uint32)
+    if prefetch:
+        sink = words_ref[jnp.minimum((ptr + SECTOR_WORDS) >> shift, last)].astype(jnp.uint32)
     return x, ptr, word, sink
 
 
-def lanes_step(words_ref, table_ref, lane_state, touched, coarse_bits: int, prefetch: int, table_base=0):
-    """One decode step of every lane: (symbol uint32, new lane state, this step's prefetch value).
+def lanes_touch(words_ref, lane_state, prefetch: int):
+    """At the top of a block: the lanes within ``prefetch`` words of their next sector load a word of it (see
+    "Word prefetch"); returns what they read, for :func:`lanes_fold` at the end of the block (None: off)."""
+    if not prefetch:
+        return None
+    ptr = lane_state[1]
+    ahead = ptr + prefetch
+    near = (ahead // SECTOR_WORDS) != (ptr // SECTOR_WORDS)
+    return plgpu.load(words_ref.at[jnp.minimum(ahead >> group_shift(words_ref), words_ref.shape[0] - 1)],
+                      mask=near, other=0).astype(jnp.uint32)
 
-    ``touched``: the prefetch value of ``unroll`` steps ago; folding it into the sink is its first use.
-    """
+
+def lanes_fold(lane_state, touched):
+    """The lane state with ``touched`` (from :func:`lanes_touch`) folded into its sink: its first use."""
+    if touched is None:
+        return lane_state
+    x, ptr, word, sink = lane_state
+    return x, ptr, word, sink ^ touched
+
+
+def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0):
+    """One decode step of every lane: (symbol uint32, new lane state)."""
     x, ptr, word, sink = lane_state
     shift = group_shift(words_ref)
     last = words_ref.shape[0] - 1
@@ -239,20 +259,7 @@ def lanes_step(words_ref, table_ref, lane_state, touched, coarse_bits: int, pref
         # the word the lane needs next (at most one a step), loaded a step before it can be needed
         word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=need,
                           other=word.astype(jnp.uint16)).astype(jnp.uint32)
-    t = touched
-    if prefetch:
-        sink = sink ^ touched
-        enter = need & ((ptr & (SECTOR_WORDS - 1)) == 0)
-        t = plgpu.load(words_ref.at[jnp.minimum((ptr + prefetch) >> shift, last)], mask=enter,
-                       other=0).astype(jnp.uint32)
-    return sym, (x, ptr, word, sink), t
-
-
-def lanes_sink(lane_state, touched):
-    sink = lane_state[3]
-    for t in touched:
-        sink = sink ^ t
-    return sink
+    return sym, (x, ptr, word, sink)
 
 
 def lookup(table_ref, x, coarse_bits: int, base=0):
@@ -298,7 +305,8 @@ def flat(a):
     return a.reshape(-1)
 
 
-def _many_kernel(*refs, metas, starts, copies, has_tiles, window, block_lanes, unroll, coarse_bits, prefetch):
+def _many_kernel(*refs, metas, starts, copies, has_tiles, window, block_lanes, unroll, coarse_bits, prefetch,
+                 raw_early):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``."""
     ins, tiles, start, outs, sinks = unpack_refs(refs, 5, has_tiles, bool(window), [bool(prefetch)] * len(metas))
     pid = pl.program_id(0)
@@ -309,7 +317,7 @@ def _many_kernel(*refs, metas, starts, copies, has_tiles, window, block_lanes, u
             rans_float_kernel(*ins[5 * k:5 * k + 5], tiles[k], outs[k], sinks[k], program=pid - starts[k], n=n,
                               lanes=lanes, steps=steps, dtype=dtype, copies=copies[k], block_lanes=block_lanes,
                               unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch,
-                              start_ref=start, window=window)
+                              start_ref=start, window=window, raw_early=raw_early)
         return run
 
     rc.run_segment(pid, starts, branch)
@@ -343,11 +351,13 @@ def check_table(table, lead=()):
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "block_lanes", "unroll", "num_warps", "coarse_bits",
-                                             "prefetch", "word_group", "window", "interpret"])
+                                             "prefetch", "word_group", "window", "raw_early",
+                                             "interpret"])
 def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, block_lanes: int = 128,
                            unroll: int = 4,
                            num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
-                           word_group: int = 1, interpret: bool = False) -> list[jax.Array]:
+                           word_group: int = 1, raw_early: bool = False,
+                           interpret: bool = False) -> list[jax.Array]:
     """Decode several ``bf16-lossless`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
     ``tensors``: a sequence of ``(words, offsets, states, raw, table)``, each the arrays of one tensor or
@@ -376,7 +386,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     rc.filter_triton_deprecation()
     kernel = functools.partial(_many_kernel, metas=tuple(metas), starts=tuple(starts), copies=tuple(copies),
                                has_tiles=tuple(tl is not None for tl in tiles), window=window, block_lanes=block_lanes,
-                               unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch)
+                               unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
     sizes = [(window or c) * n if tl is None else tl.shape[0] * lanes * steps
              for c, (n, lanes, steps, _), tl in zip(copies, metas, tiles)]
     outs = pl.pallas_call(
@@ -388,7 +398,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"rans_float_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
-             + (f"_g{word_group}" if word_group > 1 else ""),
+             + (f"_g{word_group}" if word_group > 1 else "") + ("_r1" if raw_early else ""),
     )(*[flat(a) for arrays in tensors
         for a in (kernel_words(arrays[0], word_group), *arrays[1:4], kernel_table(arrays[4], coarse_bits))],
       *[tl for tl in tiles if tl is not None], *extra)
@@ -399,21 +409,24 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
 def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
                       tiles=None, block_lanes: int = 128, unroll: int = 8, num_warps: int = 4,
                       coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, word_group: int = 1,
-                      interpret: bool = False) -> jax.Array:
+                      raw_early: bool = False, interpret: bool = False) -> jax.Array:
     """Decode a ``bf16-lossless`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact.
 
     ``tiles`` (int32[R]): decode only those tiles, to ``dtype[R * L*S]`` (see ``rans_float_decode_many``).
     ``block_lanes`` lanes per program (a power of two), ``unroll`` steps per loop iteration (also how far
     ahead raw bytes are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program,
     ``coarse_bits``: log2 of the slots per coarse-table bucket (0: one gather from the full table),
-    ``prefetch``: how many words ahead a lane touches when it enters a new 32-byte sector (0: never),
+    ``prefetch``: at the top of each block of ``unroll`` steps, lanes within that many words of their next
+    32-byte sector of words load one of its words into L1 (0: never; see "Word prefetch"), ``raw_early``: load
+    the next block's raw bytes at the top of a block (not one per step, spread through it),
     ``word_group``: 1 loads one word per renormalisation; 2 reads the words as uint32 pairs and loads only
     when a lane moves into its next pair (half the per-lane gathers; needs an even word count).
     """
     return rans_float_decode_many([(words, offsets, states, raw, table)], metas=((n, lanes, steps, dtype),),
                                   tiles=None if tiles is None else [tiles], block_lanes=block_lanes,
                                   unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
-                                  prefetch=prefetch, word_group=word_group, interpret=interpret)[0]
+                                  prefetch=prefetch, word_group=word_group, raw_early=raw_early,
+                                  interpret=interpret)[0]
 
 
 # ----------------------------------------------------------------------------------------- reference

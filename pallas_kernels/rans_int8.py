@@ -41,8 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import (check_launch, check_table, check_window, check_words, flat, kernel_table, kernel_words, lanes_init,
-                         lanes_sink, lanes_step, launch_shape, stack_lead, unpack_refs)
+from .rans_float import (check_launch, check_table, check_window, check_words, flat, kernel_table, kernel_words, lanes_fold,
+                         lanes_init, lanes_step, lanes_touch, launch_shape, stack_lead, unpack_refs)
 
 PREDICTORS = ("none", "left", "up")
 
@@ -150,29 +150,27 @@ def rans_int8_kernel(
     def decode_loop(unpredict):
         """The whole tile with one inverse predictor: the per-tile branch is taken once, outside the loop."""
         def block(b, carry):  # `unroll` steps; scales are loaded `unroll` steps before they are used
-            lane_state, scales, held, touched, acc = carry
-            next_scales, next_touched = [], []
+            lane_state, scales, held, acc = carry
+            touched = lanes_touch(words_ref, lane_state, prefetch)
+            next_scales = []
             for u in range(unroll):
                 k = b * unroll + u
-                sym, lane_state, tu = lanes_step(words_ref, table_ref, lane_state, touched[u], coarse_bits,
-                                                 prefetch, table_base)
+                sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
                 q, acc = unpredict(k, jnp.where(live, sym.astype(jnp.int32), 0), acc)
                 plgpu.store(out_ref.at[out_first + k * lanes], (_signed(q) * scales[u]).astype(out_ref.dtype),
                             mask=live & (first + k * lanes < n))
                 scale, held = read_scale(k + unroll, held)
                 next_scales.append(scale)
-                next_touched.append(tu)
-            return lane_state, tuple(next_scales), held, tuple(next_touched), acc
+            return lanes_fold(lane_state, touched), tuple(next_scales), held, acc
 
         def run():
             scales, held = [], held0
             for u in range(unroll):
                 scale, held = read_scale(u, held)
                 scales.append(scale)
-            touched = (jnp.zeros((block_lanes,), jnp.uint32),) * unroll
-            lane_state, _, _, touched, _ = lax.fori_loop(0, steps // unroll, block,
-                                                         (lane_state0, tuple(scales), held, touched, jnp.int32(0)))
-            return lanes_sink(lane_state, touched)
+            lane_state, _, _, _ = lax.fori_loop(0, steps // unroll, block,
+                                                (lane_state0, tuple(scales), held, jnp.int32(0)))
+            return lane_state[3]
         return run
 
     lane_state0 = lane_state

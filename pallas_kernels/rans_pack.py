@@ -58,14 +58,13 @@ def rans_pack_kernel(
     def read_raw(k):  # [B] uint32 raw bits of step k (masked past each tile's values)
         return load_raw(raw_ref, raw_at + l + k * lanes, live & (l + k * lanes < count) & (k < steps), rb)
 
-    no_prefetch = jnp.zeros((block_lanes,), jnp.uint32)
 
     def block(b, carry):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
         lane_state, raws = carry
         next_raws = []
         for u in range(unroll):
             k = b * unroll + u
-            sym, lane_state, _ = lanes_step(words_ref, table_ref, lane_state, no_prefetch, coarse_bits, 0, table_base)
+            sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
             bits = rc.join_float(sym, raws[u], dtype)
             pos = l + k * lanes
             for j, out_ref in enumerate(out_refs):

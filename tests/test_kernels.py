@@ -113,13 +113,13 @@ class TestFloatKernel(KernelTestBase):
         rng = np.random.default_rng(n * 7 + lanes)
         self.check_float(random_float(rng, (n,), dtype), lanes, steps)
 
-    @pytest.mark.parametrize("block_lanes,unroll,num_warps,coarse_bits,prefetch", [
-        (32, 1, 1, 5, 0), (64, 4, 2, 0, 16), (256, 16, 4, 3, 32), (128, 8, 4, 8, 64)])
-    def test_block_sizes(self, block_lanes, unroll, num_warps, coarse_bits, prefetch):
+    @pytest.mark.parametrize("block_lanes,unroll,num_warps,coarse_bits,prefetch,raw_early", [
+        (32, 1, 1, 5, 0, False), (64, 4, 2, 0, 16, True), (256, 16, 4, 3, 1, False), (128, 8, 4, 8, 8, True)])
+    def test_block_sizes(self, block_lanes, unroll, num_warps, coarse_bits, prefetch, raw_early):
         rng = np.random.default_rng(block_lanes + unroll)
         x = random_float(rng, (37, 41), "bfloat16", "bits" if prefetch else "gauss")
         self.check_float(x, 32, 16, block_lanes=block_lanes, unroll=unroll, num_warps=num_warps,
-                         coarse_bits=coarse_bits, prefetch=prefetch)
+                         coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
 
     def test_many_tensors_one_launch(self):
         rng = np.random.default_rng(9)
@@ -207,7 +207,7 @@ class TestInt8Kernel(KernelTestBase):
         assert set(enc.arrays["tiles"][:, 2].tolist()) == {0, 1, 2}
         self.check_int8(x, 32, 16)
 
-    @pytest.mark.parametrize("unroll,num_warps,coarse_bits,prefetch", [(1, 1, 0, 0), (16, 4, 5, 32)])
+    @pytest.mark.parametrize("unroll,num_warps,coarse_bits,prefetch", [(1, 1, 0, 0), (16, 4, 5, 8)])
     def test_block_sizes(self, unroll, num_warps, coarse_bits, prefetch):
         x = np.cumsum(np.random.default_rng(5).standard_normal((48, 80)), axis=0) * 0.02
         self.check_int8(x.astype(np.float16), 32, 16, unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
