@@ -41,11 +41,12 @@ SQUARE = (4096, 4096)
 LAYER = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
          "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
 # (block_lanes, unroll, num_warps, coarse_bits, prefetch) of the bf16-lossless kernel to time on the matrix
-FLOAT_VARIANTS = [(128, 8, 4, 5, 0), (128, 4, 4, 5, 0), (256, 8, 8, 5, 0), (128, 8, 4, 0, 0), (128, 8, 4, 5, 8)]
+# (the first of each list is the kernel's default for that launch: rans_float.ONE_TENSOR / SEVERAL_TENSORS)
+FLOAT_VARIANTS = "128,16,4,5,8,r1;128,16,4,5,0;128,8,4,5,0;256,16,8,5,8,r1;128,16,4,0,8,r1"
 # one launch for the whole layer: unroll 4 (each tensor adds a copy of the loop; unroll 8 compiles 4x longer)
-LAYER_VARIANTS = [(128, 4, 4, 5, 0), (256, 4, 8, 5, 0)]
-INT8_VARIANTS = [(8, 4, 5, 0), (8, 4, 0, 0), (8, 4, 5, 8)]  # (unroll, num_warps, coarse_bits, prefetch)
-INT8_LAYER_VARIANT = (4, 4, 5, 0)
+LAYER_VARIANTS = "128,4,4,5,0;256,4,8,5,0"
+INT8_VARIANTS = "8,4,5,0;8,4,0,0;16,4,5,8"  # unroll, num_warps, coarse_bits, prefetch
+INT8_LAYER_VARIANT = "4,4,5,0"
 # Options after a variant's numbers, as a letter and a value ("128,4,4,5,0,g2", "4,2,5,0,g2,h1"); absent ones
 # take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for
 # bf16-lossless), r raw_early (bf16-lossless: 1 loads a block's raw bytes at the top of the block before),
@@ -373,7 +374,7 @@ def profile_once():
     """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
     x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)[0]
     args, meta = tensor.kernel_args(tensor.from_encoded(enc))
-    (bl, un, nw, cb, pf, g, r), = parse_variants(os.environ.get("PROFILE_VARIANT", "128,8,4,5,0"), 5, FLOAT_OPTIONS)
+    (bl, un, nw, cb, pf, g, r), = parse_variants(os.environ.get("PROFILE_VARIANT", "128,16,4,5,8,r1"), 5, FLOAT_OPTIONS)
     out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
                                        block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
                                        word_group=g, raw_early=bool(r), interpret=INTERPRET)
@@ -411,10 +412,8 @@ def main():
         SMOL_LAYER = {k: (r // 64, c // 8) for k, (r, c) in SMOL_LAYER.items()}
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    def parse(spec, defaults, numbers, options):  # a flag's variants, or the defaults with default options
-        if spec:
-            return parse_variants(spec, numbers, options)
-        return [tuple(v) + tuple(options.values()) for v in defaults]
+    def parse(spec, defaults, numbers, options):  # a flag's variants, or the defaults
+        return parse_variants(spec or defaults, numbers, options)
     variants = parse(args.variants, FLOAT_VARIANTS, 5, FLOAT_OPTIONS)
     best = variants[0]
     if not {"matrix", "ceiling", "ref", "zstd"} <= skip:
@@ -455,7 +454,7 @@ def main():
             bench_int8(MATRIX, args.rotate, args.reps, parse(args.int8_variants, INT8_VARIANTS, 4, INT8_OPTIONS),
                        "matrix")
         if "int8layer" not in skip:
-            for iv in parse(args.int8_layer_variants, [INT8_LAYER_VARIANT], 4, INT8_OPTIONS):
+            for iv in parse(args.int8_layer_variants, INT8_LAYER_VARIANT, 4, INT8_OPTIONS):
                 bench_int8_layer(args.rotate, args.reps, iv)
     log("\n| group | variant | ms | GB/s (BF16 out) |\n|---|---|---|---|")
     for r in ROWS:

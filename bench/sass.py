@@ -101,7 +101,7 @@ def main():
         sys.exit("bench/sass.py needs the triton package (pip install triton==3.6.0): it is not a jcodec dependency")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from decode import FLOAT_OPTIONS, INT8_OPTIONS, parse_variants
-    numbers, options, default = ((5, FLOAT_OPTIONS, "128,8,4,5,0") if a.kernel == "float"
+    numbers, options, default = ((5, FLOAT_OPTIONS, "128,16,4,5,8,r1") if a.kernel == "float"
                                  else (4, INT8_OPTIONS, "8,4,5,0"))
     variant, = parse_variants(a.variant or default, numbers, options)
     capture_modules()

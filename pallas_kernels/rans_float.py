@@ -350,13 +350,29 @@ def check_table(table, lead=()):
                          f"uint32{list(lead)}[{sizes[1]}]")
 
 
+# Launch options by launch. ONE tensor (a matrix, a head chunk's tiles) gives too few lanes to hide memory
+# latency behind other warps (4096 x 14336: 13 warps per SM), so its lanes hide it themselves: 16 steps per
+# loop iteration, words prefetched 8 ahead, raw bytes loaded at the top of a block (that matrix on the H100:
+# 388 -> 515 GB/s, bench/RESULTS.md). Several tensors (a layer: ~50 warps per SM) run faster without them
+# (692.6 against 648.9 with raw_early, 604.2 with prefetch 4), and every tensor adds a copy of the step loop
+# to the kernel, so its compile time grows with ``unroll``.
+ONE_TENSOR = dict(unroll=16, prefetch=8, raw_early=True)
+SEVERAL_TENSORS = dict(unroll=4, prefetch=0, raw_early=False)
+
+
+def launch_options(metas, unroll, prefetch, raw_early) -> tuple[int, int, bool]:
+    """``(unroll, prefetch, raw_early)``: the given ones, the others from ONE_TENSOR or SEVERAL_TENSORS."""
+    d = ONE_TENSOR if len(metas) == 1 else SEVERAL_TENSORS
+    return (d["unroll"] if unroll is None else unroll, d["prefetch"] if prefetch is None else prefetch,
+            d["raw_early"] if raw_early is None else raw_early)
+
+
 @functools.partial(jax.jit, static_argnames=["metas", "block_lanes", "unroll", "num_warps", "coarse_bits",
                                              "prefetch", "word_group", "window", "raw_early",
                                              "interpret"])
 def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, block_lanes: int = 128,
-                           unroll: int = 4,
-                           num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0,
-                           word_group: int = 1, raw_early: bool = False,
+                           unroll: int | None = None, num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
+                           prefetch: int | None = None, word_group: int = 1, raw_early: bool | None = None,
                            interpret: bool = False) -> list[jax.Array]:
     """Decode several ``bf16-lossless`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
@@ -366,12 +382,14 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     None or int32[R], the tiles to decode (of one tensor, not a stack; e.g. the rows of an embedding).
     Returns per tensor the flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``
     (tile ``tiles[r]`` at ``r * L*S``; positions past the tensor's end are unspecified). Block sizes as in
-    :func:`rans_float_decode`; every tensor adds a copy of the step loop to the kernel (a stack adds one),
-    so ``unroll`` defaults to 4 here (a Llama layer's 7 tensors compile in ~12 s at 4, ~40-90 s at 8).
+    :func:`rans_float_decode`; ``unroll``, ``prefetch`` and ``raw_early`` left at None are chosen by the
+    launch (:data:`ONE_TENSOR` or :data:`SEVERAL_TENSORS`): every tensor adds a copy of the step loop to the
+    kernel (a stack adds one), and a Llama layer's 7 tensors compile in ~12 s at unroll 4, ~40-90 s at 8.
     ``word_group=2`` needs an even word count per copy (as ``jcodec.tensor`` builds them). ``window`` >= 1
     with ``start`` (an int32 scalar, traced welcome; clamped so that the window exists): decode copies
     ``start .. start + window`` of every tensor (each a stack), to ``[window, n]``, reading them in place.
     """
+    unroll, prefetch, raw_early = launch_options(metas, unroll, prefetch, raw_early)
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     extra = check_window(tensors, tiles, start, window)
     if block_lanes < 1 or block_lanes & (block_lanes - 1):
@@ -407,14 +425,15 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
 
 
 def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
-                      tiles=None, block_lanes: int = 128, unroll: int = 8, num_warps: int = 4,
-                      coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, word_group: int = 1,
-                      raw_early: bool = False, interpret: bool = False) -> jax.Array:
+                      tiles=None, block_lanes: int = 128, unroll: int | None = None, num_warps: int = 4,
+                      coarse_bits: int = rc.COARSE_BITS, prefetch: int | None = None, word_group: int = 1,
+                      raw_early: bool | None = None, interpret: bool = False) -> jax.Array:
     """Decode a ``bf16-lossless`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact.
 
     ``tiles`` (int32[R]): decode only those tiles, to ``dtype[R * L*S]`` (see ``rans_float_decode_many``).
     ``block_lanes`` lanes per program (a power of two), ``unroll`` steps per loop iteration (also how far
-    ahead raw bytes are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program,
+    ahead raw bytes are read; reduced to a divisor of ``steps``; None: see ``launch_options``), ``num_warps``
+    warps per program,
     ``coarse_bits``: log2 of the slots per coarse-table bucket (0: one gather from the full table),
     ``prefetch``: at the top of each block of ``unroll`` steps, lanes within that many words of their next
     32-byte sector of words load one of its words into L1 (0: never; see "Word prefetch"), ``raw_early``: load
