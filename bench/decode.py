@@ -45,7 +45,7 @@ LAYER = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096),
 FLOAT_VARIANTS = "128,16,4,5,8,r1;128,16,4,5,0;128,8,4,5,0;256,16,8,5,8,r1;128,16,4,0,8,r1"
 # one launch for the whole layer: unroll 4 (each tensor adds a copy of the loop; unroll 8 compiles 4x longer)
 LAYER_VARIANTS = "128,4,4,5,0;256,4,8,5,0"
-INT8_VARIANTS = "8,4,5,0;8,4,0,0;16,4,5,8"  # unroll, num_warps, coarse_bits, prefetch
+INT8_VARIANTS = "16,4,5,8;8,4,5,0;8,4,0,0"  # unroll, num_warps, coarse_bits, prefetch
 INT8_LAYER_VARIANT = "4,4,5,0"
 # Options after a variant's numbers, as a letter and a value ("128,4,4,5,0,g2", "4,2,5,0,g2,h1"); absent ones
 # take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for

@@ -233,11 +233,18 @@ def check_predictors(predictors) -> tuple[int, ...]:
     return ids
 
 
+# Launch options by launch, as rans_float's: ONE tensor hides memory latency with longer blocks and the word
+# prefetch (4096 x 14336 on the H100: 325.0 -> 429.4 GB/s, bench/RESULTS.md); several keep unroll 4 (compile
+# time: every tensor and every predictor a tensor uses adds a copy of the step loop).
+ONE_TENSOR = dict(unroll=16, prefetch=8)
+SEVERAL_TENSORS = dict(unroll=4, prefetch=0)
+
+
 @functools.partial(jax.jit, static_argnames=["metas", "unroll", "num_warps", "coarse_bits", "prefetch",
                                              "word_group", "hoist_scale", "window", "interpret"])
-def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, unroll: int = 4,
+def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, unroll: int | None = None,
                           num_warps: int = 4,
-                          coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, word_group: int = 2,
+                          coarse_bits: int = rc.COARSE_BITS, prefetch: int | None = None, word_group: int = 2,
                           hoist_scale: bool = False, interpret: bool = False) -> list[jax.Array]:
     """Decode several ``int8`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
@@ -247,8 +254,12 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
     predictor ids its tiles may hold (the kernel compiles a loop for each; the `up` ring is allocated only
     when 2 is among them). ``tiles``, ``start`` and ``window``: as in ``rans_float.rans_float_decode_many``.
     Returns per tensor the flat decoded values: ``[n]``, ``[copies, n]``, ``[window, n]`` or ``[R * L*S]``. Options as in
-    :func:`rans_int8_decode`.
+    :func:`rans_int8_decode`; ``unroll`` and ``prefetch`` left at None from :data:`ONE_TENSOR` or
+    :data:`SEVERAL_TENSORS`.
     """
+    d = ONE_TENSOR if len(metas) == 1 else SEVERAL_TENSORS
+    unroll = d["unroll"] if unroll is None else unroll
+    prefetch = d["prefetch"] if prefetch is None else prefetch
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     extra = check_window(tensors, tiles, start, window)
     if not isinstance(hoist_scale, bool):
@@ -289,8 +300,9 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
 
 
 def rans_int8_decode(words, offsets, states, table, scales, predictors, *, n: int, rows: int, cols: int,
-                     lanes: int, steps: int, dtype: str, predictors_used=(0, 1, 2), tiles=None, unroll: int = 8,
-                     num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, prefetch: int = 0, word_group: int = 2,
+                     lanes: int, steps: int, dtype: str, predictors_used=(0, 1, 2), tiles=None,
+                     unroll: int | None = None, num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
+                     prefetch: int | None = None, word_group: int = 2,
                      hoist_scale: bool = False, interpret: bool = False) -> jax.Array:
     """Decode an ``int8`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact with NumPy.
 
