@@ -62,7 +62,6 @@ def lower(kernel: str, variant: list[int], shape: tuple[int, int]) -> None:
 
 
 def summarise(sass: str, unroll: int) -> dict:
-    lines = [l.split("\t", 1) for l in sass.splitlines() if "\t" in l]
     # the innermost loop: the last backward branch's body (label .. branch)
     text = sass.splitlines()
     branches = [(i, re.search(r"BRA (\w+)", l).group(1)) for i, l in enumerate(text) if re.search(r"@!?U?P\d BRA", l)]

@@ -22,7 +22,7 @@ the full table only for lanes in buckets that hold a symbol boundary), updates t
 from a word loaded at the previous step (a lane reads at most one word per step), and writes one value per
 lane: the exponent joined with its raw bits, which were read ``unroll`` steps ahead. No intermediate array
 is written: compressed bytes in, output bits out (plus, only with the optional word prefetch, a 4-byte sink
-per lane, see ``lanes_step``). Positions past the end of the tensor in the last tile are not coded; the
+per lane, see ``lanes_touch``). Positions past the end of the tensor in the last tile are not coded; the
 kernel decodes them anyway (they end each lane's sequence, so nothing before them changes) and does not
 write them. ``rans_float_decode_many`` decodes several tensors (a layer) in one launch.
 """
@@ -360,11 +360,11 @@ ONE_TENSOR = dict(unroll=16, prefetch=8, raw_early=True)
 SEVERAL_TENSORS = dict(unroll=4, prefetch=0, raw_early=False)
 
 
-def launch_options(metas, unroll, prefetch, raw_early) -> tuple[int, int, bool]:
-    """``(unroll, prefetch, raw_early)``: the given ones, the others from ONE_TENSOR or SEVERAL_TENSORS."""
-    d = ONE_TENSOR if len(metas) == 1 else SEVERAL_TENSORS
-    return (d["unroll"] if unroll is None else unroll, d["prefetch"] if prefetch is None else prefetch,
-            d["raw_early"] if raw_early is None else raw_early)
+def launch_options(metas, one: dict, several: dict, **given) -> tuple:
+    """The ``given`` options' values, in order: each as given, or (None) from ``one`` for a launch of one
+    tensor, ``several`` for more (each codec's ONE_TENSOR / SEVERAL_TENSORS)."""
+    defaults = one if len(metas) == 1 else several
+    return tuple(defaults[k] if v is None else v for k, v in given.items())
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "block_lanes", "unroll", "num_warps", "coarse_bits",
@@ -389,7 +389,8 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     with ``start`` (an int32 scalar, traced welcome; clamped so that the window exists): decode copies
     ``start .. start + window`` of every tensor (each a stack), to ``[window, n]``, reading them in place.
     """
-    unroll, prefetch, raw_early = launch_options(metas, unroll, prefetch, raw_early)
+    unroll, prefetch, raw_early = launch_options(metas, ONE_TENSOR, SEVERAL_TENSORS, unroll=unroll,
+                                                 prefetch=prefetch, raw_early=raw_early)
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     extra = check_window(tensors, tiles, start, window)
     if block_lanes < 1 or block_lanes & (block_lanes - 1):

@@ -42,7 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
 from .rans_float import (check_launch, check_table, check_window, check_words, flat, kernel_table, kernel_words, lanes_fold,
-                         lanes_init, lanes_step, lanes_touch, launch_shape, stack_lead, unpack_refs)
+                         lanes_init, lanes_step, lanes_touch, launch_options, launch_shape, stack_lead, unpack_refs)
 
 PREDICTORS = ("none", "left", "up")
 
@@ -257,9 +257,7 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
     :func:`rans_int8_decode`; ``unroll`` and ``prefetch`` left at None from :data:`ONE_TENSOR` or
     :data:`SEVERAL_TENSORS`.
     """
-    d = ONE_TENSOR if len(metas) == 1 else SEVERAL_TENSORS
-    unroll = d["unroll"] if unroll is None else unroll
-    prefetch = d["prefetch"] if prefetch is None else prefetch
+    unroll, prefetch = launch_options(metas, ONE_TENSOR, SEVERAL_TENSORS, unroll=unroll, prefetch=prefetch)
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     extra = check_window(tensors, tiles, start, window)
     if not isinstance(hoist_scale, bool):

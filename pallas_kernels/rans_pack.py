@@ -58,7 +58,6 @@ def rans_pack_kernel(
     def read_raw(k):  # [B] uint32 raw bits of step k (masked past each tile's values)
         return load_raw(raw_ref, raw_at + l + k * lanes, live & (l + k * lanes < count) & (k < steps), rb)
 
-
     def block(b, carry):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
         lane_state, raws = carry
         next_raws = []
