@@ -154,6 +154,17 @@ def opts_name(defaults: dict, **opts) -> str:
 
 
 # ------------------------------------------------------------------------------------------- parts
+def warm_up(seconds=3.0):
+    """Keep the GPU busy for a few seconds before anything is timed: the first rows of a fresh machine
+    measured up to 2x slow (session 5: the elementwise ceiling at 522 GB/s, ~1000 later)."""
+    a = jnp.zeros(MATRIX, jnp.bfloat16)
+    ew = jax.jit(lambda a: lax_xor(a))
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a = ew(a)
+        a.block_until_ready()
+
+
 @guarded("ceiling")
 def bench_ceiling(x, rotate, reps):
     n = x.size
@@ -182,7 +193,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     for v in variants:
         bl, un, nw, cb, pf, g, r = v
         fn = jax.jit(lambda *a, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode(
-            *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], block_lanes=bl, unroll=un, num_warps=nw,
+            *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], block_lanes=bl, unroll=un, num_warps=nw,
             coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET))
         try:
             t0 = time.perf_counter()
@@ -202,7 +213,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
 @guarded("bf16-lossless reference")
 def bench_float_reference(x, arrays, meta, rotate, reps, label="matrix"):
     fn = jax.jit(lambda *a: rans_float.rans_float_reference(*a, n=meta[0], lanes=meta[1], steps=meta[2],
-                                                            dtype=meta[3]))
+                                                            dtype=meta[3], carry=meta[4]))
     ok = same_bits(fn(*arrays[0]), x)
     s, _ = time_fn(fn, arrays[:2], max(3, reps // 4))
     record(f"bf16-lossless {label}", f"pure-JAX reference under XLA exact={ok}", s, meta[0], exact=ok,
@@ -229,7 +240,7 @@ def bench_zstd(x, reps):
 
 
 @guarded("bf16-lossless layer")
-def bench_float_layer(layer, rotate, reps, variants, skip=frozenset()):
+def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="layer"):
     xs = [x for x, _ in layer]
     encs = [e for _, e in layer]
     n_total = sum(x.size for x in xs)
@@ -239,7 +250,7 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset()):
         args = [tensor.kernel_args(tensor.from_encoded(e)) for e in encs]
         sets.append(tuple(a for a, _ in args))
     metas = tuple(m for _, m in args)
-    log(f"[layer] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
+    log(f"[{label}] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
     for v in variants:
         bl, un, nw, cb, pf, g, r = v
         one = jax.jit(lambda *ts, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode_many(
@@ -252,14 +263,14 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset()):
         ok = all(same_bits(o, x) for o, x in zip(outs, xs))
         del outs
         s, _ = time_fn(one, sets, reps)
-        record("bf16-lossless layer", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}",
+        record(f"bf16-lossless {label}", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}",
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
                temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
         log(f"    (first call incl. compile {first:.1f}s)")
     if "separate" in skip:
         return
     bl, un, nw, cb, pf, g, r = variants[0]
-    sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3],
+    sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4],
                                                             block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb,
                                                             prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
                                for t, m in zip(ts, metas)])
@@ -267,7 +278,7 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset()):
     record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)}", s, n_total)
     if "ref" in skip and "ceiling" in skip:
         return
-    ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3])
+    ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4])
                                for t, m in zip(ts, metas)])
     if "ref" not in skip:
         s, _ = time_fn(ref, sets[:1], 3)
@@ -370,12 +381,12 @@ def bits_of(a):
     return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
-def profile_once():
+def profile_once(steps):
     """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
-    x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)[0]
+    x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, steps)[0]
     args, meta = tensor.kernel_args(tensor.from_encoded(enc))
     (bl, un, nw, cb, pf, g, r), = parse_variants(os.environ.get("PROFILE_VARIANT", "128,16,4,5,8,r1"), 5, FLOAT_OPTIONS)
-    out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
+    out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
                                        block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
                                        word_group=g, raw_early=bool(r), interpret=INTERPRET)
     log("profile run exact:", same_bits(out, x))
@@ -400,10 +411,14 @@ def main():
     ap.add_argument("--int8-layer-variants", help="int8 layer variants, same form (default: INT8_LAYER_VARIANT)")
     ap.add_argument("--matrix-steps", default="", help="also time the 4096 x 14336 matrix encoded with these "
                     "steps per lane (comma list; the default geometry's row is always there)")
+    ap.add_argument("--steps", type=int, default=codecs.DEFAULT_STEPS, help="steps per lane of the bf16-lossless "
+                    "matrix, layer and --profile geometry (default: the encoder's)")
+    ap.add_argument("--layer-steps", default="", help="also time the layer encoded with these steps per lane "
+                    "(comma list)")
     ap.add_argument("--square-steps", default="1024,512,256", help="steps per lane to encode the 4096 x 4096 matrix with")
     args = ap.parse_args()
     if args.profile:
-        return profile_once()
+        return profile_once(args.steps)
     skip = set(filter(None, args.skip.split(",")))
     if args.small:
         global MATRIX, SQUARE, LAYER, SMOL_LAYER
@@ -412,13 +427,15 @@ def main():
         SMOL_LAYER = {k: (r // 64, c // 8) for k, (r, c) in SMOL_LAYER.items()}
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    if not args.small:
+        warm_up()
     def parse(spec, defaults, numbers, options):  # a flag's variants, or the defaults
         return parse_variants(spec or defaults, numbers, options)
     variants = parse(args.variants, FLOAT_VARIANTS, 5, FLOAT_OPTIONS)
     best = variants[0]
     if not {"matrix", "ceiling", "ref", "zstd"} <= skip:
         t0 = time.time()
-        (x, enc), = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS)
+        (x, enc), = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, args.steps)
         log(f"encoded matrix in {time.time() - t0:.1f}s")
         if "ceiling" not in skip:
             bench_ceiling(x, args.rotate, args.reps)
@@ -443,13 +460,14 @@ def main():
                 (xs, es), = encode_all([SQUARE], "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=5)
                 bench_float_matrix(xs, es, args.rotate, args.reps, [best], label=f"4096x4096 s{steps}")
         if "layer" not in skip:
-            t0 = time.time()
-            layer = encode_all(list(LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS,
-                               seed0=30)
-            log(f"encoded layer in {time.time() - t0:.1f}s")
-            lv = parse(args.layer_variants, LAYER_VARIANTS, 5, FLOAT_OPTIONS)
-            bench_float_layer(layer, args.rotate, args.reps, lv, skip)
-            del layer
+            for i, steps in enumerate([args.steps] + [int(v) for v in args.layer_steps.split(",") if v]):
+                t0 = time.time()
+                layer = encode_all(list(LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=30)
+                log(f"encoded layer (steps {steps}) in {time.time() - t0:.1f}s")
+                lv = parse(args.layer_variants, LAYER_VARIANTS, 5, FLOAT_OPTIONS)
+                bench_float_layer(layer, args.rotate, args.reps, lv, skip | ({"separate"} if i else set()),
+                                  label=f"layer s{steps}")
+                del layer
         if "int8" not in skip:
             bench_int8(MATRIX, args.rotate, args.reps, parse(args.int8_variants, INT8_VARIANTS, 4, INT8_OPTIONS),
                        "matrix")

@@ -50,7 +50,7 @@ def lower(kernel: str, variant: list[int], shape: tuple[int, int]) -> None:
     args, meta = tensor.kernel_args(tensor.from_encoded(codecs.encode(np.asarray(x), codec)))
     if kernel == "float":
         b, u, w, c, p, g, r = variant
-        f = lambda *a: rans_float.rans_float_decode(*a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
+        f = lambda *a: rans_float.rans_float_decode(*a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
                                                     block_lanes=b, unroll=u, num_warps=w, coarse_bits=c,
                                                     prefetch=p, word_group=g, raw_early=bool(r))
     else:

@@ -153,15 +153,15 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
     items = []  # (group, geometry, raw bytes) of the groups that can be packed
     for key, members in groups:
         recs = [_pack_record(ckpt, n) if n in names else None for n in members]
-        if not all(recs) or len({r[:3] for r in recs}) > 1:  # not packable: the general way (which checks it)
+        if not all(recs) or len({r[:4] for r in recs}) > 1:  # not packable: the general way (which checks it)
             continue
-        items.append(((key, members, recs), recs[0][:3], sum(r[3] for r in recs) * RAW_BYTES[recs[0][2]]))
+        items.append(((key, members, recs), recs[0][:4], sum(r[4] for r in recs) * RAW_BYTES[recs[0][2]]))
     fields, singles = {}, {}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         jobs = []
-        for (lanes, steps, dtype_name), pack_groups in fill_packs(items):
-            tensors = [(j, r[3], r[4]) for j, (_, _, recs) in enumerate(pack_groups) for r in recs]
-            builder = PackBuilder(tensors, lanes, steps, dtype_name)
+        for (lanes, steps, dtype_name, carry), pack_groups in fill_packs(items):
+            tensors = [(j, r[4], r[5]) for j, (_, _, recs) in enumerate(pack_groups) for r in recs]
+            builder = PackBuilder(tensors, lanes, steps, dtype_name, carry)
             fn = jax.jit(functools.partial(decode_pack, **builder.static))
             jobs.append((pack_groups, builder, pool.submit(lambda f, a: f.lower(a).compile(), fn, builder.abstract())))
         for pack_groups, builder, _ in jobs:  # the file, read while the decoders compile
@@ -195,17 +195,17 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
 
 
 def _pack_record(ckpt, name):
-    """``(lanes, steps, dtype, n, words)`` of a bf16-lossless tensor from the file's header, or None when
+    """``(lanes, steps, dtype, carry, n, words)`` of a bf16-lossless tensor from the file's header, or None when
     it is of another codec or its record or entries are not as expected (then it is read the general way)."""
     r = ckpt.record(name)
     try:
         if r.get("codec") != "bf16-lossless" or r.get("dtype") not in ("bfloat16", "float16", "float32"):
             return None
-        lanes, steps, shape = r["lanes"], r["steps"], r["shape"]
-        if not all(type(v) is int and v >= 1 for v in [lanes, steps, *shape]):
+        lanes, steps, shape, carry = r["lanes"], r["steps"], r["shape"], r.get("carry", 0)
+        if not all(type(v) is int and v >= 1 for v in [lanes, steps, *shape]) or type(carry) is not int:
             return None
         (words,) = ckpt.stored_shape(name, "words")
-        return lanes, steps, r["dtype"], math.prod(shape), words
+        return lanes, steps, r["dtype"], carry, math.prod(shape), words
     except Exception:  # noqa: BLE001 - a malformed header is reported by the general path's read
         return None
 

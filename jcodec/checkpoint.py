@@ -21,7 +21,8 @@ from safetensors.numpy import save_file
 
 from jcodec import codecs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = ("1", "2")  # version 1: no carried raw bytes (a record without `carry`)
 VERSION_KEY = "jcodec.version"
 RECORD_PREFIX = "jcodec.tensor."
 RAW_CRC_PREFIX = "jcodec.crc32."  # a raw tensor's CRC-32, so that every stored byte is checked
@@ -195,8 +196,9 @@ class Checkpoint:
         version = meta.get(VERSION_KEY)
         if version is None:
             raise CheckpointError(f"{p}: not a jcodec checkpoint (no {VERSION_KEY} in its metadata)")
-        if version != str(FORMAT_VERSION):
-            raise CheckpointError(f"{p}: format version {version}, this jcodec reads version {FORMAT_VERSION}")
+        if version not in READS_VERSIONS:
+            raise CheckpointError(f"{p}: format version {version}, this jcodec reads versions "
+                                  f"{', '.join(READS_VERSIONS)}")
         encoded, crcs = {}, {}
         for key, text in meta.items():
             if key.startswith(RAW_CRC_PREFIX):

@@ -33,6 +33,12 @@ FLOAT_DTYPES = {
     "float32": (np.dtype(np.float32), np.dtype(np.uint32), 3),
 }
 PREDICTORS = ("none", "left", "up")
+# Carried raw bytes (docs/FORMAT.md): in every FULL tile, each lane's last CARRY[rb] values keep their raw
+# bytes in the lane's encoder start state, 2^bits | raw (bits = 8 * rb * CARRY[rb]), where its decoder ends.
+# A lane's end state otherwise carries nothing, and costs ~24 bits of the file; carried, the lane costs
+# ~8.5 bits (16 fewer raw bits, ~0.5 more in words), so shorter lanes (more of them in flight on a GPU)
+# cost less ratio.
+CARRY = {1: 2, 3: 1}  # raw bytes per value -> values carried per lane
 
 
 class FormatError(ValueError):
@@ -101,18 +107,20 @@ def _tile_crcs(data: np.ndarray, tile_elems: int, tiles: int) -> np.ndarray:
                     dtype=np.uint32)
 
 
-def _rans_arrays(symbols, lanes, steps):
+def _rans_arrays(symbols, lanes, steps, start=None):
     """rANS-code ``symbols`` with a per-tensor table: freqs, states, counts, words and the word bases."""
     freqs = rans.normalize_freqs(np.bincount(symbols, minlength=rans.ALPHABET))
-    states, counts, words = rans.encode(symbols, freqs, lanes, steps)
+    states, counts, words = rans.encode(symbols, freqs, lanes, steps, start)
     if words.size >= 1 << 32:
         raise ValueError("tensor too large for one stream; split it")
     bases = rans.lane_offsets(counts)[::lanes].astype(np.uint32)
     return freqs, states, counts, words, bases
 
 
-def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS) -> EncodedTensor:
-    """``bf16-lossless``: rANS on the exponent byte, raw sign+mantissa. Bit-exact for every pattern."""
+def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS, *,
+                 carry: bool = True) -> EncodedTensor:
+    """``bf16-lossless``: rANS on the exponent byte, raw sign+mantissa. Bit-exact for every pattern.
+    ``carry=False`` stores every raw byte in ``raw`` (format version 1's layout)."""
     name = dtype_name(x.dtype)
     _, udt, _ = FLOAT_DTYPES[name]
     bits = np.ascontiguousarray(x).reshape(-1).view(udt)
@@ -120,15 +128,69 @@ def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT
     if n == 0:
         raise ValueError("cannot encode an empty tensor")
     sym, raw = split_float(bits, name)
-    freqs, states, counts, words, bases = _rans_arrays(sym, lanes, steps)
+    carry = carry_values(name, steps) if carry else 0
+    stored, start = split_carry(raw, lanes, steps, carry)
+    freqs, states, counts, words, bases = _rans_arrays(sym, lanes, steps, start)
     t = rans.num_tiles(n, lanes, steps)
     tiles = np.zeros((t, 3), np.uint32)
     tiles[:, 0] = bases
     tiles[:, 1] = _tile_crcs(bits, lanes * steps, t)
     record = dict(codec="bf16-lossless", shape=list(x.shape), dtype=name, lanes=lanes, steps=steps,
-                  prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size))
-    arrays = dict(freqs=freqs, states=states, counts=counts, words=words, raw=raw.reshape(-1), tiles=tiles)
+                  prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size), carry=carry)
+    arrays = dict(freqs=freqs, states=states, counts=counts, words=words, raw=stored, tiles=tiles)
     return EncodedTensor(record, arrays)
+
+
+def carry_values(dtype: str, steps: int) -> int:
+    """Values per lane whose raw bytes ride in its start state (0 for lanes of one or two steps)."""
+    c = CARRY[FLOAT_DTYPES[dtype][2]]
+    return c if steps > c else 0
+
+
+def raw_size(n: int, lanes: int, steps: int, carry: int, rb: int) -> int:
+    """Raw bytes stored: all but the carried ones (``carry`` values of every lane of the full tiles)."""
+    return rb * (n - n // (lanes * steps) * carry * lanes)
+
+
+def split_carry(raw: np.ndarray, lanes: int, steps: int, carry: int) -> tuple[np.ndarray, np.ndarray]:
+    """raw uint8[n, rb] -> (the raw bytes stored, uint8[raw_size]; the lanes' encoder start states).
+
+    Stored: each full tile's raw bytes of steps ``0 .. steps - carry - 1`` (value order), then the last,
+    partial tile's. Start state of a lane of a full tile: ``2^(8 rb carry) | R``, R its last ``carry``
+    values' raw bytes, little-endian in step order; of any other lane ``2^16``."""
+    n, rb = raw.shape
+    full = n // (lanes * steps)
+    start = np.full(rans.num_tiles(n, lanes, steps) * lanes, rans.STATE_LOW, np.uint32)
+    if not carry or not full:
+        return raw.reshape(-1).copy(), start
+    tiled = raw[:full * lanes * steps].reshape(full, steps, lanes, rb)
+    kept = tiled[:, :steps - carry].reshape(-1)
+    carried = tiled[:, steps - carry:].transpose(0, 2, 1, 3).reshape(full * lanes, carry * rb).astype(np.uint32)
+    start[:full * lanes] = (1 << 8 * carry * rb) | np.bitwise_or.reduce(carried << (8 * np.arange(carry * rb, dtype=np.uint32)), axis=1)
+    return np.concatenate([kept, raw[full * lanes * steps:].reshape(-1)]), start
+
+
+def join_carry(stored: np.ndarray, ends: np.ndarray, n: int, lanes: int, steps: int, carry: int,
+               rb: int) -> np.ndarray:
+    """Inverse of :func:`split_carry`, given the lanes' decoder end states: raw uint8[n, rb]. Raises
+    :class:`FormatError` for a lane whose end state is not of the form its tile implies (corruption)."""
+    full = n // (lanes * steps) if carry else 0
+    ends = np.asarray(ends, np.uint32)
+    bits = 8 * carry * rb
+    ok = np.concatenate([ends[:full * lanes] >> np.uint32(bits) == 1 if full else np.zeros(0, bool),
+                         ends[full * lanes:] == rans.STATE_LOW])
+    if not ok.all():
+        try:
+            rans.raise_corrupt(np.flatnonzero(~ok), lanes)
+        except rans.RansError as e:
+            raise FormatError(str(e)) from None
+    if not full:
+        return stored.reshape(n, rb)
+    head = stored[:full * (steps - carry) * lanes * rb].reshape(full, steps - carry, lanes, rb)
+    r = ends[:full * lanes, None] >> (8 * np.arange(carry * rb, dtype=np.uint32))
+    carried = (r & 0xFF).astype(np.uint8).reshape(full, lanes, carry, rb).transpose(0, 2, 1, 3)
+    tail = stored[full * (steps - carry) * lanes * rb:].reshape(-1, rb)
+    return np.concatenate([np.concatenate([head, carried], axis=1).reshape(-1, rb), tail])
 
 
 # ---------------------------------------------------------------------------------------------- int8
@@ -277,7 +339,11 @@ def validate(enc: EncodedTensor) -> None:
           "tile word offsets disagree with lane counts")
     if r["codec"] == "bf16-lossless":
         rb = FLOAT_DTYPES[r["dtype"]][2]
-        _need(a["raw"].dtype == np.uint8 and a["raw"].shape == (n * rb,), f"raw must be uint8[{n * rb}]")
+        carry = r.get("carry", 0)  # absent in version 1: nothing carried
+        _need(carry in (0, carry_values(r["dtype"], steps)), f"carry={carry!r}, must be 0 or "
+                                                              f"{carry_values(r['dtype'], steps)} for {r['dtype']}")
+        size = raw_size(n, lanes, steps, carry, rb)
+        _need(a["raw"].dtype == np.uint8 and a["raw"].shape == (size,), f"raw must be uint8[{size}]")
     else:
         rows, cols = r.get("rows"), r.get("cols")
         _need(type(rows) is int and type(cols) is int and rows == shape[0] and rows * cols == n,
@@ -305,13 +371,16 @@ def decode(enc: EncodedTensor) -> np.ndarray:
         _need(zlib.crc32(values.tobytes()) == r["crc32"], "checksum mismatch after zstd decode")
         return values.reshape(shape)
     lanes, steps = r["lanes"], r["steps"]
+    float_codec = r["codec"] == "bf16-lossless"
     try:
-        sym = rans.decode(a["states"], a["counts"], a["words"], a["freqs"], lanes, steps, n)
+        sym = rans.decode(a["states"], a["counts"], a["words"], a["freqs"], lanes, steps, n, ends=float_codec)
     except rans.RansError as e:
         raise FormatError(str(e)) from None
     te, t = lanes * steps, r["tiles"]
-    if r["codec"] == "bf16-lossless":
-        bits = join_float(sym, a["raw"].reshape(n, rb), name).astype(udt)
+    if float_codec:
+        sym, ends = sym
+        raw = join_carry(a["raw"], ends, n, lanes, steps, r.get("carry", 0), rb)
+        bits = join_float(sym, raw, name).astype(udt)
         _check_tiles(bits, te, a["tiles"][:, 1])
         return bits.view(dt).reshape(shape)
     q = _unpredict(sym, r["cols"], te, a["tiles"][:, 2]).view(np.int8)

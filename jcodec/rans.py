@@ -16,7 +16,7 @@ import numpy as np
 PROB_BITS = 12
 PROB_SCALE = 1 << PROB_BITS
 WORD_BITS = 16
-STATE_LOW = 1 << 16  # states live in [STATE_LOW, 2^32); a decoder ends every lane at exactly STATE_LOW
+STATE_LOW = 1 << 16  # states live in [STATE_LOW, 2^32); a lane starts encoding (and ends decoding) here by default
 ALPHABET = 256
 
 
@@ -89,9 +89,12 @@ def tile_symbols(symbols: np.ndarray, lanes: int, steps: int, pad: int) -> np.nd
     return padded.reshape(t, steps, lanes)
 
 
-def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int):
+def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int, start=None):
     """Encode ``symbols`` (uint8[n]) with the table ``freqs``.
 
+    ``start``: each lane's encoder start state (uint32[T*L] in [2^16, 2^32); default 2^16), which is also
+    where its decoder ends: a start state can carry data of its own (``bf16-lossless`` puts raw bytes
+    there, which would otherwise cost a lane the ~16 bits of its end state that carry nothing).
     Returns ``(states uint32[T*L], counts uint16[T*L], words uint16[W])``: each lane's decoder start
     state, the number of words in its stream, and all streams concatenated lane by lane.
     """
@@ -106,6 +109,11 @@ def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int):
     tiled = tile_symbols(symbols, lanes, steps, int(np.argmax(freqs64)))
     t = tiled.shape[0]
     x = np.full(t * lanes, STATE_LOW, dtype=np.uint64)
+    if start is not None:
+        start = np.asarray(start).astype(np.uint64)
+        if start.shape != x.shape or start.min() < STATE_LOW or start.max() >= 1 << 32:
+            raise ValueError(f"start states must be {x.size} values in [2^16, 2^32)")
+        x = start.copy()
     emitted = np.empty((steps, t * lanes), dtype=np.uint16)
     emits = np.empty((steps, t * lanes), dtype=bool)
     limit_shift = np.uint64(WORD_BITS + 16 - PROB_BITS)  # x_max(s) = freq(s) << 20
@@ -134,11 +142,13 @@ def lane_offsets(counts: np.ndarray) -> np.ndarray:
 
 
 def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.ndarray,
-           lanes: int, steps: int, n: int) -> np.ndarray:
+           lanes: int, steps: int, n: int, *, ends: bool = False):
     """Reference decoder: the exact inverse of :func:`encode`; uint8[n].
 
-    Raises :class:`RansError` if any lane reads past its stream or does not end in the encoder's start
-    state (which a corrupted stream almost never does by chance).
+    Raises :class:`RansError` if any lane does not read exactly its stream, or (unless ``ends``) does not
+    end in the default start state 2^16 (which a corrupted stream almost never does by chance). With
+    ``ends=True`` it returns ``(symbols, end states uint32[T*L])``, the encoder's ``start``, for the caller
+    to check.
     """
     t = num_tiles(n, lanes, steps)
     states = np.asarray(states)
@@ -169,11 +179,18 @@ def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.
         w = padded_words[np.minimum(ptr, last)].astype(np.uint32)
         x = np.where(need, (x << np.uint32(WORD_BITS)) | w, x)
         ptr += need
-    if np.any(ptr != end) or np.any(x != STATE_LOW):
-        bad = np.flatnonzero((ptr != end) | (x != STATE_LOW))
-        raise RansError(f"rANS stream corrupt in tile {int(bad[0]) // lanes} (lane {int(bad[0]) % lanes})")
+    wrong = (ptr != end) if ends else (ptr != end) | (x != STATE_LOW)
+    if np.any(wrong):
+        raise_corrupt(np.flatnonzero(wrong), lanes)
     # [steps, tiles*lanes] -> [tiles, steps, lanes] -> flat, symbol order
-    return out.reshape(steps, t, lanes).transpose(1, 0, 2).reshape(-1)[:n]
+    symbols = out.reshape(steps, t, lanes).transpose(1, 0, 2).reshape(-1)[:n]
+    return (symbols, x) if ends else symbols
+
+
+def raise_corrupt(bad_lanes: np.ndarray, lanes: int):
+    """The error for lanes whose streams do not decode (the first one named)."""
+    first = int(bad_lanes[0])
+    raise RansError(f"rANS stream corrupt in tile {first // lanes} (lane {first % lanes})")
 
 
 def coded_bits(symbol_counts: np.ndarray, freqs: np.ndarray) -> float:

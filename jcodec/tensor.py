@@ -23,7 +23,8 @@ from jcodec import codecs, rans
 #   states  uint32[T*L]   each lane's start state
 #   table   uint32[4096+128]  packed slot table: symbol | (freq - 1) << 8 | bias << 20, then the kernels'
 #                         coarse table (one entry per 32 slots; pallas_kernels/rans_common.py)
-#   raw     uint8[n*rb]   bf16-lossless: the raw sign+mantissa bytes
+#   raw     uint8[m*rb]   bf16-lossless: the raw sign+mantissa bytes stored (all but those the lanes of full tiles
+#                         carry in their states: `codecs.split_carry`)
 #   scales  float32[rows], predictors int32[T]   int8 only
 DEVICE_ARRAYS = {
     "bf16-lossless": ("words", "offsets", "states", "table", "raw"),
@@ -43,6 +44,7 @@ class TensorMeta:
     rows: int = 0  # int8: the 2-D view quantised per row
     cols: int = 0
     predictors: tuple[int, ...] = ()  # int8: the predictor ids its tiles use (the kernel compiles one loop each)
+    carry: int = 0  # bf16-lossless: values per lane of a full tile whose raw bytes its end state carries
 
     @property
     def size(self) -> int:
@@ -132,7 +134,8 @@ def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = Tr
     host["words"] = np.pad(w, (0, max(2, w.size + w.size % 2) - w.size))
     meta = TensorMeta(r["codec"], tuple(r["shape"]), r["dtype"], r["lanes"], r["steps"],
                       r.get("rows", 0), r.get("cols", 0),
-                      tuple(sorted(set(host["predictors"].tolist()))) if "predictors" in host else ())
+                      tuple(sorted(set(host["predictors"].tolist()))) if "predictors" in host else (),
+                      r.get("carry", 0))
     if not to_device:
         return CompressedTensor(host, meta)
     return CompressedTensor({k: jax.device_put(v, device) for k, v in host.items()}, meta)
@@ -181,7 +184,7 @@ def kernel_args(ct: CompressedTensor):
     m, a = ct.meta, ct.arrays
     if m.codec == "bf16-lossless":
         return (tuple(a[k] for k in ("words", "offsets", "states", "raw", "table")),
-                (m.size, m.lanes, m.steps, m.dtype))
+                (m.size, m.lanes, m.steps, m.dtype, m.carry))
     return (tuple(a[k] for k in ("words", "offsets", "states", "table", "scales", "predictors")),
             (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors or (0, 1, 2)))
 
@@ -191,7 +194,8 @@ def _reference(ct: CompressedTensor) -> jax.Array:
     from jcodec.pallas_kernels import rans_float, rans_int8
     args, meta = kernel_args(ct)
     if ct.meta.codec == "bf16-lossless":
-        return rans_float.rans_float_reference(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3])
+        return rans_float.rans_float_reference(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
+                                               carry=meta[4])
     return rans_int8.rans_int8_reference(*args, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3],
                                          steps=meta[4], dtype=meta[5])
 
@@ -360,27 +364,28 @@ class PackBuilder:
     tensors are still being read; :meth:`add` then copies each tensor's arrays into place.
     """
 
-    def __init__(self, tensors: list[tuple[int, int, int]], lanes: int, steps: int, dtype: str):
-        from jcodec.pallas_kernels import rans_common, rans_pack
+    def __init__(self, tensors: list[tuple[int, int, int]], lanes: int, steps: int, dtype: str, carry: int = 0):
+        from jcodec.pallas_kernels import rans_common, rans_float, rans_pack
         tile = lanes * steps
         outs = 1 + max(j for j, _, _ in tensors)
         sizes = [0] * outs
-        self.slots = []  # per tensor: (words at, lanes at, values at, output, value in the output, n)
+        self.slots = []  # per tensor: (words at, lanes at, stored raw values at, output, value in the output, n)
         words = lanes_at = values = 0
         for j, n, w in tensors:
             self.slots.append((words, lanes_at, values, j, sizes[j], n))
-            words, lanes_at, values = words + w, lanes_at + -(-n // tile) * lanes, values + n
+            words, lanes_at = words + w, lanes_at + -(-n // tile) * lanes
+            values += rans_float.raw_size(n, lanes, steps, carry)
             sizes[j] += n
         rb = rans_common.RAW_BYTES[dtype]
         if max(words, values * rb, lanes_at * steps) > PACK_LIMIT or min(sizes) < 1:
             raise ValueError(f"a pack holds < 2^31 words, raw bytes and tile values, and every output >= 1 value "
                              f"(got {words} words, {values} values, outputs {sizes})")
-        self.lanes, self.steps, self.dtype, self.tile = lanes, steps, dtype, tile
+        self.lanes, self.steps, self.dtype, self.carry, self.tile = lanes, steps, dtype, carry, tile
         self.arrays = (np.zeros(max(words, 1), np.uint16), np.zeros(lanes_at, np.uint32),
                        np.zeros(lanes_at, np.uint32), np.zeros(values * rb, np.uint8),
                        np.zeros((len(tensors), rans_common.TABLE_SIZE + rans_common.COARSE_SIZE), np.uint32),
                        np.zeros((lanes_at // lanes, rans_pack.INFO), np.int32))
-        self.static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype)
+        self.static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, carry=carry)
 
     def abstract(self):
         """The arrays as ``jax.ShapeDtypeStruct``s (to compile the decoder before they are filled)."""
@@ -388,12 +393,13 @@ class PackBuilder:
 
     def add(self, i: int, words, offsets, states, raw, table) -> None:
         """Tensor ``i``'s arrays in the kernels' layout (``host_arrays``; ``offsets`` relative to its words)."""
-        from jcodec.pallas_kernels import rans_common, rans_pack
+        from jcodec.pallas_kernels import rans_common, rans_float, rans_pack
         words_at, lanes_at, values_at, j, out_at, n = self.slots[i]
         w = words.reshape(-1)
         end = self.slots[i + 1][0] if i + 1 < len(self.slots) else self.arrays[0].size
         tiles = -(-n // self.tile)
-        if w.size > end - words_at or offsets.size != tiles * self.lanes or raw.size != n * rans_common.RAW_BYTES[self.dtype]:
+        stored = rans_float.raw_size(n, self.lanes, self.steps, self.carry)
+        if w.size > end - words_at or offsets.size != tiles * self.lanes or raw.size != stored * rans_common.RAW_BYTES[self.dtype]:
             raise ValueError(f"tensor {i} does not match the pack's layout ({w.size} words for {end - words_at}, "
                              f"{offsets.size} lanes for {tiles * self.lanes}, {raw.size} raw bytes for {n} values)")
         all_words, all_offsets, all_states, all_raw, tables, info = self.arrays
@@ -401,13 +407,13 @@ class PackBuilder:
         all_offsets[lanes_at:lanes_at + offsets.size] = offsets.astype(np.int64) + words_at
         all_states[lanes_at:lanes_at + states.size] = states
         rb = rans_common.RAW_BYTES[self.dtype]
-        all_raw[values_at * rb:(values_at + n) * rb] = raw.reshape(-1)
+        all_raw[values_at * rb:(values_at + stored) * rb] = raw.reshape(-1)
         tables[i] = table
         first = np.arange(tiles, dtype=np.int64) * self.tile
         rows = info[lanes_at // self.lanes:lanes_at // self.lanes + tiles]
         rows[:, rans_pack.OUT] = j
         rows[:, rans_pack.OUT_AT] = out_at + first
-        rows[:, rans_pack.RAW_AT] = values_at + first
+        rows[:, rans_pack.RAW_AT] = values_at + np.arange(tiles, dtype=np.int64) * (self.steps - self.carry) * self.lanes
         rows[:, rans_pack.COUNT] = np.minimum(self.tile, n - first)
         rows[:, rans_pack.TABLE] = i
 
@@ -415,35 +421,36 @@ class PackBuilder:
 def pack_float(cts: list) -> tuple[tuple[np.ndarray, ...], dict]:
     """Host ``bf16-lossless`` CompressedTensors of one geometry (each one tensor or a stack with one leading
     axis) as ONE pack: ``(words, offsets, states, raw, tables, info)`` NumPy arrays and the static
-    arguments ``dict(sizes, lanes, steps, dtype)``. Output ``j`` is ``cts[j]`` flat (``[copies * n]``).
+    arguments ``dict(sizes, lanes, steps, dtype, carry)``. Output ``j`` is ``cts[j]`` flat (``[copies * n]``).
     A whole model decodes in one launch of one small kernel: one compile."""
     m0 = cts[0].meta
     entries = []
     for j, ct in enumerate(cts):
         m = ct.meta
-        if (m.codec, m.lanes, m.steps, m.dtype) != ("bf16-lossless", m0.lanes, m0.steps, m0.dtype) \
+        if (m.codec, m.lanes, m.steps, m.dtype, m.carry) != ("bf16-lossless", m0.lanes, m0.steps, m0.dtype, m0.carry) \
                 or len(ct.batch_shape) > 1:
-            raise ValueError("pack_float needs bf16-lossless tensors (or stacks of one axis) of one lanes, steps "
-                             "and dtype")
+            raise ValueError("pack_float needs bf16-lossless tensors (or stacks of one axis) of one lanes, steps, "
+                             "dtype and carry")
         copies = ct.batch_shape[0] if ct.batch_shape else 1
         rows = {k: np.asarray(a).reshape(copies, -1) for k, a in ct.arrays.items()}
         entries += [(j, m.size, {k: r[c] for k, r in rows.items()}) for c in range(copies)]
-    pack = PackBuilder([(j, n, a["words"].size) for j, n, a in entries], m0.lanes, m0.steps, m0.dtype)
+    pack = PackBuilder([(j, n, a["words"].size) for j, n, a in entries], m0.lanes, m0.steps, m0.dtype, m0.carry)
     for i, (_, _, a) in enumerate(entries):
         pack.add(i, a["words"], a["offsets"], a["states"], a["raw"], a["table"])
     return pack.arrays, pack.static
 
 
-def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, backend: str | None = None,
-                interpret: bool = False, unroll: int = 1) -> list[jax.Array]:
+def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, carry: int = 0,
+                backend: str | None = None, interpret: bool = False, unroll: int = 1) -> list[jax.Array]:
     """Decode a pack: the Pallas kernel on GPU (``unroll`` 1: it compiles fastest, and a load decodes
     once), the pure-JAX reference elsewhere."""
     from jcodec.pallas_kernels import rans_pack
     backend = backend or default_backend()
     if backend == "pallas":
         return rans_pack.rans_float_decode_pack(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype,
-                                                unroll=unroll, interpret=interpret)
-    return rans_pack.rans_float_pack_reference(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype)
+                                                carry=carry, unroll=unroll, interpret=interpret)
+    return rans_pack.rans_float_pack_reference(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype,
+                                               carry=carry)
 
 
 def fill_packs(items, limit: int = PACK_LIMIT) -> list[tuple]:
@@ -465,7 +472,7 @@ def fill_packs(items, limit: int = PACK_LIMIT) -> list[tuple]:
 def pack_groups(cts: list, limit: int = PACK_LIMIT) -> list[list[int]]:
     """Indices of ``cts`` grouped into packs: host ``bf16-lossless`` tensors of one geometry, each pack below
     ``limit`` values; tensors that fit no pack (or are on a device) are left out."""
-    items = [(i, (ct.meta.lanes, ct.meta.steps, ct.meta.dtype), _pack_values(ct)) for i, ct in enumerate(cts)
+    items = [(i, (ct.meta.lanes, ct.meta.steps, ct.meta.dtype, ct.meta.carry), _pack_values(ct)) for i, ct in enumerate(cts)
              if ct.meta.codec == "bf16-lossless" and len(ct.batch_shape) <= 1
              and all(isinstance(a, np.ndarray) for a in ct.arrays.values())]
     return [keys for _, keys in fill_packs(items, limit)]

@@ -87,6 +87,12 @@ def join_float(sym, raw, dtype: str):
     raise ValueError(f"{dtype=} must be one of bfloat16, float16, float32")
 
 
+def carried_raw(x_end, j: int, rb: int):
+    """Raw bits (uint32, as ``join_float`` takes them) of a lane's carried value ``j`` (0 = the first of its
+    last ``carry`` values), read from the lane's end state ``2^(8 rb carry) | R`` (``jcodec.codecs.split_carry``)."""
+    return (x_end >> (8 * rb * j)) & ((1 << 8 * rb) - 1)
+
+
 # jax 0.11 warns at every lowering of a Triton-backend pallas_call; these kernels use that backend on
 # purpose (DESIGN.md, "The Pallas backend"). The warning is raised when the enclosing jit lowers, which can
 # be after our function returned, so it is filtered by its exact text, once, when a kernel is first used.

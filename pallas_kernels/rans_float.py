@@ -44,14 +44,14 @@ def rans_float_kernel(
     words_ref,    # [copies * W] uint16, whole array
     offsets_ref,  # [copies * T*L] uint32, whole array
     states_ref,   # [copies * T*L] uint32, whole array
-    raw_ref,      # [copies * n*rb] uint8, whole array
+    raw_ref,      # [copies * raw_size * rb] uint8, whole array
     table_ref,    # [copies * (4096 + 4096 >> coarse_bits)] uint32, whole array
     tiles_ref,    # [R] int32: the tiles to decode (None: all T)
     out_ref,      # [copies * n] | [R * L*S] uint16 | uint32 (the float bits); this program writes its lanes'
     sink_ref,     # [programs * block_lanes] uint32: what the prefetching loads read (never used); None
                   # without prefetch
     *, program, n: int, lanes: int, steps: int, dtype: str, copies: int, block_lanes: int, unroll: int,
-    coarse_bits: int, prefetch: int, start_ref=None, window: int = 0, raw_early: bool = False,
+    coarse_bits: int, prefetch: int, start_ref=None, window: int = 0, raw_early: bool = False, carry: int = 0,
 ):
     """Decode ``block_lanes`` consecutive lanes of the tiles this launch decodes: lanes
     ``p * block_lanes ...`` of output copy ``o``, where ``program = o * programs_per_copy + p``; that is
@@ -78,13 +78,21 @@ def rans_float_kernel(
     out_base = o * (out_ref.shape[0] // (window or copies))
     table_base = c * (table_ref.shape[0] // copies)
     rb = rc.RAW_BYTES[dtype]
+    # raw bytes: a full tile's lanes carry their last `carry` values in their end state (jcodec.codecs.split_carry);
+    # the raw array holds the other steps of every full tile, then the last tile's (value units here)
+    full = t < n // tile if carry else None
+    raw_first = c * (raw_ref.shape[0] // (copies * rb)) + t * ((steps - carry) * lanes) + l
+    stored_steps = jnp.where(full, steps - carry, steps) if carry else steps  # [B] steps with stored raw
 
-    def read_raw(k):  # [B] uint32 raw bits of step k (masked past the end)
-        i = c * n + first + k * lanes
-        return load_raw(raw_ref, i, live & (first + k * lanes < n) & (k < steps), rb)
+    def read_raw(k):  # [B] uint32 raw bits of step k (masked past the end, and where carried)
+        return load_raw(raw_ref, raw_first + k * lanes, live & (first + k * lanes < n) & (k < stored_steps), rb)
 
-    def block(b, carry):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
-        lane_state, raws = carry
+    def write(k, sym, raw):
+        bits = rc.join_float(sym, raw, dtype).astype(out_ref.dtype)
+        plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits, mask=live & (first + k * lanes < n))
+
+    def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
+        lane_state, raws = carry_in
         touched = lanes_touch(words_ref, lane_state, prefetch)
         # raw_early: the next block's raw bytes all at the top (the loop head waits for every load still in
         # flight, so a load issued late in a block stalls the next one for most of a memory latency)
@@ -92,15 +100,26 @@ def rans_float_kernel(
         for u in range(unroll):
             k = b * unroll + u
             sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
-            bits = rc.join_float(sym, raws[u], dtype).astype(out_ref.dtype)
-            plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits,
-                        mask=live & (first + k * lanes < n))
+            write(k, sym, raws[u])
             if not raw_early:
                 next_raws.append(read_raw(k + unroll))
         return lanes_fold(lane_state, touched), tuple(next_raws)
 
+    # with carry, the last blocks (those holding the carried steps) are peeled: their values are written
+    # once the end state is known
+    peeled = -(-carry // unroll)
     raws = tuple(read_raw(u) for u in range(unroll))
-    lane_state, _ = lax.fori_loop(0, steps // unroll, block, (lane_state, raws))
+    lane_state, raws = lax.fori_loop(0, steps // unroll - peeled, block, (lane_state, raws))
+    held, k0 = [], steps - peeled * unroll
+    for k in range(k0, steps):
+        sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
+        raw = raws[k - k0] if k < k0 + unroll else read_raw(k)
+        if k < steps - carry:
+            write(k, sym, raw)
+        else:
+            held.append((k, sym, raw))
+    for j, (k, sym, raw) in enumerate(held):
+        write(k, sym, jnp.where(full, rc.carried_raw(lane_state[0], j, rb), raw))
     if prefetch:
         plgpu.store(sink_ref.at[program * block_lanes + jnp.arange(block_lanes)], lane_state[3])
 
@@ -313,29 +332,34 @@ def _many_kernel(*refs, metas, starts, copies, has_tiles, window, block_lanes, u
 
     def branch(k):
         def run():
-            n, lanes, steps, dtype = metas[k]
+            n, lanes, steps, dtype, carry = metas[k]
             rans_float_kernel(*ins[5 * k:5 * k + 5], tiles[k], outs[k], sinks[k], program=pid - starts[k], n=n,
                               lanes=lanes, steps=steps, dtype=dtype, copies=copies[k], block_lanes=block_lanes,
                               unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch,
-                              start_ref=start, window=window, raw_early=raw_early)
+                              start_ref=start, window=window, raw_early=raw_early, carry=carry)
         return run
 
     rc.run_segment(pid, starts, branch)
 
 
-def _check(words, offsets, states, raw, table, n, lanes, steps, dtype):
+def raw_size(n: int, lanes: int, steps: int, carry: int) -> int:
+    """Values whose raw bytes are stored (``jcodec.codecs.raw_size`` in values): all but the carried ones."""
+    return n - n // (lanes * steps) * carry * lanes
+
+
+def _check(words, offsets, states, raw, table, n, lanes, steps, dtype, carry):
     """The arrays of one tensor, or of a stack of tensors of one meta (a leading axis on every array)."""
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
-    if not (1 <= lanes and 1 <= steps < 1 << 16):
-        raise ValueError(f"{lanes=} must be >= 1 and {steps=} must be in [1, 65536)")
+    if not (1 <= lanes and 1 <= steps < 1 << 16 and 0 <= carry < steps):
+        raise ValueError(f"{lanes=} must be >= 1, {steps=} in [1, 65536) and {carry=} in [0, steps)")
     t = max(1, -(-n // (lanes * steps)))
     lead = stack_lead(states)
     copies = lead[0] if lead else 1
     if n < 1 or copies * n * rc.RAW_BYTES[dtype] > rc.INT32_MAX or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be >= 1 and its padded tiles and raw bytes must have < 2^31 elements")
     for name, a, dt, size in [("offsets", offsets, jnp.uint32, t * lanes), ("states", states, jnp.uint32, t * lanes),
-                              ("raw", raw, jnp.uint8, n * rc.RAW_BYTES[dtype])]:
+                              ("raw", raw, jnp.uint8, raw_size(n, lanes, steps, carry) * rc.RAW_BYTES[dtype])]:
         if a.dtype != dt or a.shape != lead + (size,):
             raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(lead + (size,))}")
     check_table(table, lead)
@@ -378,7 +402,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
 
     ``tensors``: a sequence of ``(words, offsets, states, raw, table)``, each the arrays of one tensor or
     of a stack of tensors of one meta (every array with a leading axis of ``copies``: several layers in one
-    launch); ``metas``: a tuple of ``(n, lanes, steps, dtype)`` per tensor. ``tiles``: None, or per tensor
+    launch); ``metas``: a tuple of ``(n, lanes, steps, dtype, carry)`` per tensor. ``tiles``: None, or per tensor
     None or int32[R], the tiles to decode (of one tensor, not a stack; e.g. the rows of an embedding).
     Returns per tensor the flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``
     (tile ``tiles[r]`` at ``r * L*S``; positions past the tensor's end are unspecified). Block sizes as in
@@ -396,8 +420,8 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     if block_lanes < 1 or block_lanes & (block_lanes - 1):
         raise ValueError(f"{block_lanes=} must be a power of two")
     starts, copies = [0], []
-    for arrays, (n, lanes, steps, dtype), tl in zip(tensors, metas, tiles):
-        _check(*arrays, n, lanes, steps, dtype)
+    for arrays, (n, lanes, steps, dtype, carry), tl in zip(tensors, metas, tiles):
+        _check(*arrays, n, lanes, steps, dtype, carry)
         check_words(arrays[0], stack_lead(arrays[2]), word_group)
         c, programs = launch_shape(arrays, tl, lanes, block_lanes)
         copies.append(c)
@@ -407,7 +431,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
                                has_tiles=tuple(tl is not None for tl in tiles), window=window, block_lanes=block_lanes,
                                unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
     sizes = [(window or c) * n if tl is None else tl.shape[0] * lanes * steps
-             for c, (n, lanes, steps, _), tl in zip(copies, metas, tiles)]
+             for c, (n, lanes, steps, _, _), tl in zip(copies, metas, tiles)]
     outs = pl.pallas_call(
         kernel,
         out_shape=([jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[m[3]]) for size, m in zip(sizes, metas)]
@@ -426,7 +450,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
 
 
 def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
-                      tiles=None, block_lanes: int = 128, unroll: int | None = None, num_warps: int = 4,
+                      carry: int = 0, tiles=None, block_lanes: int = 128, unroll: int | None = None, num_warps: int = 4,
                       coarse_bits: int = rc.COARSE_BITS, prefetch: int | None = None, word_group: int = 1,
                       raw_early: bool | None = None, interpret: bool = False) -> jax.Array:
     """Decode a ``bf16-lossless`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact.
@@ -442,7 +466,7 @@ def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int,
     ``word_group``: 1 loads one word per renormalisation; 2 reads the words as uint32 pairs and loads only
     when a lane moves into its next pair (half the per-lane gathers; needs an even word count).
     """
-    return rans_float_decode_many([(words, offsets, states, raw, table)], metas=((n, lanes, steps, dtype),),
+    return rans_float_decode_many([(words, offsets, states, raw, table)], metas=((n, lanes, steps, dtype, carry),),
                                   tiles=None if tiles is None else [tiles], block_lanes=block_lanes,
                                   unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
                                   prefetch=prefetch, word_group=word_group, raw_early=raw_early,
@@ -450,9 +474,10 @@ def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int,
 
 
 # ----------------------------------------------------------------------------------------- reference
-def rans_symbols_reference(words, offsets, states, table, *, n: int, lanes: int, steps: int) -> jax.Array:
+def rans_symbols_reference(words, offsets, states, table, *, n: int, lanes: int, steps: int, ends: bool = False):
     """All lanes' decoded symbols (uint32[n], symbol order) in pure jnp: a fori_loop over the steps,
-    every lane at once; the exact inverse of ``jcodec.rans.encode``."""
+    every lane at once; the exact inverse of ``jcodec.rans.encode``. ``ends``: also return the lanes' end
+    states (uint32[T*L])."""
     last_word = words.shape[0] - 1
     total_lanes = states.shape[0]
     table = table[:rc.TABLE_SIZE]
@@ -465,22 +490,37 @@ def rans_symbols_reference(words, offsets, states, table, *, n: int, lanes: int,
         return x, ptr + need.astype(ptr.dtype), out.at[k].set(sym.astype(jnp.uint8))
 
     out = jnp.zeros((steps, total_lanes), jnp.uint8)
-    _, _, out = lax.fori_loop(0, steps, step, (states, offsets, out))
+    x, _, out = lax.fori_loop(0, steps, step, (states, offsets, out))
     tiles = total_lanes // lanes
     # [steps, tiles*lanes] -> [tiles, steps, lanes] -> symbol order
-    return out.reshape(steps, tiles, lanes).transpose(1, 0, 2).reshape(-1)[:n].astype(jnp.uint32)
+    sym = out.reshape(steps, tiles, lanes).transpose(1, 0, 2).reshape(-1)[:n].astype(jnp.uint32)
+    return (sym, x) if ends else sym
 
 
-@functools.partial(jax.jit, static_argnames=["n", "lanes", "steps", "dtype"])
-def rans_float_reference(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int,
-                         dtype: str) -> jax.Array:
-    """Pure-JAX ``bf16-lossless`` decoder (any backend); bit-exact with the kernel and with NumPy."""
-    _check(words, offsets, states, raw, table, n, lanes, steps, dtype)
-    sym = rans_symbols_reference(words, offsets, states, table, n=n, lanes=lanes, steps=steps)
-    if rc.RAW_BYTES[dtype] == 1:
+def raw_reference(raw, ends, *, n: int, lanes: int, steps: int, dtype: str, carry: int):
+    """Every value's raw bits (uint32[n]) from the stored raw bytes and the lanes' end states (the carried
+    values of the full tiles; ``jcodec.codecs.join_carry``)."""
+    rb = rc.RAW_BYTES[dtype]
+    if rb == 1:
         r = raw.astype(jnp.uint32)
     else:
-        r3 = raw.reshape(n, 3).astype(jnp.uint32)
+        r3 = raw.reshape(-1, 3).astype(jnp.uint32)
         r = r3[:, 0] | (r3[:, 1] << 8) | (r3[:, 2] << 16)
+    full = n // (lanes * steps) if carry else 0
+    if not full:
+        return r
+    head = r[:full * (steps - carry) * lanes].reshape(full, steps - carry, lanes)
+    carried = jnp.stack([rc.carried_raw(ends[:full * lanes], j, rb) for j in range(carry)])  # [carry, full*L]
+    carried = carried.reshape(carry, full, lanes).transpose(1, 0, 2)
+    return jnp.concatenate([jnp.concatenate([head, carried], axis=1).reshape(-1), r[full * (steps - carry) * lanes:]])
+
+
+@functools.partial(jax.jit, static_argnames=["n", "lanes", "steps", "dtype", "carry"])
+def rans_float_reference(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int,
+                         dtype: str, carry: int = 0) -> jax.Array:
+    """Pure-JAX ``bf16-lossless`` decoder (any backend); bit-exact with the kernel and with NumPy."""
+    _check(words, offsets, states, raw, table, n, lanes, steps, dtype, carry)
+    sym, ends = rans_symbols_reference(words, offsets, states, table, n=n, lanes=lanes, steps=steps, ends=True)
+    r = raw_reference(raw, ends, n=n, lanes=lanes, steps=steps, dtype=dtype, carry=carry)
     bits = rc.join_float(sym, r, dtype).astype(rc.BITS_DTYPE[dtype])
     return lax.bitcast_convert_type(bits, jnp.dtype(dtype))

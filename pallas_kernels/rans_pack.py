@@ -8,10 +8,11 @@ Layout read (built on the host by ``jcodec.tensor.pack_float``; T tiles of L lan
   words   uint16[W]     every tensor's word streams, concatenated
   offsets uint32[T*L]   where each lane starts reading in ``words`` (already offset to its tensor's streams)
   states  uint32[T*L]   each lane's start state
-  raw     uint8[N*rb]   the raw bytes of every tensor, concatenated (N values in all)
+  raw     uint8[N*rb]   the stored raw bytes of every tensor, concatenated (N values in all; a full tile's lanes
+                        carry their last ``carry`` values in their end states: ``jcodec.codecs.split_carry``)
   tables  uint32[K, 4096 (+ 128)]  one packed slot table per tensor (a stack: one per layer)
-  info    int32[T, 5]   per tile: output index, first value's offset in that output, first value's offset
-                        in the pack (into ``raw``), values in the tile, table index
+  info    int32[T, 5]   per tile: output index, first value's offset in that output, its first stored raw
+                        value's offset in ``raw`` (in values), values in the tile, table index
 Outputs: one flat array per output index, of the sizes given; tile values go to consecutive positions.
 One program decodes ``block_lanes`` consecutive lanes; its stores go to the output of each lane's tile
 (one masked store per output: only one of them is live for a lane).
@@ -42,7 +43,7 @@ def rans_pack_kernel(
     table_ref,    # [K * (4096 + 4096 >> coarse_bits)] uint32, whole array
     info_ref,     # [T*5] int32, whole array
     *out_refs,    # per output: [size] uint16 | uint32 (the float bits)
-    lanes: int, steps: int, dtype: str, block_lanes: int, unroll: int, coarse_bits: int,
+    lanes: int, steps: int, dtype: str, block_lanes: int, unroll: int, coarse_bits: int, carry: int,
 ):
     """Decode lanes ``program * block_lanes ...`` of the pack (of any of its tensors)."""
     tiles = states_ref.shape[0] // lanes
@@ -55,34 +56,55 @@ def rans_pack_kernel(
     table_base = table * (rc.TABLE_SIZE + (rc.TABLE_SIZE >> coarse_bits if coarse_bits else 0))
     rb = rc.RAW_BYTES[dtype]
 
-    def read_raw(k):  # [B] uint32 raw bits of step k (masked past each tile's values)
-        return load_raw(raw_ref, raw_at + l + k * lanes, live & (l + k * lanes < count) & (k < steps), rb)
+    full = count == lanes * steps  # a full tile's lanes carry their last `carry` values' raw bytes
+    stored_steps = jnp.where(full, steps - carry, steps)
 
-    def block(b, carry):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
-        lane_state, raws = carry
+    def read_raw(k):  # [B] uint32 raw bits of step k (masked past each tile's values, and where carried)
+        return load_raw(raw_ref, raw_at + l + k * lanes, live & (l + k * lanes < count) & (k < stored_steps), rb)
+
+    def write(k, sym, raw):
+        bits = rc.join_float(sym, raw, dtype)
+        pos = l + k * lanes
+        for j, out_ref in enumerate(out_refs):
+            mine = live & (out_index == j) & (pos < count)
+            # a lane that does not write points past the end, at its own address (interpret mode's
+            # masked scatter must not see two lanes at one address)
+            plgpu.store(out_ref.at[jnp.where(mine, out_at + pos, out_ref.shape[0] + v)],
+                        bits.astype(out_ref.dtype), mask=mine)
+
+    def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
+        lane_state, raws = carry_in
         next_raws = []
         for u in range(unroll):
             k = b * unroll + u
             sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
-            bits = rc.join_float(sym, raws[u], dtype)
-            pos = l + k * lanes
-            for j, out_ref in enumerate(out_refs):
-                mine = live & (out_index == j) & (pos < count)
-                # a lane that does not write points past the end, at its own address (interpret mode's
-                # masked scatter must not see two lanes at one address)
-                plgpu.store(out_ref.at[jnp.where(mine, out_at + pos, out_ref.shape[0] + v)],
-                            bits.astype(out_ref.dtype), mask=mine)
+            write(k, sym, raws[u])
             next_raws.append(read_raw(k + unroll))
         return lane_state, tuple(next_raws)
 
-    lax.fori_loop(0, steps // unroll, block, (lane_state, tuple(read_raw(u) for u in range(unroll))))
+    # the blocks holding the carried steps are peeled: their values are written once the end state is known
+    peeled = -(-carry // unroll)
+    lane_state, raws = lax.fori_loop(0, steps // unroll - peeled, block,
+                                     (lane_state, tuple(read_raw(u) for u in range(unroll))))
+    held, k0 = [], steps - peeled * unroll
+    for k in range(k0, steps):
+        sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
+        raw = raws[k - k0] if k < k0 + unroll else read_raw(k)
+        if k < steps - carry:
+            write(k, sym, raw)
+        else:
+            held.append((k, sym, raw))
+    for j, (k, sym, raw) in enumerate(held):
+        write(k, sym, jnp.where(full, rc.carried_raw(lane_state[0], j, rb), raw))
 
 
-def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, steps: int, dtype: str) -> None:
+def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, steps: int, dtype: str,
+               carry: int) -> None:
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
-    if not (1 <= lanes and 1 <= steps < 1 << 16) or not sizes or min(sizes) < 1:
-        raise ValueError(f"{lanes=} must be >= 1, {steps=} in [1, 65536) and sizes={sizes!r} >= 1 each")
+    if not (1 <= lanes and 1 <= steps < 1 << 16 and 0 <= carry < steps) or not sizes or min(sizes) < 1:
+        raise ValueError(f"{lanes=} must be >= 1, {steps=} in [1, 65536), {carry=} in [0, steps) and "
+                         f"sizes={sizes!r} >= 1 each")
     if states.ndim != 1 or states.size % lanes or not states.size:
         raise ValueError(f"states={states.dtype}{list(states.shape)} must be uint32[T*{lanes}], T >= 1")
     t = states.size // lanes
@@ -101,24 +123,25 @@ def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, ste
         raise ValueError(f"sizes={sizes!r} and the pack's {t} tiles must stay below 2^31 values")
 
 
-@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "block_lanes", "unroll",
+@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "carry", "block_lanes", "unroll",
                                              "num_warps", "coarse_bits", "interpret"])
 def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: tuple[int, ...], lanes: int,
-                           steps: int, dtype: str, block_lanes: int = 128, unroll: int = 4, num_warps: int = 4,
-                           coarse_bits: int = rc.COARSE_BITS, interpret: bool = False) -> list[jax.Array]:
+                           steps: int, dtype: str, carry: int = 0, block_lanes: int = 128, unroll: int = 4,
+                           num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
+                           interpret: bool = False) -> list[jax.Array]:
     """Decode a pack (module docstring) to one flat ``dtype[size]`` array per entry of ``sizes``; bit-exact.
 
     Block sizes as in ``rans_float.rans_float_decode``. ``info`` is trusted to describe tiles inside the
     arrays (``jcodec.tensor.pack_float`` builds it from validated tensors); stores outside an output are
     masked off, reads are not.
     """
-    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype)
+    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype, carry)
     if block_lanes < 1 or block_lanes & (block_lanes - 1) or unroll < 1 or num_warps < 1:
         raise ValueError(f"{block_lanes=} must be a power of two, {unroll=} and {num_warps=} >= 1")
     rc.filter_triton_deprecation()
     unroll = math.gcd(unroll, steps)
     kernel = functools.partial(rans_pack_kernel, lanes=lanes, steps=steps, dtype=dtype, block_lanes=block_lanes,
-                               unroll=unroll, coarse_bits=coarse_bits)
+                               unroll=unroll, coarse_bits=coarse_bits, carry=carry)
     outs = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[dtype]) for size in sizes],
@@ -131,12 +154,12 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
 
 
 # ----------------------------------------------------------------------------------------- reference
-@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype"])
+@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "carry"])
 def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, sizes: tuple[int, ...], lanes: int,
-                              steps: int, dtype: str) -> list[jax.Array]:
+                              steps: int, dtype: str, carry: int = 0) -> list[jax.Array]:
     """Pure-JAX pack decoder: every lane at once, one ``fori_loop`` over the steps, each lane reading its
     tile's table; then the values scattered to their outputs. Bit-exact with the kernel and with NumPy."""
-    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype)
+    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype, carry)
     last_word = words.shape[0] - 1
     t = jnp.arange(states.size, dtype=jnp.int32) // lanes
     table = tables[:, :rc.TABLE_SIZE]
@@ -148,15 +171,19 @@ def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, size
         x, need = rc.renormalise(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
         return x, ptr + need.astype(ptr.dtype), out.at[k].set(sym.astype(jnp.uint8))
 
-    _, _, sym = lax.fori_loop(0, steps, step, (states, offsets.astype(jnp.int32),
-                                               jnp.zeros((steps, states.size), jnp.uint8)))
-    pos = jnp.arange(steps, dtype=jnp.int32)[:, None] * lanes + (jnp.arange(states.size, dtype=jnp.int32) % lanes)
+    ends, _, sym = lax.fori_loop(0, steps, step, (states, offsets.astype(jnp.int32),
+                                                  jnp.zeros((steps, states.size), jnp.uint8)))
+    k = jnp.arange(steps, dtype=jnp.int32)[:, None]
+    pos = k * lanes + (jnp.arange(states.size, dtype=jnp.int32) % lanes)
     ok = pos < info[t, COUNT]                                        # [steps, T*L]
-    i = jnp.where(ok, info[t, RAW_AT] + pos, 0)
+    carried = (info[t, COUNT] == lanes * steps) & (k >= steps - carry)  # raw bits in the lane's end state
+    i = jnp.where(ok & ~carried, info[t, RAW_AT] + pos, 0)
     if rc.RAW_BYTES[dtype] == 1:
         r = raw[i].astype(jnp.uint32)
     else:
         r = raw[3 * i].astype(jnp.uint32) | (raw[3 * i + 1].astype(jnp.uint32) << 8) | (raw[3 * i + 2].astype(jnp.uint32) << 16)
+    for j in range(carry):
+        r = jnp.where(carried & (k == steps - carry + j), rc.carried_raw(ends, j, rc.RAW_BYTES[dtype])[None], r)
     bits = rc.join_float(sym.astype(jnp.uint32), r, dtype).astype(rc.BITS_DTYPE[dtype])
     outs = []
     for j, size in enumerate(sizes):

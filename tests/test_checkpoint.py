@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jcodec import checkpoint, convert
-from jcodec.checkpoint import Checkpoint, CheckpointError
+from jcodec.checkpoint import FORMAT_VERSION, Checkpoint, CheckpointError
 
 # small tiles so that the small test tensors have several tiles each
 GEOMETRY = dict(lanes=16, steps=32)
@@ -84,7 +84,7 @@ def test_truncated_file(converted):
 def test_wrong_version(converted):
     f = converted / "model.safetensors"
     data = bytearray(f.read_bytes())
-    i = data.index(b'"jcodec.version":"1"')
+    i = data.index(b'"jcodec.version":"%d"' % FORMAT_VERSION)
     data[i + len(b'"jcodec.version":"')] = ord("9")
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="version 9"):

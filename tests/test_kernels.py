@@ -38,7 +38,7 @@ def device_args(ct: tensor.CompressedTensor):
     a, m = ct.arrays, ct.meta
     if m.codec == "bf16-lossless":
         return ((a["words"], a["offsets"], a["states"], a["raw"], a["table"]),
-                dict(n=m.size, lanes=m.lanes, steps=m.steps, dtype=m.dtype))
+                dict(n=m.size, lanes=m.lanes, steps=m.steps, dtype=m.dtype, carry=m.carry))
     return ((a["words"], a["offsets"], a["states"], a["table"], a["scales"], a["predictors"]),
             dict(n=m.size, rows=m.rows, cols=m.cols, lanes=m.lanes, steps=m.steps, dtype=m.dtype))
 
@@ -128,11 +128,28 @@ class TestFloatKernel(KernelTestBase):
         geometry = [(32, 16), (8, 4), (32, 8), (32, 16)]
         encs = [codecs.encode(x, "bf16-lossless", lanes=l, steps=s) for x, (l, s) in zip(xs, geometry)]
         args = [device_args(tensor.from_encoded(e)) for e in encs]
-        metas = tuple((kw["n"], kw["lanes"], kw["steps"], kw["dtype"]) for _, kw in args)
+        metas = tuple((kw["n"], kw["lanes"], kw["steps"], kw["dtype"], kw["carry"]) for _, kw in args)
         outs = rans_float.rans_float_decode_many([a for a, _ in args], metas=metas, block_lanes=32,
                                                  interpret=self.INTERPRET)
         for out, x in zip(outs, xs):
             np.testing.assert_array_equal(bits(out), bits(x).reshape(-1))
+
+    @pytest.mark.parametrize("dtype", FLOATS)
+    def test_carried_raw_bytes(self, dtype):
+        """The lanes of full tiles carry their last values' raw bytes in their end states: the file is smaller
+        by exactly those bytes, and a stream without carry (format version 1's layout) decodes the same."""
+        x = random_float(np.random.default_rng(5), (3 * 32 * 16 + 100,), dtype, "bits")  # 3 full tiles + 100
+        on, off = codecs.encode_float(x, 32, 16), codecs.encode_float(x, 32, 16, carry=False)
+        rb = codecs.FLOAT_DTYPES[dtype][2]
+        assert (on.record["carry"], off.record["carry"]) == (codecs.CARRY[rb], 0)
+        assert off.arrays["raw"].size - on.arrays["raw"].size == 3 * 32 * codecs.CARRY[rb] * rb
+        for enc in (on, off):
+            args, kw = device_args(tensor.from_encoded(enc))
+            outs = [rans_float.rans_float_reference(*args, **kw)]
+            outs += [rans_float.rans_float_decode(*args, **kw, block_lanes=32, unroll=u, raw_early=r,
+                                                  interpret=self.INTERPRET) for u, r in ((1, False), (4, True))]
+            for out in outs:
+                np.testing.assert_array_equal(bits(out), bits(x))
 
     @pytest.mark.parametrize("dtype", FLOATS)
     def test_incompressible_bits(self, dtype):
@@ -156,7 +173,7 @@ class TestFloatKernel(KernelTestBase):
         self.check_float(x, 32, 16)
 
     @pytest.mark.parametrize("dtype,kind,shape,lanes,steps,blocks", [
-        ("bfloat16", "gauss", (37, 41), 32, 16, dict()),  # an odd word count, padded by from_encoded
+        ("bfloat16", "gauss", (37, 46), 32, 16, dict()),  # an odd word count, padded by from_encoded
         ("float32", "bits", (1000,), 32, 8, dict(prefetch=16, unroll=1, block_lanes=64)),
         ("float16", "gauss", (700,), 7, 5, dict(block_lanes=8)),
         ("bfloat16", "equal", (9, 100), 32, 16, dict())])  # no words at all: two padding words
