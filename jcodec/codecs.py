@@ -114,7 +114,13 @@ def _rans_arrays(symbols, lanes, steps, start=None):
     if words.size >= 1 << 32:
         raise ValueError("tensor too large for one stream; split it")
     bases = rans.lane_offsets(counts)[::lanes].astype(np.uint32)
-    return freqs, states, counts, words, bases
+    return freqs, states, counts.astype(counts_dtype(steps)), words, bases
+
+
+def counts_dtype(steps: int):
+    """A lane reads at most one word a step: uint8 word counts when ``steps`` <= 255 (8 bits less per lane,
+    which matters for short lanes), else uint16."""
+    return np.dtype(np.uint8 if steps < 256 else np.uint16)
 
 
 def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS, *,
@@ -328,9 +334,10 @@ def validate(enc: EncodedTensor) -> None:
     t = rans.num_tiles(n, lanes, steps)
     _need(r.get("tiles") == t, f"tiles={r.get('tiles')!r} but shape and geometry give {t}")
     for key, dt, shp in [("freqs", np.uint16, (rans.ALPHABET,)), ("states", np.uint32, (t * lanes,)),
-                         ("counts", np.uint16, (t * lanes,)), ("tiles", np.uint32, (t, 3))]:
-        _need(a[key].dtype == dt and a[key].shape == shp, f"{key} must be {np.dtype(dt).name}{list(shp)}, "
-                                                          f"found {a[key].dtype.name}{list(a[key].shape)}")
+                         ("counts", counts_dtype(steps), (t * lanes,)), ("tiles", np.uint32, (t, 3))]:
+        ok = a[key].dtype == dt or (key == "counts" and a[key].dtype == np.uint16)  # (version 1: always 16 bits)
+        _need(ok and a[key].shape == shp, f"{key} must be {np.dtype(dt).name}{list(shp)}, "
+                                          f"found {a[key].dtype.name}{list(a[key].shape)}")
     _need(int(a["freqs"].astype(np.int64).sum()) == rans.PROB_SCALE, "frequency table does not sum to 4096")
     total = int(a["counts"].astype(np.int64).sum())
     _need(a["words"].dtype == np.uint16 and a["words"].shape == (total,) and r.get("words") == total,

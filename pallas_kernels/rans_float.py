@@ -80,46 +80,41 @@ def rans_float_kernel(
     rb = rc.RAW_BYTES[dtype]
     # raw bytes: a full tile's lanes carry their last `carry` values in their end state (jcodec.codecs.split_carry);
     # the raw array holds the other steps of every full tile, then the last tile's (value units here)
-    full = t < n // tile if carry else None
+    full = t < n // tile
     raw_first = c * (raw_ref.shape[0] // (copies * rb)) + t * ((steps - carry) * lanes) + l
-    stored_steps = jnp.where(full, steps - carry, steps) if carry else steps  # [B] steps with stored raw
+    # [B] the steps whose values a lane writes in the loop, with raw bytes from `raw` (a full tile's carried
+    # steps are written after it, from the end state)
+    in_loop = jnp.where(full, steps - carry, jnp.clip((n - first + lanes - 1) // lanes, 0, steps))
 
     def read_raw(k):  # [B] uint32 raw bits of step k (masked past the end, and where carried)
-        return load_raw(raw_ref, raw_first + k * lanes, live & (first + k * lanes < n) & (k < stored_steps), rb)
+        return load_raw(raw_ref, raw_first + k * lanes, live & (k < in_loop), rb)
 
-    def write(k, sym, raw):
+    def write(k, sym, raw, mask):
         bits = rc.join_float(sym, raw, dtype).astype(out_ref.dtype)
-        plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits, mask=live & (first + k * lanes < n))
+        plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits, mask=mask)
 
     def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
-        lane_state, raws = carry_in
+        lane_state, raws, last = carry_in
         touched = lanes_touch(words_ref, lane_state, prefetch)
         # raw_early: the next block's raw bytes all at the top (the loop head waits for every load still in
         # flight, so a load issued late in a block stalls the next one for most of a memory latency)
         next_raws = [read_raw((b + 1) * unroll + u) for u in range(unroll)] if raw_early else []
+        syms = []
         for u in range(unroll):
             k = b * unroll + u
             sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
-            write(k, sym, raws[u])
+            write(k, sym, raws[u], live & (k < in_loop))
+            syms.append(sym)
             if not raw_early:
                 next_raws.append(read_raw(k + unroll))
-        return lanes_fold(lane_state, touched), tuple(next_raws)
+        # the last `carry` symbols, kept for the carried steps (register renaming, no work)
+        return lanes_fold(lane_state, touched), tuple(next_raws), (last + tuple(syms))[len(syms):]
 
-    # with carry, the last blocks (those holding the carried steps) are peeled: their values are written
-    # once the end state is known
-    peeled = -(-carry // unroll)
     raws = tuple(read_raw(u) for u in range(unroll))
-    lane_state, raws = lax.fori_loop(0, steps // unroll - peeled, block, (lane_state, raws))
-    held, k0 = [], steps - peeled * unroll
-    for k in range(k0, steps):
-        sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
-        raw = raws[k - k0] if k < k0 + unroll else read_raw(k)
-        if k < steps - carry:
-            write(k, sym, raw)
-        else:
-            held.append((k, sym, raw))
-    for j, (k, sym, raw) in enumerate(held):
-        write(k, sym, jnp.where(full, rc.carried_raw(lane_state[0], j, rb), raw))
+    last = tuple(jnp.zeros_like(l, dtype=jnp.uint32) for _ in range(carry))
+    lane_state, _, last = lax.fori_loop(0, steps // unroll, block, (lane_state, raws, last))
+    for j, sym in enumerate(last):  # a full tile's carried steps: raw bits from the end state
+        write(steps - carry + j, sym, rc.carried_raw(lane_state[0], j, rb), live & full)
     if prefetch:
         plgpu.store(sink_ref.at[program * block_lanes + jnp.arange(block_lanes)], lane_state[3])
 

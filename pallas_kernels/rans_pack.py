@@ -57,45 +57,38 @@ def rans_pack_kernel(
     rb = rc.RAW_BYTES[dtype]
 
     full = count == lanes * steps  # a full tile's lanes carry their last `carry` values' raw bytes
-    stored_steps = jnp.where(full, steps - carry, steps)
+    # [B] the steps a lane writes in the loop, with raw bytes from `raw` (a full tile's carried ones after it)
+    in_loop = jnp.where(full, steps - carry, jnp.clip((count - l + lanes - 1) // lanes, 0, steps))
 
     def read_raw(k):  # [B] uint32 raw bits of step k (masked past each tile's values, and where carried)
-        return load_raw(raw_ref, raw_at + l + k * lanes, live & (l + k * lanes < count) & (k < stored_steps), rb)
+        return load_raw(raw_ref, raw_at + l + k * lanes, live & (k < in_loop), rb)
 
-    def write(k, sym, raw):
+    def write(k, sym, raw, ok):
         bits = rc.join_float(sym, raw, dtype)
         pos = l + k * lanes
         for j, out_ref in enumerate(out_refs):
-            mine = live & (out_index == j) & (pos < count)
+            mine = ok & (out_index == j)
             # a lane that does not write points past the end, at its own address (interpret mode's
             # masked scatter must not see two lanes at one address)
             plgpu.store(out_ref.at[jnp.where(mine, out_at + pos, out_ref.shape[0] + v)],
                         bits.astype(out_ref.dtype), mask=mine)
 
     def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
-        lane_state, raws = carry_in
-        next_raws = []
+        lane_state, raws, last = carry_in
+        next_raws, syms = [], []
         for u in range(unroll):
             k = b * unroll + u
             sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
-            write(k, sym, raws[u])
+            write(k, sym, raws[u], live & (k < in_loop))
+            syms.append(sym)
             next_raws.append(read_raw(k + unroll))
-        return lane_state, tuple(next_raws)
+        return lane_state, tuple(next_raws), (last + tuple(syms))[len(syms):]  # the last `carry` symbols
 
-    # the blocks holding the carried steps are peeled: their values are written once the end state is known
-    peeled = -(-carry // unroll)
-    lane_state, raws = lax.fori_loop(0, steps // unroll - peeled, block,
-                                     (lane_state, tuple(read_raw(u) for u in range(unroll))))
-    held, k0 = [], steps - peeled * unroll
-    for k in range(k0, steps):
-        sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
-        raw = raws[k - k0] if k < k0 + unroll else read_raw(k)
-        if k < steps - carry:
-            write(k, sym, raw)
-        else:
-            held.append((k, sym, raw))
-    for j, (k, sym, raw) in enumerate(held):
-        write(k, sym, jnp.where(full, rc.carried_raw(lane_state[0], j, rb), raw))
+    last = tuple(jnp.zeros_like(l, dtype=jnp.uint32) for _ in range(carry))
+    lane_state, _, last = lax.fori_loop(0, steps // unroll, block,
+                                        (lane_state, tuple(read_raw(u) for u in range(unroll)), last))
+    for j, sym in enumerate(last):  # a full tile's carried steps: raw bits from the end state
+        write(steps - carry + j, sym, rc.carried_raw(lane_state[0], j, rb), live & full)
 
 
 def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, steps: int, dtype: str,

@@ -143,6 +143,7 @@ class TestFloatKernel(KernelTestBase):
         rb = codecs.FLOAT_DTYPES[dtype][2]
         assert (on.record["carry"], off.record["carry"]) == (codecs.CARRY[rb], 0)
         assert off.arrays["raw"].size - on.arrays["raw"].size == 3 * 32 * codecs.CARRY[rb] * rb
+        assert on.arrays["counts"].dtype == np.uint8  # steps <= 255: one byte per lane
         for enc in (on, off):
             args, kw = device_args(tensor.from_encoded(enc))
             outs = [rans_float.rans_float_reference(*args, **kw)]
