@@ -153,13 +153,14 @@ def carry_values(dtype: str, steps: int) -> int:
     return c if steps > c else 0
 
 
-def raw_size(n: int, lanes: int, steps: int, carry: int, rb: int) -> int:
-    """Raw bytes stored: all but the carried ones (``carry`` values of every lane of the full tiles)."""
-    return rb * (n - n // (lanes * steps) * carry * lanes)
+def stored_raw_values(n: int, lanes: int, steps: int, carry: int) -> int:
+    """Values whose raw bytes ``raw`` stores: all but the carried ones (``carry`` values of every lane of the
+    full tiles). (``pallas_kernels.rans_float.raw_size`` is its twin: the kernels do not import jcodec.)"""
+    return n - n // (lanes * steps) * carry * lanes
 
 
 def split_carry(raw: np.ndarray, lanes: int, steps: int, carry: int) -> tuple[np.ndarray, np.ndarray]:
-    """raw uint8[n, rb] -> (the raw bytes stored, uint8[raw_size]; the lanes' encoder start states).
+    """raw uint8[n, rb] -> (the raw bytes stored, uint8[stored_raw_values * rb]; the lanes' encoder start states).
 
     Stored: each full tile's raw bytes of steps ``0 .. steps - carry - 1`` (value order), then the last,
     partial tile's. Start state of a lane of a full tile: ``2^(8 rb carry) | R``, R its last ``carry``
@@ -186,10 +187,7 @@ def join_carry(stored: np.ndarray, ends: np.ndarray, n: int, lanes: int, steps: 
     ok = np.concatenate([ends[:full * lanes] >> np.uint32(bits) == 1 if full else np.zeros(0, bool),
                          ends[full * lanes:] == rans.STATE_LOW])
     if not ok.all():
-        try:
-            rans.raise_corrupt(np.flatnonzero(~ok), lanes)
-        except rans.RansError as e:
-            raise FormatError(str(e)) from None
+        raise FormatError(rans.corrupt_lanes(np.flatnonzero(~ok), lanes))
     if not full:
         return stored.reshape(n, rb)
     head = stored[:full * (steps - carry) * lanes * rb].reshape(full, steps - carry, lanes, rb)
@@ -349,7 +347,7 @@ def validate(enc: EncodedTensor) -> None:
         carry = r.get("carry", 0)  # absent in version 1: nothing carried
         _need(carry in (0, carry_values(r["dtype"], steps)), f"carry={carry!r}, must be 0 or "
                                                               f"{carry_values(r['dtype'], steps)} for {r['dtype']}")
-        size = raw_size(n, lanes, steps, carry, rb)
+        size = stored_raw_values(n, lanes, steps, carry) * rb
         _need(a["raw"].dtype == np.uint8 and a["raw"].shape == (size,), f"raw must be uint8[{size}]")
     else:
         rows, cols = r.get("rows"), r.get("cols")

@@ -181,16 +181,16 @@ def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.
         ptr += need
     wrong = (ptr != end) if ends else (ptr != end) | (x != STATE_LOW)
     if np.any(wrong):
-        raise_corrupt(np.flatnonzero(wrong), lanes)
+        raise RansError(corrupt_lanes(np.flatnonzero(wrong), lanes))
     # [steps, tiles*lanes] -> [tiles, steps, lanes] -> flat, symbol order
     symbols = out.reshape(steps, t, lanes).transpose(1, 0, 2).reshape(-1)[:n]
     return (symbols, x) if ends else symbols
 
 
-def raise_corrupt(bad_lanes: np.ndarray, lanes: int):
-    """The error for lanes whose streams do not decode (the first one named)."""
+def corrupt_lanes(bad_lanes: np.ndarray, lanes: int) -> str:
+    """The message for lanes whose streams do not decode (the first one named)."""
     first = int(bad_lanes[0])
-    raise RansError(f"rANS stream corrupt in tile {first // lanes} (lane {first % lanes})")
+    return f"rANS stream corrupt in tile {first // lanes} (lane {first % lanes})"
 
 
 def coded_bits(symbol_counts: np.ndarray, freqs: np.ndarray) -> float:

@@ -365,7 +365,7 @@ class PackBuilder:
     """
 
     def __init__(self, tensors: list[tuple[int, int, int]], lanes: int, steps: int, dtype: str, carry: int = 0):
-        from jcodec.pallas_kernels import rans_common, rans_float, rans_pack
+        from jcodec.pallas_kernels import rans_common, rans_pack
         tile = lanes * steps
         outs = 1 + max(j for j, _, _ in tensors)
         sizes = [0] * outs
@@ -374,7 +374,7 @@ class PackBuilder:
         for j, n, w in tensors:
             self.slots.append((words, lanes_at, values, j, sizes[j], n))
             words, lanes_at = words + w, lanes_at + -(-n // tile) * lanes
-            values += rans_float.raw_size(n, lanes, steps, carry)
+            values += codecs.stored_raw_values(n, lanes, steps, carry)
             sizes[j] += n
         rb = rans_common.RAW_BYTES[dtype]
         if max(words, values * rb, lanes_at * steps) > PACK_LIMIT or min(sizes) < 1:
@@ -393,12 +393,12 @@ class PackBuilder:
 
     def add(self, i: int, words, offsets, states, raw, table) -> None:
         """Tensor ``i``'s arrays in the kernels' layout (``host_arrays``; ``offsets`` relative to its words)."""
-        from jcodec.pallas_kernels import rans_common, rans_float, rans_pack
+        from jcodec.pallas_kernels import rans_common, rans_pack
         words_at, lanes_at, values_at, j, out_at, n = self.slots[i]
         w = words.reshape(-1)
         end = self.slots[i + 1][0] if i + 1 < len(self.slots) else self.arrays[0].size
         tiles = -(-n // self.tile)
-        stored = rans_float.raw_size(n, self.lanes, self.steps, self.carry)
+        stored = codecs.stored_raw_values(n, self.lanes, self.steps, self.carry)
         if w.size > end - words_at or offsets.size != tiles * self.lanes or raw.size != stored * rans_common.RAW_BYTES[self.dtype]:
             raise ValueError(f"tensor {i} does not match the pack's layout ({w.size} words for {end - words_at}, "
                              f"{offsets.size} lanes for {tiles * self.lanes}, {raw.size} raw bytes for {n} values)")

@@ -338,7 +338,7 @@ def _many_kernel(*refs, metas, starts, copies, has_tiles, window, block_lanes, u
 
 
 def raw_size(n: int, lanes: int, steps: int, carry: int) -> int:
-    """Values whose raw bytes are stored (``jcodec.codecs.raw_size`` in values): all but the carried ones."""
+    """Values whose raw bytes are stored: all but the carried ones (``jcodec.codecs.stored_raw_values``)."""
     return n - n // (lanes * steps) * carry * lanes
 
 
