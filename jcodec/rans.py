@@ -70,9 +70,12 @@ def slot_tables(freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def packed_slot_table(freqs: np.ndarray) -> np.ndarray:
-    """One uint32 per slot: ``symbol | (freq - 1) << 8 | bias << 20`` (what the GPU kernels gather)."""
+    """One uint32 per slot: ``cum | symbol << 12 | (freq - 1) << 20`` (what the GPU kernels gather; ``cum`` the
+    symbol's cumulative frequency, so every slot of a symbol holds the same entry; each field takes one
+    instruction to extract but the symbol, which is only shifted into place)."""
     symbol, freq, bias = slot_tables(freqs)
-    return (symbol.astype(np.uint32) | ((freq - 1) << 8) | (bias << 20)).astype(np.uint32)
+    cum = np.arange(PROB_SCALE, dtype=np.uint32) - bias
+    return (cum | (symbol.astype(np.uint32) << 12) | ((freq - 1) << 20)).astype(np.uint32)
 
 
 def num_tiles(n: int, lanes: int, steps: int) -> int:

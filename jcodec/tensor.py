@@ -21,7 +21,7 @@ from jcodec import codecs, rans
 #                         a stack's rows to the longest), so the kernels may read it as uint32 word pairs
 #   offsets uint32[T*L]   where each lane's stream starts in `words` (prefix sum of the file's counts)
 #   states  uint32[T*L]   each lane's start state
-#   table   uint32[4096+128]  packed slot table: symbol | (freq - 1) << 8 | bias << 20, then the kernels'
+#   table   uint32[4096+128]  packed slot table: cum | symbol << 12 | (freq - 1) << 20, then the kernels'
 #                         coarse table (one entry per 32 slots; pallas_kernels/rans_common.py)
 #   raw     uint8[m*rb]   bf16-lossless: the raw sign+mantissa bytes stored (all but those the lanes of full tiles
 #                         carry in their states: `codecs.split_carry`)

@@ -3,7 +3,7 @@
 Every function here is plain ``jnp`` on arrays of any shape, so the same lines run inside a Pallas
 (Triton) kernel, under XLA, and in interpret mode. The constants mirror :mod:`jcodec.rans`: 32-bit
 states in [2^16, 2^32), 16-bit renormalisation words, 12-bit probabilities, and the packed slot table
-``symbol | (freq - 1) << 8 | bias << 20`` (one uint32 per probability slot).
+``cum | symbol << 12 | (freq - 1) << 20`` (one uint32 per probability slot).
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ def rans_step(x, entry):
     """One decode step before renormalisation: ``(symbol, next state)``.
 
     ``x`` uint32 states, ``entry`` the packed table entries at ``x & 4095`` (uint32). The next state is
-    ``freq * (x >> 12) + bias``; it needs a word when it falls below 2^16.
+    ``freq * (x >> 12) + (x & 4095) - cum``; it needs a word when it falls below 2^16.
     """
-    sym = entry & 0xFF
-    freq = ((entry >> 8) & SLOT_MASK) + 1
-    x = freq * (x >> PROB_BITS) + (entry >> 20)
+    sym = (entry >> 12) & 0xFF
+    freq = (entry >> 20) + 1
+    x = freq * (x >> PROB_BITS) + (x & SLOT_MASK) - (entry & SLOT_MASK)
     return sym, x
 
 
@@ -47,23 +47,18 @@ MIXED = 0xFFFFFFFF
 
 
 def coarse_table(table, xp=jnp, bits: int = COARSE_BITS):
-    """Per bucket of ``2^bits`` slots: ``symbol | (freq - 1) << 8 | cum << 20`` of its only symbol (``cum``
-    the symbol's first slot), or :data:`MIXED`. ``table`` is the packed slot table (uint32[4096]); works on
-    NumPy (``xp=np``) and JAX arrays."""
+    """Per bucket of ``2^bits`` slots: the packed entry of its only symbol (every slot of a symbol holds the
+    same entry), or :data:`MIXED`. ``table`` is the packed slot table (uint32[4096]); works on NumPy
+    (``xp=np``) and JAX arrays."""
     t = table.reshape(-1, 1 << bits)
     first = t[:, 0]
-    pure = xp.all((t & 0xFF) == (first & 0xFF)[:, None], axis=1)
-    slot0 = xp.arange(t.shape[0], dtype=xp.uint32) << bits
-    cum = slot0 - (first >> 20)  # bias of the bucket's first slot is slot0 - cum
-    return xp.where(pure, (first & 0xFFFFF) | (cum << 20), xp.uint32(MIXED)).astype(xp.uint32)
+    pure = xp.all(t == first[:, None], axis=1)
+    return xp.where(pure, first, xp.uint32(MIXED)).astype(xp.uint32)
 
 
-def resolve_entry(slot, coarse_entry, fine_entry):
-    """Packed entry (with bias) of ``slot`` from its coarse entry and, where that is MIXED, the full table's."""
-    mixed = coarse_entry == jnp.uint32(MIXED)
-    e = jnp.where(mixed, fine_entry, coarse_entry)
-    hi = e >> 20
-    return (e & 0xFFFFF) | (jnp.where(mixed, hi, slot - hi) << 20)
+def resolve_entry(coarse_entry, fine_entry):
+    """A slot's packed entry from its coarse entry and, where that is MIXED, the full table's."""
+    return jnp.where(coarse_entry == jnp.uint32(MIXED), fine_entry, coarse_entry)
 
 
 def renormalise(x, word):

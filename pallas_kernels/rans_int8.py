@@ -5,7 +5,7 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
                             uint32[W/2] word pairs with ``word_group=2``: ``rans_float``'s layout notes)
   offsets     uint32[T*L]   where lane ``t*L + l`` starts reading in ``words``
   states      uint32[T*L]   each lane's start state
-  table       uint32[4096 + 128]  packed slot table ``symbol | (freq - 1) << 8 | bias << 20``, then the
+  table       uint32[4096 + 128]  packed slot table ``cum | symbol << 12 | (freq - 1) << 20``, then the
                             coarse table (``rans_float.lookup``; computed here when only 4096 are given)
   scales      float32[rows] the per-row (output channel) scale
   predictors  int32[T]      per tile: 0 none, 1 left, 2 up (``jcodec.codecs._predict``)
