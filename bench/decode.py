@@ -51,7 +51,7 @@ INT8_LAYER_VARIANT = "4,4,5,0"
 # take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for
 # bf16-lossless), r raw_early (bf16-lossless: 1 loads a block's raw bytes at the top of the block before),
 # h hoist_scale (int8: 1 keeps each lane's row scale in a register).
-FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1, "r": 0, "t": 1}, {"g": 2, "h": 0}
+FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1, "r": 0}, {"g": 2, "h": 0}
 
 ROWS: list[dict] = []
 INTERPRET = jax.default_backend() != "gpu"  # on CPU (a dry run of this script) the kernels are interpreted
@@ -191,10 +191,10 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     log(f"[{label}] bf16-lossless {x.shape}: ratio {ratio:.4f} (file {enc.nbytes} B; device {cts[0].nbytes} B)")
     results = {}
     for v in variants:
-        bl, un, nw, cb, pf, g, r, tl = v
-        fn = jax.jit(lambda *a, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r, tl=tl: rans_float.rans_float_decode(
+        bl, un, nw, cb, pf, g, r = v
+        fn = jax.jit(lambda *a, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode(
             *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], block_lanes=bl, unroll=un, num_warps=nw,
-            coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r), thread_lanes=tl, interpret=INTERPRET))
+            coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET))
         try:
             t0 = time.perf_counter()
             ok = same_bits(fn(*arrays[0]), x)
@@ -204,7 +204,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
             continue
         s, runs = time_fn(fn, arrays, reps)
         results[v] = s
-        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r, t=tl)} exact={ok}", s, n,
+        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}", s, n,
                ratio=ratio, exact=ok, spread_ms=[min(runs) * 1e3, max(runs) * 1e3], first_call_s=first,
                temp_bytes=temp_bytes(lambda *a: fn(*a), *arrays[0]) if v == variants[0] else None)
     return results, arrays, meta, ratio
@@ -252,10 +252,10 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
     metas = tuple(m for _, m in args)
     log(f"[{label}] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
     for v in variants:
-        bl, un, nw, cb, pf, g, r, tl = v
-        one = jax.jit(lambda *ts, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r, tl=tl: rans_float.rans_float_decode_many(
+        bl, un, nw, cb, pf, g, r = v
+        one = jax.jit(lambda *ts, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode_many(
             list(ts), metas=metas, block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
-            word_group=g, raw_early=bool(r), thread_lanes=tl, interpret=INTERPRET))
+            word_group=g, raw_early=bool(r), interpret=INTERPRET))
         t0 = time.perf_counter()
         outs = one(*sets[0])
         jax.block_until_ready(outs)
@@ -263,19 +263,19 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
         ok = all(same_bits(o, x) for o, x in zip(outs, xs))
         del outs
         s, _ = time_fn(one, sets, reps)
-        record(f"bf16-lossless {label}", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r, t=tl)} exact={ok}",
+        record(f"bf16-lossless {label}", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}",
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
                temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
         log(f"    (first call incl. compile {first:.1f}s)")
     if "separate" in skip:
         return
-    bl, un, nw, cb, pf, g, r, tl = variants[0]
+    bl, un, nw, cb, pf, g, r = variants[0]
     sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4],
                                                             block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb,
-                                                            prefetch=pf, word_group=g, raw_early=bool(r), thread_lanes=tl, interpret=INTERPRET)
+                                                            prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
                                for t, m in zip(ts, metas)])
     s, _ = time_fn(sep, sets, reps)
-    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r, t=tl)}", s, n_total)
+    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)}", s, n_total)
     if "ref" in skip and "ceiling" in skip:
         return
     ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4])
@@ -385,10 +385,10 @@ def profile_once(steps):
     """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
     x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, steps)[0]
     args, meta = tensor.kernel_args(tensor.from_encoded(enc))
-    (bl, un, nw, cb, pf, g, r, tl), = parse_variants(os.environ.get("PROFILE_VARIANT", "128,16,4,5,8,r1"), 5, FLOAT_OPTIONS)
+    (bl, un, nw, cb, pf, g, r), = parse_variants(os.environ.get("PROFILE_VARIANT", "128,16,4,5,8,r1"), 5, FLOAT_OPTIONS)
     out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
                                        block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
-                                       word_group=g, raw_early=bool(r), thread_lanes=tl, interpret=INTERPRET)
+                                       word_group=g, raw_early=bool(r), interpret=INTERPRET)
     log("profile run exact:", same_bits(out, x))
 
 
@@ -404,7 +404,7 @@ def main():
                     "matrix,layer,int8,int8layer,square,zstd,ref,ceiling,stacked,separate (ref and "
                     "ceiling cover the layer's rows too; separate: the layer in one launch per tensor)")
     ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p[,gG][,rR];...' (default: FLOAT_VARIANTS; "
-                    "gG: word_group G, r1: raw_early, tT: thread_lanes T, see FLOAT_OPTIONS)")
+                    "gG: word_group G, r1: raw_early, see FLOAT_OPTIONS)")
     ap.add_argument("--layer-variants", help="bf16 layer variants, same form (default: LAYER_VARIANTS)")
     ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p[,gG][,hH];...' (default: INT8_VARIANTS; "
                     "hH: hoist_scale on (1) or off (0))")

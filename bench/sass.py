@@ -49,11 +49,10 @@ def lower(kernel: str, variant: list[int], shape: tuple[int, int]) -> None:
     codec = "bf16-lossless" if kernel == "float" else "int8"
     args, meta = tensor.kernel_args(tensor.from_encoded(codecs.encode(np.asarray(x), codec)))
     if kernel == "float":
-        b, u, w, c, p, g, r, t = variant
+        b, u, w, c, p, g, r = variant
         f = lambda *a: rans_float.rans_float_decode(*a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
                                                     block_lanes=b, unroll=u, num_warps=w, coarse_bits=c,
-                                                    prefetch=p, word_group=g, raw_early=bool(r),
-                                                    thread_lanes=t)
+                                                    prefetch=p, word_group=g, raw_early=bool(r))
     else:
         u, w, c, p, g, _ = variant  # (hoist_scale is left at its default)
         f = lambda *a: rans_int8.rans_int8_decode(*a, **dict(zip(("n", "rows", "cols", "lanes", "steps", "dtype"),

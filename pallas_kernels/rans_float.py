@@ -44,21 +44,18 @@ def rans_float_kernel(
     words_ref,    # [copies * W] uint16, whole array
     offsets_ref,  # [copies * T*L] uint32, whole array
     states_ref,   # [copies * T*L] uint32, whole array
-    raw_ref,      # [copies * raw_size * rb] uint8 | [copies * raw_size / 2] uint16 (pairs), whole array
+    raw_ref,      # [copies * raw_size * rb] uint8, whole array
     table_ref,    # [copies * (4096 + 4096 >> coarse_bits)] uint32, whole array
     tiles_ref,    # [R] int32: the tiles to decode (None: all T)
-    out_ref,      # [copies * n] | [R * L*S] uint16 | uint32 (the float bits; with pairs, uint32 holding two
-                  # bf16/fp16 values); this program writes its lanes'
+    out_ref,      # [copies * n] | [R * L*S] uint16 | uint32 (the float bits); this program writes its lanes'
     sink_ref,     # [programs * block_lanes] uint32: what the prefetching loads read (never used); None
                   # without prefetch
     *, program, n: int, lanes: int, steps: int, dtype: str, copies: int, block_lanes: int, unroll: int,
     coarse_bits: int, prefetch: int, start_ref=None, window: int = 0, raw_early: bool = False, carry: int = 0,
-    thread_lanes: int = 1,
 ):
     """Decode ``block_lanes`` consecutive lanes of the tiles this launch decodes: lanes
     ``p * block_lanes ...`` of output copy ``o``, where ``program = o * programs_per_copy + p``; that is
-    array copy ``c = o``, or ``c = start + o`` for a window (``start_ref``: [1] int32, ``window`` copies).
-    Each vector element (a thread) decodes ``thread_lanes`` lanes (see "Lanes per thread")."""
+    array copy ``c = o``, or ``c = start + o`` for a window (``start_ref``: [1] int32, ``window`` copies)."""
     tile = lanes * steps
     tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
     decoded = tiles if tiles_ref is None else tiles_ref.shape[0]  # tiles decoded per copy
@@ -69,117 +66,64 @@ def rans_float_kernel(
     else:
         o, p = program // per_copy, program % per_copy
         c = o if start_ref is None else jnp.clip(start_ref[0], 0, copies - window) + o
-    rb = rc.RAW_BYTES[dtype]
-    pairs = paired(n, lanes, dtype, thread_lanes)
-    per = 2 if pairs else 1                              # values per element of out_ref (and bytes of raw_ref)
-    out_base = o * (out_ref.shape[0] * per // (window or copies))
-    raw_base = c * (raw_ref.shape[0] * per // (copies * rb))
-    table_base = c * (table_ref.shape[0] // copies)
-    elements = block_lanes // thread_lanes
-    e = jnp.arange(elements, dtype=jnp.int32)
-    # a full tile's lanes carry their last `carry` values' raw bytes in their end state
-    # (jcodec.codecs.split_carry); the raw array holds the other steps of every full tile, then the last tile's
-    geo = [lane_geometry(p * block_lanes + program_lane(e, u, elements, pairs), tiles_ref,
-                         n=n, lanes=lanes, steps=steps, carry=carry, decoded=decoded, tiles=tiles, raw_base=raw_base)
-           for u in range(thread_lanes)]
-    lane_states = tuple(lanes_init(words_ref, offsets_ref, states_ref, (c * tiles + g.t) * lanes + g.l,
-                                   c * (words_ref.shape[0] // copies), prefetch) for g in geo)
-    groups = range(0, thread_lanes, per)                 # the first lane of each store
-
-    def read_raw(k):  # per store: uint32 raw bits of step k (masked past the end, and where carried)
-        return tuple(load_raw(raw_ref, (geo[u].raw_first + k * lanes) >> (per - 1), geo[u].live & (k < geo[u].in_loop),
-                              rb) for u in groups)
-
-    def write(k, syms, raws, epilogue=False):
-        for u, raw in zip(groups, raws):
-            g = geo[u]
-            bits = rc.join_float(syms[u], raw & 0xFF if pairs else raw, dtype)
-            if pairs:  # lanes u and u + 1: adjacent values, one uint32
-                bits = bits | (rc.join_float(syms[u + 1], raw >> 8, dtype) << 16)
-            ok = g.live & (g.full if epilogue else k < g.in_loop)
-            plgpu.store(out_ref.at[(out_base + g.out_first + k * lanes) >> (per - 1)], bits.astype(out_ref.dtype),
-                        mask=ok)
-
-    def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
-        lane_states, raws, last = carry_in
-        touched = [lanes_touch(words_ref, s, prefetch) for s in lane_states]
-        # raw_early: the next block's raw bytes all at the top (the loop head waits for every load still in
-        # flight, so a load issued late in a block stalls the next one for most of a memory latency)
-        next_raws = [read_raw((b + 1) * unroll + u) for u in range(unroll)] if raw_early else []
-        steps_syms = []
-        for u in range(unroll):
-            k = b * unroll + u
-            stepped = [lanes_step(words_ref, table_ref, s, coarse_bits, table_base) for s in lane_states]
-            syms = tuple(sym for sym, _ in stepped)
-            lane_states = tuple(s for _, s in stepped)
-            write(k, syms, raws[u])
-            steps_syms.append(syms)
-            if not raw_early:
-                next_raws.append(read_raw(k + unroll))
-        # the last `carry` steps' symbols, kept for the carried steps (register renaming, no work)
-        return (tuple(lanes_fold(s, t) for s, t in zip(lane_states, touched)), tuple(next_raws),
-                (last + tuple(steps_syms))[len(steps_syms):])
-
-    raws = tuple(read_raw(u) for u in range(unroll))
-    last = tuple(tuple(jnp.zeros_like(e, dtype=jnp.uint32) for _ in geo) for _ in range(carry))
-    lane_states, _, last = lax.fori_loop(0, steps // unroll, block, (lane_states, raws, last))
-    for j, syms in enumerate(last):  # a full tile's carried steps: raw bits from the end state
-        raws = [rc.carried_raw(lane_states[u][0], j, rb) for u in range(thread_lanes)]
-        write(steps - carry + j, syms, [r0 | (r1 << 8) for r0, r1 in zip(raws[::2], raws[1::2])] if pairs else raws,
-              epilogue=True)
-    if prefetch:
-        for u, s in enumerate(lane_states):
-            plgpu.store(sink_ref.at[program * block_lanes + program_lane(e, u, elements, pairs)], s[3])
-
-
-# Lanes per thread. With ``thread_lanes`` = V every vector element (one thread) decodes V lanes: V independent
-# dependency chains the compiler interleaves (latency hidden inside a thread, not only by other warps), and
-# ``1/V`` as many threads. For bfloat16/float16 with an even value count and lane count, V >= 2 also pairs
-# lanes: element ``e`` of store group ``g`` decodes the adjacent lanes ``2e, 2e + 1`` (of the group's 2E), so
-# it reads their two raw bytes as one uint16 and writes their two values as one uint32 (half the loads and
-# stores a value). Otherwise (float32, odd sizes) sub-lane ``u`` of element ``e`` is lane ``u E + e``.
-THREAD_LANES = (1, 2, 4)
-
-
-def paired(n: int, lanes: int, dtype: str, thread_lanes: int) -> bool:
-    """Whether a launch with ``thread_lanes`` reads raw bytes and writes values in adjacent-lane pairs."""
-    return thread_lanes >= 2 and rc.RAW_BYTES[dtype] == 1 and n % 2 == 0 and lanes % 2 == 0
-
-
-def program_lane(e, u: int, elements: int, pairs: bool):
-    """Which of a program's lanes sub-lane ``u`` of elements ``e`` decodes (see "Lanes per thread")."""
-    if pairs:
-        return (u // 2) * 2 * elements + 2 * e + u % 2
-    return u * elements + e
-
-
-class LaneGeometry:
-    """Where one sub-lane of a program's elements reads and writes (all [E] int32 / bool)."""
-
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
-
-
-def lane_geometry(v, tiles_ref, *, n, lanes, steps, carry, decoded, tiles, raw_base) -> LaneGeometry:
-    """The geometry of launch lanes ``v`` ([E] int32): their tile ``t`` and lane ``l`` in it, ``live``,
-    ``out_first`` (where step 0 goes in the output copy), ``raw_first`` (step 0's stored raw value), ``full``
-    (a full tile: its carried steps are written after the loop) and ``in_loop`` (the steps written in it)."""
+    v = p * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane of the launch
     live = v < decoded * lanes
     if tiles_ref is None:
         t = jnp.where(live, v // lanes, 0)
     else:  # out-of-range tile ids are clamped (the caller slices their values away)
         t = jnp.clip(tiles_ref[jnp.minimum(v // lanes, decoded - 1)], 0, tiles - 1)
+    l = jnp.where(live, v % lanes, 0)
     # dead lanes read lane 0 and write nowhere (masked writes need no valid address, but interpret mode's
     # masked scatter must not see two lanes at one address: their output index is v's, past the end)
-    l = jnp.where(live, v % lanes, 0)
-    tile = lanes * steps
-    first = t * tile + l                                   # each lane's value at step 0, in its copy
+    lane_state = lanes_init(words_ref, offsets_ref, states_ref, (c * tiles + t) * lanes + l,
+                            c * (words_ref.shape[0] // copies), prefetch)
+    first = t * tile + l                                   # [B] each lane's value at step 0, in its copy
+    out_first = (v // lanes) * tile + v % lanes            # [B] where it goes in the output (of its copy)
+    out_base = o * (out_ref.shape[0] // (window or copies))
+    table_base = c * (table_ref.shape[0] // copies)
+    rb = rc.RAW_BYTES[dtype]
+    # raw bytes: a full tile's lanes carry their last `carry` values in their end state (jcodec.codecs.split_carry);
+    # the raw array holds the other steps of every full tile, then the last tile's (value units here)
     full = t < n // tile
-    return LaneGeometry(
-        t=t, l=l, live=live, full=full,
-        out_first=(v // lanes) * tile + v % lanes,
-        raw_first=raw_base + t * ((steps - carry) * lanes) + l,
-        in_loop=jnp.where(full, steps - carry, jnp.clip((n - first + lanes - 1) // lanes, 0, steps)))
+    raw_first = c * (raw_ref.shape[0] // (copies * rb)) + t * ((steps - carry) * lanes) + l
+    # [B] the steps whose values a lane writes in the loop, with raw bytes from `raw` (a full tile's carried
+    # steps are written after it, from the end state)
+    in_loop = jnp.where(full, steps - carry, jnp.clip((n - first + lanes - 1) // lanes, 0, steps))
+
+    def read_raw(k, ok):  # [B] uint32 raw bits of step k (masked past the end, and where carried)
+        return load_raw(raw_ref, raw_first + k * lanes, ok, rb)
+
+    def write(k, sym, raw, mask):
+        bits = rc.join_float(sym, raw, dtype).astype(out_ref.dtype)
+        plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits, mask=mask)
+
+    def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
+        # left: [B] the steps a lane still writes in the loop, from this block's first (counted down: its masks
+        # are one 32-bit compare each, where `k < in_loop` compared against the loop's widened 64-bit counter)
+        lane_state, raws, last, left = carry_in
+        touched = lanes_touch(words_ref, lane_state, prefetch)
+        # raw_early: the next block's raw bytes all at the top (the loop head waits for every load still in
+        # flight, so a load issued late in a block stalls the next one for most of a memory latency)
+        next_raws = [read_raw((b + 1) * unroll + u, unroll + u < left) for u in range(unroll)] if raw_early else []
+        syms = []
+        for u in range(unroll):
+            k = b * unroll + u
+            sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
+            write(k, sym, raws[u], u < left)
+            syms.append(sym)
+            if not raw_early:
+                next_raws.append(read_raw(k + unroll, unroll + u < left))
+        # the last `carry` symbols, kept for the carried steps (register renaming, no work)
+        return lanes_fold(lane_state, touched), tuple(next_raws), (last + tuple(syms))[len(syms):], left - unroll
+
+    left = jnp.where(live, in_loop, 0)
+    raws = tuple(read_raw(u, u < left) for u in range(unroll))
+    last = tuple(jnp.zeros_like(l, dtype=jnp.uint32) for _ in range(carry))
+    lane_state, _, last, _ = lax.fori_loop(0, steps // unroll, block, (lane_state, raws, last, left))
+    for j, sym in enumerate(last):  # a full tile's carried steps: raw bits from the end state
+        write(steps - carry + j, sym, rc.carried_raw(lane_state[0], j, rb), live & full)
+    if prefetch:
+        plgpu.store(sink_ref.at[program * block_lanes + jnp.arange(block_lanes)], lane_state[3])
 
 
 # Word prefetch. A lane reads its words one at a time, ~0.16 (exponents) to ~0.4 (int8 residuals) per step,
@@ -383,7 +327,7 @@ def flat(a):
 
 
 def _many_kernel(*refs, metas, starts, copies, has_tiles, window, block_lanes, unroll, coarse_bits, prefetch,
-                 raw_early, thread_lanes):
+                 raw_early):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``."""
     ins, tiles, start, outs, sinks = unpack_refs(refs, 5, has_tiles, bool(window), [bool(prefetch)] * len(metas))
     pid = pl.program_id(0)
@@ -394,8 +338,7 @@ def _many_kernel(*refs, metas, starts, copies, has_tiles, window, block_lanes, u
             rans_float_kernel(*ins[5 * k:5 * k + 5], tiles[k], outs[k], sinks[k], program=pid - starts[k], n=n,
                               lanes=lanes, steps=steps, dtype=dtype, copies=copies[k], block_lanes=block_lanes,
                               unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch,
-                              start_ref=start, window=window, raw_early=raw_early, carry=carry,
-                              thread_lanes=thread_lanes)
+                              start_ref=start, window=window, raw_early=raw_early, carry=carry)
         return run
 
     rc.run_segment(pid, starts, branch)
@@ -451,12 +394,12 @@ def launch_options(metas, one: dict, several: dict, **given) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "block_lanes", "unroll", "num_warps", "coarse_bits",
-                                             "prefetch", "word_group", "window", "raw_early", "thread_lanes",
+                                             "prefetch", "word_group", "window", "raw_early",
                                              "interpret"])
 def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, block_lanes: int = 128,
                            unroll: int | None = None, num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
                            prefetch: int | None = None, word_group: int = 1, raw_early: bool | None = None,
-                           thread_lanes: int = 1, interpret: bool = False) -> list[jax.Array]:
+                           interpret: bool = False) -> list[jax.Array]:
     """Decode several ``bf16-lossless`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
     ``tensors``: a sequence of ``(words, offsets, states, raw, table)``, each the arrays of one tensor or
@@ -476,10 +419,8 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
                                                  prefetch=prefetch, raw_early=raw_early)
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     extra = check_window(tensors, tiles, start, window)
-    if block_lanes < 1 or block_lanes & (block_lanes - 1) or thread_lanes not in THREAD_LANES \
-            or block_lanes < thread_lanes:
-        raise ValueError(f"{block_lanes=} must be a power of two and {thread_lanes=} one of {THREAD_LANES}, "
-                         f"at most block_lanes")
+    if block_lanes < 1 or block_lanes & (block_lanes - 1):
+        raise ValueError(f"{block_lanes=} must be a power of two")
     starts, copies = [0], []
     for arrays, (n, lanes, steps, dtype, carry), tl in zip(tensors, metas, tiles):
         _check(*arrays, n, lanes, steps, dtype, carry)
@@ -490,43 +431,30 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     rc.filter_triton_deprecation()
     kernel = functools.partial(_many_kernel, metas=tuple(metas), starts=tuple(starts), copies=tuple(copies),
                                has_tiles=tuple(tl is not None for tl in tiles), window=window, block_lanes=block_lanes,
-                               unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early,
-                               thread_lanes=thread_lanes)
+                               unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
     sizes = [(window or c) * n if tl is None else tl.shape[0] * lanes * steps
              for c, (n, lanes, steps, _, _), tl in zip(copies, metas, tiles)]
-    pairs = [paired(*m[:2], m[3], thread_lanes) for m in metas]
     outs = pl.pallas_call(
         kernel,
-        out_shape=([jax.ShapeDtypeStruct((size // 2,), jnp.uint32) if pair else
-                    jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[m[3]]) for size, m, pair in zip(sizes, metas, pairs)]
+        out_shape=([jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[m[3]]) for size, m in zip(sizes, metas)]
                    + [jax.ShapeDtypeStruct(((b - a) * block_lanes,), jnp.uint32)
                       for a, b in zip(starts, starts[1:]) if prefetch]),
         grid=(starts[-1],),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"rans_float_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
-             + (f"_g{word_group}" if word_group > 1 else "") + ("_r1" if raw_early else "")
-             + (f"_t{thread_lanes}" if thread_lanes > 1 else ""),
-    )(*[flat(a) for arrays, pair in zip(tensors, pairs)
-        for a in (kernel_words(arrays[0], word_group), *arrays[1:3], kernel_raw(arrays[3], pair),
-                  kernel_table(arrays[4], coarse_bits))],
+             + (f"_g{word_group}" if word_group > 1 else "") + ("_r1" if raw_early else ""),
+    )(*[flat(a) for arrays in tensors
+        for a in (kernel_words(arrays[0], word_group), *arrays[1:4], kernel_table(arrays[4], coarse_bits))],
       *[tl for tl in tiles if tl is not None], *extra)
     return [lax.bitcast_convert_type(b, jnp.dtype(m[3])).reshape((window or c, -1) if t[2].ndim == 2 else (-1,))
             for b, m, c, t in zip(outs[:len(metas)], metas, copies, tensors)]
 
 
-def kernel_raw(raw, pairs: bool):
-    """The raw array the kernels read: ``uint8[..., R]`` as is, or (pairs, see "Lanes per thread") viewed as
-    ``uint16[..., R/2]``, two adjacent values' raw bytes each: a reshape and a bitcast, no copy."""
-    if not pairs:
-        return raw
-    return lax.bitcast_convert_type(raw.reshape(raw.shape[:-1] + (-1, 2)), jnp.uint16)
-
-
 def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
                       carry: int = 0, tiles=None, block_lanes: int = 128, unroll: int | None = None, num_warps: int = 4,
                       coarse_bits: int = rc.COARSE_BITS, prefetch: int | None = None, word_group: int = 1,
-                      raw_early: bool | None = None, thread_lanes: int = 1, interpret: bool = False) -> jax.Array:
+                      raw_early: bool | None = None, interpret: bool = False) -> jax.Array:
     """Decode a ``bf16-lossless`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact.
 
     ``tiles`` (int32[R]): decode only those tiles, to ``dtype[R * L*S]`` (see ``rans_float_decode_many``).
@@ -539,13 +467,12 @@ def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int,
     the next block's raw bytes at the top of a block (not one per step, spread through it),
     ``word_group``: 1 loads one word per renormalisation; 2 reads the words as uint32 pairs and loads only
     when a lane moves into its next pair (half the per-lane gathers; needs an even word count).
-    ``thread_lanes``: lanes each thread decodes (1, 2 or 4; see "Lanes per thread").
     """
     return rans_float_decode_many([(words, offsets, states, raw, table)], metas=((n, lanes, steps, dtype, carry),),
                                   tiles=None if tiles is None else [tiles], block_lanes=block_lanes,
                                   unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
                                   prefetch=prefetch, word_group=word_group, raw_early=raw_early,
-                                  thread_lanes=thread_lanes, interpret=interpret)[0]
+                                  interpret=interpret)[0]
 
 
 # ----------------------------------------------------------------------------------------- reference

@@ -60,8 +60,8 @@ def rans_pack_kernel(
     # [B] the steps a lane writes in the loop, with raw bytes from `raw` (a full tile's carried ones after it)
     in_loop = jnp.where(full, steps - carry, jnp.clip((count - l + lanes - 1) // lanes, 0, steps))
 
-    def read_raw(k):  # [B] uint32 raw bits of step k (masked past each tile's values, and where carried)
-        return load_raw(raw_ref, raw_at + l + k * lanes, live & (k < in_loop), rb)
+    def read_raw(k, ok):  # [B] uint32 raw bits of step k (masked past each tile's values, and where carried)
+        return load_raw(raw_ref, raw_at + l + k * lanes, ok, rb)
 
     def write(k, sym, raw, ok):
         bits = rc.join_float(sym, raw, dtype)
@@ -74,19 +74,21 @@ def rans_pack_kernel(
                         bits.astype(out_ref.dtype), mask=mine)
 
     def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
-        lane_state, raws, last = carry_in
+        lane_state, raws, last, left = carry_in  # left: steps still written in the loop (rans_float's countdown)
         next_raws, syms = [], []
         for u in range(unroll):
             k = b * unroll + u
             sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
-            write(k, sym, raws[u], live & (k < in_loop))
+            write(k, sym, raws[u], u < left)
             syms.append(sym)
-            next_raws.append(read_raw(k + unroll))
-        return lane_state, tuple(next_raws), (last + tuple(syms))[len(syms):]  # the last `carry` symbols
+            next_raws.append(read_raw(k + unroll, unroll + u < left))
+        # the last `carry` symbols
+        return lane_state, tuple(next_raws), (last + tuple(syms))[len(syms):], left - unroll
 
     last = tuple(jnp.zeros_like(l, dtype=jnp.uint32) for _ in range(carry))
-    lane_state, _, last = lax.fori_loop(0, steps // unroll, block,
-                                        (lane_state, tuple(read_raw(u) for u in range(unroll)), last))
+    left = jnp.where(live, in_loop, 0)
+    lane_state, _, last, _ = lax.fori_loop(0, steps // unroll, block,
+                                           (lane_state, tuple(read_raw(u, u < left) for u in range(unroll)), last, left))
     for j, sym in enumerate(last):  # a full tile's carried steps: raw bits from the end state
         write(steps - carry + j, sym, rc.carried_raw(lane_state[0], j, rb), live & full)
 

@@ -121,22 +121,6 @@ class TestFloatKernel(KernelTestBase):
         self.check_float(x, 32, 16, block_lanes=block_lanes, unroll=unroll, num_warps=num_warps,
                          coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
 
-    @pytest.mark.parametrize("dtype,shape,lanes,steps,pairs", [
-        ("bfloat16", (3 * 32 * 16 + 100,), 32, 16, True),  # full tiles (carried bytes) and a partial last tile
-        ("float16", (37, 46), 32, 16, True),
-        ("bfloat16", (37, 41), 32, 16, False),  # an odd value count: no pairs
-        ("float32", (700,), 7, 5, False)])  # float32, odd lanes
-    @pytest.mark.parametrize("thread_lanes,block_lanes,num_warps,unroll,prefetch,raw_early", [
-        (2, 64, 1, 4, 0, False), (4, 128, 1, 16, 8, True), (2, 32, 1, 1, 0, True)])
-    def test_thread_lanes(self, dtype, shape, lanes, steps, pairs, thread_lanes, block_lanes, num_warps, unroll,
-                          prefetch, raw_early):
-        """Each thread decodes several lanes; adjacent bf16/fp16 lanes read their raw bytes and write their
-        values in pairs where the sizes allow it."""
-        assert rans_float.paired(int(np.prod(shape)), lanes, dtype, thread_lanes) == pairs
-        x = random_float(np.random.default_rng(sum(shape) + thread_lanes), shape, dtype, "bits")
-        self.check_float(x, lanes, steps, thread_lanes=thread_lanes, block_lanes=block_lanes, num_warps=num_warps,
-                         unroll=unroll, prefetch=prefetch, raw_early=raw_early)
-
     def test_many_tensors_one_launch(self):
         rng = np.random.default_rng(9)
         xs = [random_float(rng, (300,), "bfloat16"), random_float(rng, (5, 7), "float16"),

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A/B in one device call: bench/decode.py with the same arguments on two versions of jcodec, alternating
+# (A B A B), so that both are timed on the same machine, warm, side by side.
+# A is the working tree; B is a commit, packed beside it before the call (the device copy has no .git):
+#   git archive -o bench/ab_ref.tar <commit> pyproject.toml README.md jcodec pallas_kernels models bench
+# then on the device, from the repository root, with `.whl` (zstandard for Python 3.12) carried:
+#   AB_ARGS='--steps 240 --skip int8,...' ROUNDS=2 bash bench/ab_session.sh
+# Writes $OUT/ab_{A,B}_{round}.{log,json}; prints each run's table.
+set -u
+OUT=${OUT:-/tmp/out}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_whl .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site_A . || exit 1
+rm -rf /tmp/ab_B && mkdir -p /tmp/ab_B && tar -xf bench/ab_ref.tar -C /tmp/ab_B || exit 1
+(cd /tmp/ab_B && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site_B .) || exit 1
+export PYTHONUNBUFFERED=1
+for round in $(seq 1 ${ROUNDS:-2}); do
+  for v in A B; do
+    dir=$PWD; [ $v = B ] && dir=/tmp/ab_B
+    echo "=== $v round $round"
+    (cd $dir && PYTHONPATH=/tmp/site_$v:/tmp/site_whl timeout ${RUN_S:-150} python3 -P bench/decode.py ${AB_ARGS:-} \
+        --out $OUT/ab_${v}_${round}.json) 2>&1 | tee $OUT/ab_${v}_${round}.log | grep -E "GB/s|ratio|compile"
+  done
+done
