@@ -56,11 +56,6 @@ def coarse_table(table, xp=jnp, bits: int = COARSE_BITS):
     return xp.where(pure, first, xp.uint32(MIXED)).astype(xp.uint32)
 
 
-def resolve_entry(coarse_entry, fine_entry):
-    """A slot's packed entry from its coarse entry and, where that is MIXED, the full table's."""
-    return jnp.where(coarse_entry == jnp.uint32(MIXED), fine_entry, coarse_entry)
-
-
 def renormalise(x, word):
     """``(state, need)``: shift the 16-bit ``word`` (uint32) in where the state fell below 2^16."""
     need = x < STATE_LOW

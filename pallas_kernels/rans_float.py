@@ -291,7 +291,7 @@ def lookup(table_ref, x, coarse_bits: int, base=0):
     if not coarse_bits:
         return table_ref[slot.astype(jnp.int32) + base]
     coarse = table_ref[(slot >> coarse_bits).astype(jnp.int32) + (rc.TABLE_SIZE + base)]
-    # the full table's entry where the bucket is MIXED, else the coarse entry (rc.resolve_entry, one masked load)
+    # the full table's entry where the bucket is MIXED, else the coarse entry (one masked load)
     return plgpu.load(table_ref.at[slot.astype(jnp.int32) + base], mask=coarse == jnp.uint32(rc.MIXED), other=coarse)
 
 
