@@ -5,6 +5,7 @@
 #   git archive -o bench/ab_ref.tar <commit> pyproject.toml README.md jcodec pallas_kernels models bench
 # then on the device, from the repository root, with `.whl` (zstandard for Python 3.12) carried:
 #   AB_ARGS='--steps 240 --skip int8,...' ROUNDS=2 bash bench/ab_session.sh
+# AB_ARGS_B replaces AB_ARGS for B where the two decode.py versions spell an option differently.
 # Writes $OUT/ab_{A,B}_{round}.{log,json}; prints each run's table.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -15,9 +16,9 @@ rm -rf /tmp/ab_B && mkdir -p /tmp/ab_B && tar -xf bench/ab_ref.tar -C /tmp/ab_B 
 export PYTHONUNBUFFERED=1
 for round in $(seq 1 ${ROUNDS:-2}); do
   for v in A B; do
-    dir=$PWD; [ $v = B ] && dir=/tmp/ab_B
+    dir=$PWD; args=${AB_ARGS:-}; [ $v = B ] && dir=/tmp/ab_B && args=${AB_ARGS_B:-${AB_ARGS:-}}
     echo "=== $v round $round"
-    (cd $dir && PYTHONPATH=/tmp/site_$v:/tmp/site_whl timeout ${RUN_S:-150} python3 -P bench/decode.py ${AB_ARGS:-} \
+    (cd $dir && PYTHONPATH=/tmp/site_$v:/tmp/site_whl timeout ${RUN_S:-150} python3 -P bench/decode.py $args \
         --out $OUT/ab_${v}_${round}.json) 2>&1 | tee $OUT/ab_${v}_${round}.log | grep -E "GB/s|ratio|compile"
   done
 done

@@ -40,14 +40,15 @@ MATRIX = (4096, 14336)
 SQUARE = (4096, 4096)
 LAYER = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
          "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
-# (block_lanes, unroll, num_warps, coarse_bits, prefetch) of the bf16-lossless kernel to time on the matrix
-# (the first of each list is the kernel's default for that launch: rans_float.ONE_TENSOR / SEVERAL_TENSORS)
-FLOAT_VARIANTS = "128,16,4,5,8,r1;128,16,4,5,0;128,8,4,5,0;256,16,8,5,8,r1;128,16,4,0,8,r1"
+# (unroll, num_warps, coarse_bits, prefetch) of the bf16-lossless kernel (one program per 128-lane tile) to
+# time on the matrix (the first of each list is the kernel's default for that launch: rans_float.ONE_TENSOR /
+# SEVERAL_TENSORS)
+FLOAT_VARIANTS = "16,4,5,8,r1;16,4,5,0;8,4,5,0;16,4,0,8,r1"
 # one launch for the whole layer: unroll 4 (each tensor adds a copy of the loop; unroll 8 compiles 4x longer)
-LAYER_VARIANTS = "128,4,4,5,0;256,4,8,5,0"
+LAYER_VARIANTS = "4,4,5,0"
 INT8_VARIANTS = "16,4,5,8;8,4,5,0;8,4,0,0"  # unroll, num_warps, coarse_bits, prefetch
 INT8_LAYER_VARIANT = "4,4,5,0"
-# Options after a variant's numbers, as a letter and a value ("128,4,4,5,0,g2", "4,2,5,0,g2,h1"); absent ones
+# Options after a variant's numbers, as a letter and a value ("4,4,5,0,g2", "4,2,5,0,g2,h1"); absent ones
 # take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for
 # bf16-lossless), r raw_early (bf16-lossless: 1 loads a block's raw bytes at the top of the block before),
 # h hoist_scale (int8: 1 keeps each lane's row scale in a register).
@@ -191,9 +192,9 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     log(f"[{label}] bf16-lossless {x.shape}: ratio {ratio:.4f} (file {enc.nbytes} B; device {cts[0].nbytes} B)")
     results = {}
     for v in variants:
-        bl, un, nw, cb, pf, g, r = v
-        fn = jax.jit(lambda *a, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode(
-            *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], block_lanes=bl, unroll=un, num_warps=nw,
+        un, nw, cb, pf, g, r = v
+        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode(
+            *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], unroll=un, num_warps=nw,
             coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET))
         try:
             t0 = time.perf_counter()
@@ -204,7 +205,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
             continue
         s, runs = time_fn(fn, arrays, reps)
         results[v] = s
-        record(f"bf16-lossless {label}", f"pallas b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}", s, n,
+        record(f"bf16-lossless {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}", s, n,
                ratio=ratio, exact=ok, spread_ms=[min(runs) * 1e3, max(runs) * 1e3], first_call_s=first,
                temp_bytes=temp_bytes(lambda *a: fn(*a), *arrays[0]) if v == variants[0] else None)
     return results, arrays, meta, ratio
@@ -252,9 +253,9 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
     metas = tuple(m for _, m in args)
     log(f"[{label}] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
     for v in variants:
-        bl, un, nw, cb, pf, g, r = v
-        one = jax.jit(lambda *ts, bl=bl, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode_many(
-            list(ts), metas=metas, block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
+        un, nw, cb, pf, g, r = v
+        one = jax.jit(lambda *ts, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode_many(
+            list(ts), metas=metas, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
             word_group=g, raw_early=bool(r), interpret=INTERPRET))
         t0 = time.perf_counter()
         outs = one(*sets[0])
@@ -263,19 +264,19 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
         ok = all(same_bits(o, x) for o, x in zip(outs, xs))
         del outs
         s, _ = time_fn(one, sets, reps)
-        record(f"bf16-lossless {label}", f"pallas ONE launch b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}",
+        record(f"bf16-lossless {label}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}",
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
                temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
         log(f"    (first call incl. compile {first:.1f}s)")
     if "separate" in skip:
         return
-    bl, un, nw, cb, pf, g, r = variants[0]
+    un, nw, cb, pf, g, r = variants[0]
     sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4],
-                                                            block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb,
+                                                            unroll=un, num_warps=nw, coarse_bits=cb,
                                                             prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
                                for t, m in zip(ts, metas)])
     s, _ = time_fn(sep, sets, reps)
-    record("bf16-lossless layer", f"pallas 7 launches b{bl} u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)}", s, n_total)
+    record("bf16-lossless layer", f"pallas 7 launches u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)}", s, n_total)
     if "ref" in skip and "ceiling" in skip:
         return
     ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4])
@@ -292,8 +293,8 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
 
 
 @guarded("int8 matrix")
-def bench_int8(shape, rotate, reps, variants, label):
-    x, enc = encode_all([shape], "int8", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS, seed0=11)[0]
+def bench_int8(shape, rotate, reps, variants, label, steps):
+    x, enc = encode_all([shape], "int8", codecs.DEFAULT_LANES, steps, seed0=11)[0]
     want = codecs.decode(enc)
     arrays = [tensor.kernel_args(tensor.from_encoded(enc))[0] for _ in range(rotate)]
     meta = tensor.kernel_args(tensor.from_encoded(enc))[1]
@@ -318,15 +319,14 @@ def bench_int8(shape, rotate, reps, variants, label):
     return best
 
 
-_INT8_LAYER = []  # encoded once, timed with several variants
+_INT8_LAYER = {}  # by steps: encoded once, timed with several variants
 
 
 @guarded("int8 layer")
-def bench_int8_layer(rotate, reps, variant):
-    if not _INT8_LAYER:
-        _INT8_LAYER.append(encode_all(list(LAYER.values()), "int8", codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS,
-                                      seed0=20))
-    layer = _INT8_LAYER[0]
+def bench_int8_layer(rotate, reps, variant, steps):
+    if steps not in _INT8_LAYER:
+        _INT8_LAYER[steps] = encode_all(list(LAYER.values()), "int8", codecs.DEFAULT_LANES, steps, seed0=20)
+    layer = _INT8_LAYER[steps]
     encs = [e for _, e in layer]
     wants = [codecs.decode(e) for e in encs]
     n_total = sum(x.size for x, _ in layer)
@@ -337,7 +337,7 @@ def bench_int8_layer(rotate, reps, variant):
         sets.append(tuple(a for a, _ in args))
     metas = tuple(m for _, m in args)
     un, nw, cb, pf, g, h = variant
-    log(f"[layer] int8: ratio {ratio:.4f}")
+    log(f"[layer s{steps}] int8: ratio {ratio:.4f}")
     one = jax.jit(lambda *ts: rans_int8.rans_int8_decode_many(list(ts), metas=metas, unroll=un, num_warps=nw,
                                                               coarse_bits=cb, prefetch=pf, word_group=g,
                                                               hoist_scale=bool(h), interpret=INTERPRET))
@@ -345,7 +345,7 @@ def bench_int8_layer(rotate, reps, variant):
     ok = all(same_bits(o, w) for o, w in zip(one(*sets[0]), wants))
     log(f"    (first call incl. compile and check {time.perf_counter() - t0:.1f}s)")
     s, _ = time_fn(one, sets, reps)
-    record("int8 layer", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g, h=h)} exact={ok}", s, n_total,
+    record(f"int8 layer s{steps}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g, h=h)} exact={ok}", s, n_total,
            ratio=ratio, exact=ok,
            temp_bytes=temp_bytes(one, *sets[0]))
 
@@ -359,7 +359,7 @@ def bench_stacked(codec, rotate, reps, groups=(1, 3, 30)):
     """A SmolLM2-135M layer (7 small tensors, ~3.5 K lanes) decoded alone, and G copies of it stacked and
     decoded in ONE launch (what ``jcodec.load`` does for small layers): small launches are latency-bound, so
     G layers should cost about as long as one."""
-    layer = encode_all(list(SMOL_LAYER.values()), codec, codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS, seed0=40)
+    layer = encode_all(list(SMOL_LAYER.values()), codec, codecs.DEFAULT_LANES, codecs.DEFAULT_STEPS[codec], seed0=40)
     wants = [bits_of(codecs.decode(e)) for _, e in layer]
     n_layer = sum(x.size for x, _ in layer)
     for g in groups:
@@ -385,9 +385,9 @@ def profile_once(steps):
     """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
     x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, steps)[0]
     args, meta = tensor.kernel_args(tensor.from_encoded(enc))
-    (bl, un, nw, cb, pf, g, r), = parse_variants(os.environ.get("PROFILE_VARIANT", "128,16,4,5,8,r1"), 5, FLOAT_OPTIONS)
+    (un, nw, cb, pf, g, r), = parse_variants(os.environ.get("PROFILE_VARIANT", "16,4,5,8,r1"), 4, FLOAT_OPTIONS)
     out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
-                                       block_lanes=bl, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
+                                       unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
                                        word_group=g, raw_early=bool(r), interpret=INTERPRET)
     log("profile run exact:", same_bits(out, x))
 
@@ -403,7 +403,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: "
                     "matrix,layer,int8,int8layer,square,zstd,ref,ceiling,stacked,separate (ref and "
                     "ceiling cover the layer's rows too; separate: the layer in one launch per tensor)")
-    ap.add_argument("--variants", help="bf16 matrix variants 'b,u,w,c,p[,gG][,rR];...' (default: FLOAT_VARIANTS; "
+    ap.add_argument("--variants", help="bf16 matrix variants 'u,w,c,p[,gG][,rR];...' (default: FLOAT_VARIANTS; "
                     "gG: word_group G, r1: raw_early, see FLOAT_OPTIONS)")
     ap.add_argument("--layer-variants", help="bf16 layer variants, same form (default: LAYER_VARIANTS)")
     ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p[,gG][,hH];...' (default: INT8_VARIANTS; "
@@ -411,10 +411,12 @@ def main():
     ap.add_argument("--int8-layer-variants", help="int8 layer variants, same form (default: INT8_LAYER_VARIANT)")
     ap.add_argument("--matrix-steps", default="", help="also time the 4096 x 14336 matrix encoded with these "
                     "steps per lane (comma list; the default geometry's row is always there)")
-    ap.add_argument("--steps", type=int, default=codecs.DEFAULT_STEPS, help="steps per lane of the bf16-lossless "
+    ap.add_argument("--steps", type=int, default=codecs.DEFAULT_STEPS["bf16-lossless"], help="steps per lane of the bf16-lossless "
                     "matrix, layer and --profile geometry (default: the encoder's)")
     ap.add_argument("--layer-steps", default="", help="also time the layer encoded with these steps per lane "
                     "(comma list)")
+    ap.add_argument("--int8-steps", default=str(codecs.DEFAULT_STEPS["int8"]),
+                    help="steps per lane to encode the int8 matrix and layer with (comma list)")
     ap.add_argument("--square-steps", default="1024,512,256", help="steps per lane to encode the 4096 x 4096 matrix with")
     args = ap.parse_args()
     if args.profile:
@@ -431,7 +433,7 @@ def main():
         warm_up()
     def parse(spec, defaults, numbers, options):  # a flag's variants, or the defaults
         return parse_variants(spec or defaults, numbers, options)
-    variants = parse(args.variants, FLOAT_VARIANTS, 5, FLOAT_OPTIONS)
+    variants = parse(args.variants, FLOAT_VARIANTS, 4, FLOAT_OPTIONS)
     best = variants[0]
     if not {"matrix", "ceiling", "ref", "zstd"} <= skip:
         t0 = time.time()
@@ -464,16 +466,17 @@ def main():
                 t0 = time.time()
                 layer = encode_all(list(LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=30)
                 log(f"encoded layer (steps {steps}) in {time.time() - t0:.1f}s")
-                lv = parse(args.layer_variants, LAYER_VARIANTS, 5, FLOAT_OPTIONS)
+                lv = parse(args.layer_variants, LAYER_VARIANTS, 4, FLOAT_OPTIONS)
                 bench_float_layer(layer, args.rotate, args.reps, lv, skip | ({"separate"} if i else set()),
                                   label=f"layer s{steps}")
                 del layer
-        if "int8" not in skip:
+        int8_steps = [int(v) for v in args.int8_steps.split(",")]
+        for steps in int8_steps if "int8" not in skip else []:
             bench_int8(MATRIX, args.rotate, args.reps, parse(args.int8_variants, INT8_VARIANTS, 4, INT8_OPTIONS),
-                       "matrix")
-        if "int8layer" not in skip:
+                       "matrix" if steps == codecs.DEFAULT_STEPS["int8"] else f"matrix s{steps}", steps)
+        for steps in int8_steps if "int8layer" not in skip else []:
             for iv in parse(args.int8_layer_variants, INT8_LAYER_VARIANT, 4, INT8_OPTIONS):
-                bench_int8_layer(args.rotate, args.reps, iv)
+                bench_int8_layer(args.rotate, args.reps, iv, steps)
     log("\n| group | variant | ms | GB/s (BF16 out) |\n|---|---|---|---|")
     for r in ROWS:
         if "ms" in r:

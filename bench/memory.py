@@ -22,23 +22,28 @@ import sys
 BITS_PER_VALUE = {"bf16-lossless": 2.65, "int8": 6.6}  # coded bits per value (bench/RESULTS.md)
 
 
-def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: int = 1024):
-    """A CompressedTensor of ShapeDtypeStructs: one tensor, or a stack of ``layers`` of them."""
+def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: int | None = None):
+    """A CompressedTensor of ShapeDtypeStructs: one tensor, or a stack of ``layers`` of them (``steps`` None:
+    the encoder's default for ``codec``)."""
     import jax
     import jax.numpy as jnp
+    from jcodec import codecs
     from jcodec.pallas_kernels import rans_common as rc
     from jcodec.tensor import CompressedTensor, TensorMeta
 
     n = math.prod(shape)
+    steps = steps or codecs.DEFAULT_STEPS[codec]
     tiles = -(-n // (lanes * steps))
     lead = () if layers is None else (layers,)
     sds = lambda size, dt: jax.ShapeDtypeStruct(lead + (size,), dt)  # noqa: E731
     arrays = dict(words=sds(max(1, math.ceil(n * BITS_PER_VALUE[codec] / 16)), jnp.uint16),
-                  offsets=sds(tiles * lanes, jnp.uint32), states=sds(tiles * lanes, jnp.uint32),
+                  counts=sds(tiles * lanes, jnp.uint8 if steps < 256 else jnp.uint16), bases=sds(tiles, jnp.uint32),
+                  states=sds(tiles * lanes, jnp.uint32),
                   table=sds(rc.TABLE_SIZE + rc.COARSE_SIZE, jnp.uint32))
     if codec == "bf16-lossless":
-        arrays["raw"] = sds(n, jnp.uint8)
-        meta = TensorMeta(codec, tuple(shape), "bfloat16", lanes, steps)
+        carry = codecs.carry_values("bfloat16", steps)
+        arrays["raw"] = sds(codecs.stored_raw_values(n, lanes, steps, carry), jnp.uint8)
+        meta = TensorMeta(codec, tuple(shape), "bfloat16", lanes, steps, carry=carry)
     else:
         arrays.update(scales=sds(shape[0], jnp.float32), predictors=sds(tiles, jnp.int32))
         meta = TensorMeta(codec, tuple(shape), "bfloat16", lanes, steps, shape[0], math.prod(shape[1:]), (0,))

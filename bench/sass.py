@@ -1,7 +1,7 @@
 """Compile a jcodec kernel to Hopper SASS on a machine WITHOUT a GPU, and summarise its step loop.
 
     pip install triton==3.6.0        # (not a project dependency: the compiler, ptxas and nvdisasm it bundles)
-    python -P bench/sass.py --kernel float --variant 128,8,4,5,0 --out /tmp/sass
+    python -P bench/sass.py --kernel float --variant 8,4,5,0 --out /tmp/sass
 
 JAX lowers the ``pallas_call`` for CUDA on any machine (the Triton module is built before any device is
 needed); this script captures that module, compiles it with the pip ``triton`` for sm_90 and disassembles
@@ -44,19 +44,20 @@ def capture_modules():
     registration.lowering.lower_jaxpr_to_triton_module = keep
 
 
-def lower(kernel: str, variant: list[int], shape: tuple[int, int]) -> None:
+def lower(kernel: str, variant: list[int], shape: tuple[int, int], steps: int | None = None) -> None:
     x = (np.random.default_rng(0).standard_normal(shape, np.float32) * 0.02).astype(jnp.bfloat16)
     codec = "bf16-lossless" if kernel == "float" else "int8"
-    args, meta = tensor.kernel_args(tensor.from_encoded(codecs.encode(np.asarray(x), codec)))
+    args, meta = tensor.kernel_args(tensor.from_encoded(codecs.encode(np.asarray(x), codec, steps=steps)))
     if kernel == "float":
-        b, u, w, c, p, g, r = variant
+        u, w, c, p, g, r = variant
         f = lambda *a: rans_float.rans_float_decode(*a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
-                                                    block_lanes=b, unroll=u, num_warps=w, coarse_bits=c,
+                                                    unroll=u, num_warps=w, coarse_bits=c,
                                                     prefetch=p, word_group=g, raw_early=bool(r))
     else:
         u, w, c, p, g, _ = variant  # (hoist_scale is left at its default)
         f = lambda *a: rans_int8.rans_int8_decode(*a, **dict(zip(("n", "rows", "cols", "lanes", "steps", "dtype"),
-                                                                 meta)), unroll=u, num_warps=w, coarse_bits=c,
+                                                                 meta)), predictors_used=meta[6], unroll=u,
+                                                  num_warps=w, coarse_bits=c,
                                                   prefetch=p, word_group=g)
     jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
@@ -89,8 +90,9 @@ def summarise(sass: str, unroll: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", choices=("float", "int8"), default="float")
-    ap.add_argument("--variant", help="as bench/decode.py: float 'b,u,w,c,p[,gG]', int8 'u,w,c,p[,gG]'")
+    ap.add_argument("--variant", help="as bench/decode.py: float 'u,w,c,p[,gG][,rR]', int8 'u,w,c,p[,gG]'")
     ap.add_argument("--shape", default="64,4096", help="rows,cols of the Gaussian tensor encoded")
+    ap.add_argument("--steps", type=int, help="steps per lane (default: the encoder's for the codec)")
     ap.add_argument("--out", default="/tmp/sass")
     a = ap.parse_args()
     try:
@@ -100,16 +102,16 @@ def main():
         sys.exit("bench/sass.py needs the triton package (pip install triton==3.6.0): it is not a jcodec dependency")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from decode import FLOAT_OPTIONS, INT8_OPTIONS, parse_variants
-    numbers, options, default = ((5, FLOAT_OPTIONS, "128,16,4,5,8,r1") if a.kernel == "float"
+    numbers, options, default = ((4, FLOAT_OPTIONS, "16,4,5,8,r1") if a.kernel == "float"
                                  else (4, INT8_OPTIONS, "8,4,5,0"))
     variant, = parse_variants(a.variant or default, numbers, options)
     capture_modules()
-    lower(a.kernel, variant, tuple(int(s) for s in a.shape.split(",")))
+    lower(a.kernel, variant, tuple(int(s) for s in a.shape.split(",")), a.steps)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "k.ttir")
     with open(path, "w") as f:
         f.write(MODULES[-1])
-    warps = variant[2] if a.kernel == "float" else variant[1]
+    warps = variant[1]
     compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
     for ext in ("ptx", "sass"):
         with open(os.path.join(a.out, f"k.{ext}"), "w") as f:
@@ -121,7 +123,7 @@ def main():
     usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
-    unroll = variant[1] if a.kernel == "float" else variant[0]
+    unroll = variant[0]
     info = {"registers": regs and int(regs.group(1)), "stack_bytes": stack and int(stack.group(1)),
             **summarise(compiled.asm["sass"], unroll)}
     print(" ".join(f"{k}={v}" for k, v in info.items()))

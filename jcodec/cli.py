@@ -98,7 +98,7 @@ def cmd_demo(args) -> int:
     out = args.out
     if not os.path.exists(out) or args.overwrite:
         args_c = argparse.Namespace(src=src, out=out, codec=args.codec, lanes=codecs.DEFAULT_LANES,
-                                    steps=codecs.DEFAULT_STEPS, zstd_level=3, shard_size=2 << 30,
+                                    steps=None, zstd_level=3, shard_size=2 << 30,
                                     overwrite=args.overwrite, quiet=False)
         cmd_convert(args_c)
     else:
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16-lossless: bit-exact, about 0.66 of BF16 (default); int8: per-channel 8-bit, about 0.45, "
                         "lossy; zstd: host-side zstandard, decoded on the CPU")
     p.add_argument("--lanes", type=int, default=codecs.DEFAULT_LANES, help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, default=codecs.DEFAULT_STEPS, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)  # None: the codec's default
     p.add_argument("--zstd-level", type=int, default=3, help="zstandard level for --codec zstd (default 3)")
     p.add_argument("--shard-size", type=_parse_size, default=2 << 30, help="largest shard, e.g. 2GB (default)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

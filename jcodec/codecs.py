@@ -23,7 +23,11 @@ from jcodec import rans
 CODECS = ("bf16-lossless", "int8", "zstd")
 RANS_CODECS = ("bf16-lossless", "int8")
 DEFAULT_LANES = 128
-DEFAULT_STEPS = 1024
+# Steps per lane by codec. Shorter lanes mean more of them to decode in parallel, at 5 bytes (start state,
+# word count) per lane: bf16-lossless at 240 steps (8-bit counts, raw bytes carried in the end states) costs
+# 0.6639 of BF16 against 0.6609 at 1024 and decodes a 4096 x 14336 matrix 1.2-1.3x faster on the H100
+# (bench/RESULTS.md, sessions 5-7). int8 keeps 1024 (see RESULTS, session 7).
+DEFAULT_STEPS = {"bf16-lossless": 240, "int8": 1024}
 MAX_LANES = 4096
 
 # dtype name -> (numpy dtype, unsigned view, raw bytes per value)
@@ -123,7 +127,7 @@ def counts_dtype(steps: int):
     return np.dtype(np.uint8 if steps < 256 else np.uint16)
 
 
-def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS, *,
+def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS["bf16-lossless"], *,
                  carry: bool = True) -> EncodedTensor:
     """``bf16-lossless``: rANS on the exponent byte, raw sign+mantissa. Bit-exact for every pattern.
     ``carry=False`` stores every raw byte in ``raw`` (format version 1's layout)."""
@@ -254,7 +258,7 @@ def _unpredict(r: np.ndarray, cols: int, tile_elems: int, predictors: np.ndarray
     return out
 
 
-def encode_int8(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS) -> EncodedTensor:
+def encode_int8(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS["int8"]) -> EncodedTensor:
     """``int8``: quantise per row, pick each tile's predictor by coded size, rANS code the residuals."""
     name = dtype_name(x.dtype)
     if x.ndim < 2:
@@ -399,8 +403,11 @@ def _check_tiles(data: np.ndarray, tile_elems: int, crcs: np.ndarray) -> None:
     _need(bad.size == 0, f"checksum mismatch in tile {int(bad[0]) if bad.size else -1} of {crcs.size}")
 
 
-def encode(x: np.ndarray, codec: str, *, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS,
+def encode(x: np.ndarray, codec: str, *, lanes: int = DEFAULT_LANES, steps: int | None = None,
            zstd_level: int = 3) -> EncodedTensor:
+    """``steps`` None: the codec's default (:data:`DEFAULT_STEPS`)."""
+    if codec in RANS_CODECS and steps is None:
+        steps = DEFAULT_STEPS[codec]
     if codec == "bf16-lossless":
         return encode_float(x, lanes, steps)
     if codec == "int8":

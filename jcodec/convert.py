@@ -34,7 +34,7 @@ class ConvertReport:
 
 
 def convert(src, out, codec: str = "bf16-lossless", *, lanes: int = codecs.DEFAULT_LANES,
-            steps: int = codecs.DEFAULT_STEPS, zstd_level: int = 3, shard_bytes: int = 2 << 30,
+            steps: int | None = None, zstd_level: int = 3, shard_bytes: int = 2 << 30,
             overwrite: bool = False, progress: bool = True) -> ConvertReport:
     """Encode every tensor of ``src`` (HF folder or .gguf) with ``codec`` into the folder ``out``."""
     from jcodec.sources import open_source

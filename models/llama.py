@@ -424,7 +424,7 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
 
 
 HEAD_CHUNK_MIN = 1 << 26  # an output head of at most this many weights is multiplied (and decoded) whole
-HEAD_CHUNK_TILE = DEFAULT_LANES * DEFAULT_STEPS  # values per tile of the converter's default geometry
+HEAD_CHUNK_TILES = tuple(DEFAULT_LANES * s for s in DEFAULT_STEPS.values())  # the converter's default tiles
 
 
 def head_chunk_rows(cfg: LlamaConfig) -> int | None:
@@ -436,7 +436,8 @@ def head_chunk_rows(cfg: LlamaConfig) -> int | None:
     per_layer = sum(math.prod(s) for s in layer_shapes(cfg).values())
     if cfg.vocab_size * cfg.hidden_size <= max(per_layer, HEAD_CHUNK_MIN):
         return None
-    align = HEAD_CHUNK_TILE // math.gcd(cfg.hidden_size, HEAD_CHUNK_TILE)  # rows per whole number of tiles
+    # rows per whole number of tiles, of every codec's default geometry
+    align = math.lcm(*(tile // math.gcd(cfg.hidden_size, tile) for tile in HEAD_CHUNK_TILES))
     # half a layer: XLA autotunes the chunk's matmul when it compiles, with scratch copies of its operands;
     # at a whole layer's worth that lifted the 8B batch-1 first-compile peak 0.83 GiB above its steady state
     chunk = -(-max(1, per_layer // (2 * cfg.hidden_size)) // align) * align

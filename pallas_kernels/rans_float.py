@@ -4,7 +4,9 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
   words    uint16[W]     every lane's 16-bit renormalisation words, lane by lane, each lane's in read order;
                          with ``word_group=2`` W is even and the kernel reads uint32[W/2] pairs
                          ``w[2i] | w[2i+1] << 16`` (a free view), loading only when a lane enters a new pair
-  offsets  uint32[T*L]   where lane ``t*L + l`` starts reading in ``words``
+  counts   uint8|uint16[T*L]  the words each lane reads (the file's counts; uint8 when S <= 255)
+  bases    uint32[T]     where each tile's first lane starts in ``words``: lane ``l`` of tile ``t`` starts at
+                         ``bases[t]`` plus the counts of the lanes before it (a prefix sum in the kernel)
   states   uint32[T*L]   each lane's start state
   raw      uint8[n*rb]   the raw bytes of value i at ``i*rb .. i*rb+rb-1`` (rb = 1, or 3 for float32)
   table    uint32[4096 + 128]  packed slot table ``cum | symbol << 12 | (freq - 1) << 20``, then the coarse
@@ -16,10 +18,10 @@ zero-padded to the longest (``jcodec.tensor.stack_layers``); the kernel reads it
 (``start``, a traced int32, and ``window`` copies) picks copies ``start .. start + window`` of a stack, read
 in place (a ``lax.scan`` over layers that sliced each layer's arrays out first would copy them).
 
-The kernel gives every program ``block_lanes`` consecutive lanes (of one or several tiles; the lanes are
-independent), one lane per vector element. Each step it looks up every lane's slot (coarse table first,
-the full table only for lanes in buckets that hold a symbol boundary), updates the states, renormalises
-from a word loaded at the previous step (a lane reads at most one word per step), and writes one value per
+One program decodes one tile, one lane per vector element (L padded to a power of two); it starts by
+summing its lanes' word counts into their start offsets. Each step it looks up every lane's slot (coarse
+table first, the full table only for lanes in buckets that hold a symbol boundary), updates the states,
+renormalises from a word loaded at the previous step (a lane reads at most one word per step), and writes one value per
 lane: the exponent joined with its raw bits, which were read ``unroll`` steps ahead. No intermediate array
 is written: compressed bytes in, output bits out (plus, only with the optional word prefetch, a 4-byte sink
 per lane, see ``lanes_touch``). Positions past the end of the tensor in the last tile are not coded; the
@@ -42,43 +44,40 @@ from . import rans_common as rc
 
 def rans_float_kernel(
     words_ref,    # [copies * W] uint16, whole array
-    offsets_ref,  # [copies * T*L] uint32, whole array
+    counts_ref,   # [copies * T*L] uint8 | uint16, whole array
+    bases_ref,    # [copies * T] uint32, whole array
     states_ref,   # [copies * T*L] uint32, whole array
     raw_ref,      # [copies * raw_size * rb] uint8, whole array
     table_ref,    # [copies * (4096 + 4096 >> coarse_bits)] uint32, whole array
     tiles_ref,    # [R] int32: the tiles to decode (None: all T)
-    out_ref,      # [copies * n] | [R * L*S] uint16 | uint32 (the float bits); this program writes its lanes'
+    out_ref,      # [copies * n] | [R * L*S] uint16 | uint32 (the float bits); this program writes one tile
     sink_ref,     # [programs * block_lanes] uint32: what the prefetching loads read (never used); None
                   # without prefetch
     *, program, n: int, lanes: int, steps: int, dtype: str, copies: int, block_lanes: int, unroll: int,
     coarse_bits: int, prefetch: int, start_ref=None, window: int = 0, raw_early: bool = False, carry: int = 0,
 ):
-    """Decode ``block_lanes`` consecutive lanes of the tiles this launch decodes: lanes
-    ``p * block_lanes ...`` of output copy ``o``, where ``program = o * programs_per_copy + p``; that is
-    array copy ``c = o``, or ``c = start + o`` for a window (``start_ref``: [1] int32, ``window`` copies)."""
+    """Decode one tile: tile ``p`` (or ``tiles[p]``) of output copy ``o``, where ``program = o * per_copy + p``;
+    that is array copy ``c = o``, or ``c = start + o`` for a window (``start_ref``: [1] int32, ``window``
+    copies). ``block_lanes``: L rounded up to a power of two (the vector)."""
     tile = lanes * steps
     tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
-    decoded = tiles if tiles_ref is None else tiles_ref.shape[0]  # tiles decoded per copy
-    per_copy = pl.cdiv(decoded * lanes, block_lanes)
+    per_copy = tiles if tiles_ref is None else tiles_ref.shape[0]  # tiles decoded per copy
     if copies == 1 and start_ref is None:  # one copy: its bases are 0 (known to the compiler, no arithmetic)
         o = c = 0
         p = program
     else:
         o, p = program // per_copy, program % per_copy
         c = o if start_ref is None else jnp.clip(start_ref[0], 0, copies - window) + o
-    v = p * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane of the launch
-    live = v < decoded * lanes
-    if tiles_ref is None:
-        t = jnp.where(live, v // lanes, 0)
-    else:  # out-of-range tile ids are clamped (the caller slices their values away)
-        t = jnp.clip(tiles_ref[jnp.minimum(v // lanes, decoded - 1)], 0, tiles - 1)
-    l = jnp.where(live, v % lanes, 0)
-    # dead lanes read lane 0 and write nowhere (masked writes need no valid address, but interpret mode's
-    # masked scatter must not see two lanes at one address: their output index is v's, past the end)
-    lane_state = lanes_init(words_ref, offsets_ref, states_ref, (c * tiles + t) * lanes + l,
-                            c * (words_ref.shape[0] // copies), prefetch)
-    first = t * tile + l                                   # [B] each lane's value at step 0, in its copy
-    out_first = (v // lanes) * tile + v % lanes            # [B] where it goes in the output (of its copy)
+    t = p if tiles_ref is None else jnp.clip(tiles_ref[p], 0, tiles - 1)  # out-of-range ids are clamped
+    j = jnp.arange(block_lanes, dtype=jnp.int32)
+    live = j < lanes
+    l = jnp.where(live, j, 0)  # padding lanes decode lane 0 again and write nowhere
+    lane_state = lanes_init(words_ref, tile_starts(counts_ref, bases_ref, c * tiles + t, lanes, live),
+                            states_ref[(c * tiles + t) * lanes + l], c * (words_ref.shape[0] // copies), prefetch)
+    first = t * tile + l  # [B] each lane's value at step 0, in its copy
+    # where it goes in the output (of its copy); padding lanes point past the end (masked writes need no valid
+    # address, but interpret mode's masked scatter must not see two lanes at one address)
+    out_first = jnp.where(live, p * tile + j, out_ref.shape[0] + j)
     out_base = o * (out_ref.shape[0] // (window or copies))
     table_base = c * (table_ref.shape[0] // copies)
     rb = rc.RAW_BYTES[dtype]
@@ -120,10 +119,10 @@ def rans_float_kernel(
     raws = tuple(read_raw(u, u < left) for u in range(unroll))
     last = tuple(jnp.zeros_like(l, dtype=jnp.uint32) for _ in range(carry))
     lane_state, _, last, _ = lax.fori_loop(0, steps // unroll, block, (lane_state, raws, last, left))
-    for j, sym in enumerate(last):  # a full tile's carried steps: raw bits from the end state
-        write(steps - carry + j, sym, rc.carried_raw(lane_state[0], j, rb), live & full)
+    for i, sym in enumerate(last):  # a full tile's carried steps: raw bits from the end state
+        write(steps - carry + i, sym, rc.carried_raw(lane_state[0], i, rb), live & full)
     if prefetch:
-        plgpu.store(sink_ref.at[program * block_lanes + jnp.arange(block_lanes)], lane_state[3])
+        plgpu.store(sink_ref.at[program * block_lanes + j], lane_state[3])
 
 
 # Word prefetch. A lane reads its words one at a time, ~0.16 (exponents) to ~0.4 (int8 residuals) per step,
@@ -195,19 +194,20 @@ def unpack_refs(refs, inputs: int, has_tiles, has_start: bool, *optional):
     return (ins, tiles, start, outs, *[[refs.pop(0) if flag else None for flag in flags] for flags in optional])
 
 
-def check_window(tensors, tiles, start, window: int) -> list:
-    """A window (copies ``start .. start + window`` of every tensor, each a stack of at least ``window``)
-    checked before launch; returns the call's extra input (``[start]`` as int32[1]) or []."""
+def check_window(states, tiles, start, window: int) -> list:
+    """A window (copies ``start .. start + window`` of every tensor, each a stack of at least ``window``;
+    ``states``: each tensor's states array) checked before launch; returns the call's extra input
+    (``[start]`` as int32[1]) or []."""
     if not window:
         if start is not None:
             raise ValueError(f"start={start!r} needs window >= 1")
         return []
     if window < 1 or start is None or any(t is not None for t in tiles):
         raise ValueError(f"{window=} must be >= 1, with a start and without tiles")
-    for arrays in tensors:
-        if arrays[2].ndim != 2 or arrays[2].shape[0] < window:
+    for a in states:
+        if a.ndim != 2 or a.shape[0] < window:
             raise ValueError(f"a window of {window} copies needs stacks of at least {window}, got "
-                             f"states{list(arrays[2].shape)}")
+                             f"states{list(a.shape)}")
     return [jnp.asarray(start, jnp.int32).reshape(1)]
 
 
@@ -225,17 +225,26 @@ def load_raw(raw_ref, i, ok, rb: int):
     return b[0] | (b[1] << 8) | (b[2] << 16)
 
 
-def lanes_init(words_ref, offsets_ref, states_ref, lane, word_base, prefetch: int):
-    """Start of lanes ``lane`` ([B] int32), whose word streams start ``word_base`` elements into ``words_ref``
-    (a stack's copy): (x, ptr, next word, sink); with ``prefetch`` the sink holds a word of the next sector.
+def tile_starts(counts_ref, bases_ref, tile, lanes: int, live):
+    """[B] int32: where each lane of tile ``tile`` (a flat tile index, of its copy's or the whole array)
+    starts reading, relative to its copy's words: the tile's base plus the word counts of the lanes before
+    it (an exclusive prefix sum across the program's vector; padding lanes count 0)."""
+    j = jnp.arange(live.shape[0], dtype=jnp.int32)
+    count = plgpu.load(counts_ref.at[tile * lanes + jnp.where(live, j, 0)], mask=live, other=0).astype(jnp.int32)
+    return bases_ref[tile].astype(jnp.int32) + jnp.cumsum(count) - count
+
+
+def lanes_init(words_ref, start, x, word_base, prefetch: int):
+    """Start of lanes that begin reading at ``start`` ([B] int32, words) of the word streams that start
+    ``word_base`` elements into ``words_ref`` (a stack's copy), in state ``x``: (x, ptr, next word, sink);
+    with ``prefetch`` the sink holds a word of the next sector.
 
     ``words_ref`` holds uint16 words, or uint32 word pairs (``kernel_words``, ``word_group=2``): then the
     lane keeps the pair that holds its read position ``ptr`` (counted in words) in place of the word.
     """
     shift = group_shift(words_ref)
     last = words_ref.shape[0] - 1
-    x = states_ref[lane]
-    ptr = offsets_ref[lane].astype(jnp.int32) + (word_base << shift)
+    ptr = start + (word_base << shift)
     word = words_ref[jnp.minimum(ptr >> shift, last)].astype(jnp.uint32)
     sink = jnp.zeros_like(x)
     if prefetch:
@@ -311,32 +320,32 @@ def kernel_table(table, coarse_bits: int):
     return jnp.concatenate([fine, coarse(fine)], axis=-1)
 
 
-def launch_shape(arrays, tiles, lanes: int, block: int) -> tuple[int, int]:
-    """``(copies, programs)`` of one tensor of a launch: a stack's copies (the arrays' leading axis, 1 for
-    one tensor), and its programs of ``block`` lanes (``block`` = L: one program per tile)."""
-    copies = arrays[2].shape[0] if arrays[2].ndim == 2 else 1
-    decoded = arrays[2].shape[-1] // lanes if tiles is None else tiles.shape[0]
+def launch_shape(states, tiles, lanes: int) -> tuple[int, int]:
+    """``(copies, programs)`` of one tensor of a launch (``states``: its states array): a stack's copies (the
+    arrays' leading axis, 1 for one tensor), and its programs, one per tile decoded."""
+    copies = states.shape[0] if states.ndim == 2 else 1
+    decoded = states.shape[-1] // lanes if tiles is None else tiles.shape[0]
     if tiles is not None and (copies != 1 or tiles.dtype != jnp.int32 or tiles.ndim != 1 or not decoded):
         raise ValueError(f"tiles={tiles.dtype}{list(tiles.shape)} must be int32[R], R >= 1, of one tensor "
                          f"(not a stack)")
-    return copies, copies * pl.cdiv(decoded * lanes, block)
+    return copies, copies * decoded
 
 
 def flat(a):
     return a.reshape(-1)
 
 
-def _many_kernel(*refs, metas, starts, copies, has_tiles, window, block_lanes, unroll, coarse_bits, prefetch,
-                 raw_early):
+def _many_kernel(*refs, metas, starts, copies, has_tiles, window, unroll, coarse_bits, prefetch, raw_early):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``."""
-    ins, tiles, start, outs, sinks = unpack_refs(refs, 5, has_tiles, bool(window), [bool(prefetch)] * len(metas))
+    ins, tiles, start, outs, sinks = unpack_refs(refs, 6, has_tiles, bool(window), [bool(prefetch)] * len(metas))
     pid = pl.program_id(0)
 
     def branch(k):
         def run():
             n, lanes, steps, dtype, carry = metas[k]
-            rans_float_kernel(*ins[5 * k:5 * k + 5], tiles[k], outs[k], sinks[k], program=pid - starts[k], n=n,
-                              lanes=lanes, steps=steps, dtype=dtype, copies=copies[k], block_lanes=block_lanes,
+            rans_float_kernel(*ins[6 * k:6 * k + 6], tiles[k], outs[k], sinks[k], program=pid - starts[k], n=n,
+                              lanes=lanes, steps=steps, dtype=dtype, copies=copies[k],
+                              block_lanes=pl.next_power_of_2(lanes),
                               unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch,
                               start_ref=start, window=window, raw_early=raw_early, carry=carry)
         return run
@@ -349,7 +358,7 @@ def raw_size(n: int, lanes: int, steps: int, carry: int) -> int:
     return n - n // (lanes * steps) * carry * lanes
 
 
-def _check(words, offsets, states, raw, table, n, lanes, steps, dtype, carry):
+def _check(words, counts, bases, states, raw, table, n, lanes, steps, dtype, carry):
     """The arrays of one tensor, or of a stack of tensors of one meta (a leading axis on every array)."""
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
@@ -360,12 +369,23 @@ def _check(words, offsets, states, raw, table, n, lanes, steps, dtype, carry):
     copies = lead[0] if lead else 1
     if n < 1 or copies * n * rc.RAW_BYTES[dtype] > rc.INT32_MAX or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be >= 1 and its padded tiles and raw bytes must have < 2^31 elements")
-    for name, a, dt, size in [("offsets", offsets, jnp.uint32, t * lanes), ("states", states, jnp.uint32, t * lanes),
-                              ("raw", raw, jnp.uint8, raw_size(n, lanes, steps, carry) * rc.RAW_BYTES[dtype])]:
-        if a.dtype != dt or a.shape != lead + (size,):
-            raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(lead + (size,))}")
+    check_lanes(counts, bases, states, lead, t * lanes, lanes)
+    if raw.dtype != jnp.uint8 or raw.shape != lead + (raw_size(n, lanes, steps, carry) * rc.RAW_BYTES[dtype],):
+        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be uint8"
+                         f"{list(lead + (raw_size(n, lanes, steps, carry) * rc.RAW_BYTES[dtype],))}")
     check_table(table, lead)
     check_words(words, lead)
+
+
+def check_lanes(counts, bases, states, lead, total: int, lanes: int):
+    """Every codec's lane arrays: ``counts`` (uint8 or uint16) and ``states`` (uint32) of ``total`` lanes,
+    ``bases`` (uint32) of their tiles, each with the leading axes ``lead``."""
+    for name, a, dts, size in [("counts", counts, (jnp.uint8, jnp.uint16), total),
+                               ("bases", bases, (jnp.uint32,), total // lanes),
+                               ("states", states, (jnp.uint32,), total)]:
+        if a.dtype not in dts or a.shape != lead + (size,):
+            raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be "
+                             f"{' or '.join(jnp.dtype(d).name for d in dts)}{list(lead + (size,))}")
 
 
 def check_table(table, lead=()):
@@ -393,16 +413,16 @@ def launch_options(metas, one: dict, several: dict, **given) -> tuple:
     return tuple(defaults[k] if v is None else v for k, v in given.items())
 
 
-@functools.partial(jax.jit, static_argnames=["metas", "block_lanes", "unroll", "num_warps", "coarse_bits",
+@functools.partial(jax.jit, static_argnames=["metas", "unroll", "num_warps", "coarse_bits",
                                              "prefetch", "word_group", "window", "raw_early",
                                              "interpret"])
-def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, block_lanes: int = 128,
+def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0,
                            unroll: int | None = None, num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
                            prefetch: int | None = None, word_group: int = 1, raw_early: bool | None = None,
                            interpret: bool = False) -> list[jax.Array]:
     """Decode several ``bf16-lossless`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
-    ``tensors``: a sequence of ``(words, offsets, states, raw, table)``, each the arrays of one tensor or
+    ``tensors``: a sequence of ``(words, counts, bases, states, raw, table)``, each the arrays of one tensor or
     of a stack of tensors of one meta (every array with a leading axis of ``copies``: several layers in one
     launch); ``metas``: a tuple of ``(n, lanes, steps, dtype, carry)`` per tensor. ``tiles``: None, or per tensor
     None or int32[R], the tiles to decode (of one tensor, not a stack; e.g. the rows of an embedding).
@@ -418,65 +438,67 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     unroll, prefetch, raw_early = launch_options(metas, ONE_TENSOR, SEVERAL_TENSORS, unroll=unroll,
                                                  prefetch=prefetch, raw_early=raw_early)
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
-    extra = check_window(tensors, tiles, start, window)
-    if block_lanes < 1 or block_lanes & (block_lanes - 1):
-        raise ValueError(f"{block_lanes=} must be a power of two")
+    extra = check_window([a[3] for a in tensors], tiles, start, window)
     starts, copies = [0], []
     for arrays, (n, lanes, steps, dtype, carry), tl in zip(tensors, metas, tiles):
         _check(*arrays, n, lanes, steps, dtype, carry)
-        check_words(arrays[0], stack_lead(arrays[2]), word_group)
-        c, programs = launch_shape(arrays, tl, lanes, block_lanes)
+        check_words(arrays[0], stack_lead(arrays[3]), word_group)
+        c, programs = launch_shape(arrays[3], tl, lanes)
         copies.append(c)
         starts.append(starts[-1] + (programs // c * window if window else programs))
     rc.filter_triton_deprecation()
     kernel = functools.partial(_many_kernel, metas=tuple(metas), starts=tuple(starts), copies=tuple(copies),
-                               has_tiles=tuple(tl is not None for tl in tiles), window=window, block_lanes=block_lanes,
-                               unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
+                               has_tiles=tuple(tl is not None for tl in tiles), window=window, unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
     sizes = [(window or c) * n if tl is None else tl.shape[0] * lanes * steps
              for c, (n, lanes, steps, _, _), tl in zip(copies, metas, tiles)]
     outs = pl.pallas_call(
         kernel,
         out_shape=([jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[m[3]]) for size, m in zip(sizes, metas)]
-                   + [jax.ShapeDtypeStruct(((b - a) * block_lanes,), jnp.uint32)
-                      for a, b in zip(starts, starts[1:]) if prefetch]),
+                   + [jax.ShapeDtypeStruct(((b - a) * pl.next_power_of_2(m[1]),), jnp.uint32)
+                      for a, b, m in zip(starts, starts[1:], metas) if prefetch]),
         grid=(starts[-1],),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rans_float_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
+        name=f"rans_float_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
              + (f"_g{word_group}" if word_group > 1 else "") + ("_r1" if raw_early else ""),
     )(*[flat(a) for arrays in tensors
-        for a in (kernel_words(arrays[0], word_group), *arrays[1:4], kernel_table(arrays[4], coarse_bits))],
+        for a in (kernel_words(arrays[0], word_group), *arrays[1:5], kernel_table(arrays[5], coarse_bits))],
       *[tl for tl in tiles if tl is not None], *extra)
-    return [lax.bitcast_convert_type(b, jnp.dtype(m[3])).reshape((window or c, -1) if t[2].ndim == 2 else (-1,))
+    return [lax.bitcast_convert_type(b, jnp.dtype(m[3])).reshape((window or c, -1) if t[3].ndim == 2 else (-1,))
             for b, m, c, t in zip(outs[:len(metas)], metas, copies, tensors)]
 
 
-def rans_float_decode(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
-                      carry: int = 0, tiles=None, block_lanes: int = 128, unroll: int | None = None, num_warps: int = 4,
+def rans_float_decode(words, counts, bases, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
+                      carry: int = 0, tiles=None, unroll: int | None = None, num_warps: int = 4,
                       coarse_bits: int = rc.COARSE_BITS, prefetch: int | None = None, word_group: int = 1,
                       raw_early: bool | None = None, interpret: bool = False) -> jax.Array:
     """Decode a ``bf16-lossless`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact.
 
     ``tiles`` (int32[R]): decode only those tiles, to ``dtype[R * L*S]`` (see ``rans_float_decode_many``).
-    ``block_lanes`` lanes per program (a power of two), ``unroll`` steps per loop iteration (also how far
-    ahead raw bytes are read; reduced to a divisor of ``steps``; None: see ``launch_options``), ``num_warps``
-    warps per program,
-    ``coarse_bits``: log2 of the slots per coarse-table bucket (0: one gather from the full table),
+    One program per tile; ``unroll`` steps per loop iteration (also how far ahead raw bytes are read; reduced
+    to a divisor of ``steps``; None: see ``launch_options``), ``num_warps`` warps per program, ``coarse_bits``: log2 of the slots per coarse-table bucket (0: one gather from the full table),
     ``prefetch``: at the top of each block of ``unroll`` steps, lanes within that many words of their next
     32-byte sector of words load one of its words into L1 (0: never; see "Word prefetch"), ``raw_early``: load
     the next block's raw bytes at the top of a block (not one per step, spread through it),
     ``word_group``: 1 loads one word per renormalisation; 2 reads the words as uint32 pairs and loads only
     when a lane moves into its next pair (half the per-lane gathers; needs an even word count).
     """
-    return rans_float_decode_many([(words, offsets, states, raw, table)], metas=((n, lanes, steps, dtype, carry),),
-                                  tiles=None if tiles is None else [tiles], block_lanes=block_lanes,
+    return rans_float_decode_many([(words, counts, bases, states, raw, table)],
+                                  metas=((n, lanes, steps, dtype, carry),), tiles=None if tiles is None else [tiles],
                                   unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
                                   prefetch=prefetch, word_group=word_group, raw_early=raw_early,
                                   interpret=interpret)[0]
 
 
 # ----------------------------------------------------------------------------------------- reference
-def rans_symbols_reference(words, offsets, states, table, *, n: int, lanes: int, steps: int, ends: bool = False):
+def start_offsets_reference(counts, bases, lanes: int):
+    """int32[T*L]: where each lane starts in its words (``tile_starts`` for every tile at once)."""
+    c = counts.astype(jnp.int32).reshape(-1, lanes)
+    return (bases.astype(jnp.int32)[:, None] + jnp.cumsum(c, axis=1) - c).reshape(-1)
+
+
+def rans_symbols_reference(words, counts, bases, states, table, *, n: int, lanes: int, steps: int,
+                           ends: bool = False):
     """All lanes' decoded symbols (uint32[n], symbol order) in pure jnp: a fori_loop over the steps,
     every lane at once; the exact inverse of ``jcodec.rans.encode``. ``ends``: also return the lanes' end
     states (uint32[T*L])."""
@@ -492,7 +514,7 @@ def rans_symbols_reference(words, offsets, states, table, *, n: int, lanes: int,
         return x, ptr + need.astype(ptr.dtype), out.at[k].set(sym.astype(jnp.uint8))
 
     out = jnp.zeros((steps, total_lanes), jnp.uint8)
-    x, _, out = lax.fori_loop(0, steps, step, (states, offsets, out))
+    x, _, out = lax.fori_loop(0, steps, step, (states, start_offsets_reference(counts, bases, lanes), out))
     tiles = total_lanes // lanes
     # [steps, tiles*lanes] -> [tiles, steps, lanes] -> symbol order
     sym = out.reshape(steps, tiles, lanes).transpose(1, 0, 2).reshape(-1)[:n].astype(jnp.uint32)
@@ -518,11 +540,12 @@ def raw_reference(raw, ends, *, n: int, lanes: int, steps: int, dtype: str, carr
 
 
 @functools.partial(jax.jit, static_argnames=["n", "lanes", "steps", "dtype", "carry"])
-def rans_float_reference(words, offsets, states, raw, table, *, n: int, lanes: int, steps: int,
+def rans_float_reference(words, counts, bases, states, raw, table, *, n: int, lanes: int, steps: int,
                          dtype: str, carry: int = 0) -> jax.Array:
     """Pure-JAX ``bf16-lossless`` decoder (any backend); bit-exact with the kernel and with NumPy."""
-    _check(words, offsets, states, raw, table, n, lanes, steps, dtype, carry)
-    sym, ends = rans_symbols_reference(words, offsets, states, table, n=n, lanes=lanes, steps=steps, ends=True)
+    _check(words, counts, bases, states, raw, table, n, lanes, steps, dtype, carry)
+    sym, ends = rans_symbols_reference(words, counts, bases, states, table, n=n, lanes=lanes, steps=steps,
+                                       ends=True)
     r = raw_reference(raw, ends, n=n, lanes=lanes, steps=steps, dtype=dtype, carry=carry)
     bits = rc.join_float(sym, r, dtype).astype(rc.BITS_DTYPE[dtype])
     return lax.bitcast_convert_type(bits, jnp.dtype(dtype))

@@ -3,7 +3,9 @@
 Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L lanes x S steps):
   words       uint16[W]     every lane's 16-bit renormalisation words, lane by lane, in read order (read as
                             uint32[W/2] word pairs with ``word_group=2``: ``rans_float``'s layout notes)
-  offsets     uint32[T*L]   where lane ``t*L + l`` starts reading in ``words``
+  counts      uint8|uint16[T*L]  the words each lane reads
+  bases       uint32[T]     where each tile's first lane starts in ``words`` (the others: ``rans_float``'s
+                            layout notes)
   states      uint32[T*L]   each lane's start state
   table       uint32[4096 + 128]  packed slot table ``cum | symbol << 12 | (freq - 1) << 20``, then the
                             coarse table (``rans_float.lookup``; computed here when only 4096 are given)
@@ -41,8 +43,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import (check_launch, check_table, check_window, check_words, flat, kernel_table, kernel_words, lanes_fold,
-                         lanes_init, lanes_step, lanes_touch, launch_options, launch_shape, stack_lead, unpack_refs)
+from .rans_float import (check_lanes, check_launch, check_table, check_window, check_words, flat, kernel_table,
+                         kernel_words, lanes_fold, lanes_init, lanes_step, lanes_touch, launch_options, launch_shape,
+                         stack_lead, tile_starts, unpack_refs)
 
 PREDICTORS = ("none", "left", "up")
 
@@ -54,7 +57,8 @@ def _signed(q):
 
 def rans_int8_kernel(
     words_ref,       # [copies * W] uint16 | [copies * W/2] uint32 word pairs (word_group=2), whole array
-    offsets_ref,     # [copies * T*L] uint32, whole array
+    counts_ref,      # [copies * T*L] uint8 | uint16, whole array
+    bases_ref,       # [copies * T] uint32, whole array
     states_ref,      # [copies * T*L] uint32, whole array
     table_ref,       # [copies * (4096 + 4096 >> coarse_bits)] uint32, whole array
     scales_ref,      # [copies * rows] float32, whole array
@@ -79,7 +83,8 @@ def rans_int8_kernel(
     rows = scales_ref.shape[0] // copies
     j = jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane
     live = j < lanes
-    lane_state = lanes_init(words_ref, offsets_ref, states_ref, (c * tiles + t) * lanes + jnp.where(live, j, 0),
+    lane_state = lanes_init(words_ref, tile_starts(counts_ref, bases_ref, c * tiles + t, lanes, live),
+                            states_ref[(c * tiles + t) * lanes + jnp.where(live, j, 0)],
                             c * (words_ref.shape[0] // copies), prefetch)
     table_base = c * (table_ref.shape[0] // copies)
     first = t * tile + j  # [B] each lane's value at step 0, in its copy
@@ -92,12 +97,11 @@ def rans_int8_kernel(
         if not interpret:  # interpret mode runs the program's lanes in lockstep
             plgpu.debug_barrier()
 
-    def read_scale(k, held):
-        """The scales of step ``k``'s values (masked past the end) and what ``hoist_scale`` keeps. Without it
-        every lane loads its row's scale every step; with it ``held = (row, row_end, scale)`` of the step
-        read before, and only the lanes whose row changed load (once per ``cols / lanes`` steps)."""
+    def read_scale(k, ok, held):
+        """The scales of step ``k``'s values (masked by ``ok``: past the end) and what ``hoist_scale`` keeps.
+        Without it every lane loads its row's scale every step; with it ``held = (row, row_end, scale)`` of
+        the step read before, and only the lanes whose row changed load (once per ``cols / lanes`` steps)."""
         i = first + k * lanes
-        ok = live & (i < n) & (k < steps)
         if not hoist_scale:
             return plgpu.load(scales_ref.at[c * rows + jnp.minimum(i // cols, rows - 1)], mask=ok, other=0.0), held
         row, row_end, scale = held
@@ -150,7 +154,8 @@ def rans_int8_kernel(
     def decode_loop(unpredict):
         """The whole tile with one inverse predictor: the per-tile branch is taken once, outside the loop."""
         def block(b, carry):  # `unroll` steps; scales are loaded `unroll` steps before they are used
-            lane_state, scales, held, acc = carry
+            # left: [B] the steps a lane still writes, from this block's first (counted down, as in rans_float)
+            lane_state, scales, held, acc, left = carry
             touched = lanes_touch(words_ref, lane_state, prefetch)
             next_scales = []
             for u in range(unroll):
@@ -158,22 +163,23 @@ def rans_int8_kernel(
                 sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
                 q, acc = unpredict(k, jnp.where(live, sym.astype(jnp.int32), 0), acc)
                 plgpu.store(out_ref.at[out_first + k * lanes], (_signed(q) * scales[u]).astype(out_ref.dtype),
-                            mask=live & (first + k * lanes < n))
-                scale, held = read_scale(k + unroll, held)
+                            mask=u < left)
+                scale, held = read_scale(k + unroll, unroll + u < left, held)
                 next_scales.append(scale)
-            return lanes_fold(lane_state, touched), tuple(next_scales), held, acc
+            return lanes_fold(lane_state, touched), tuple(next_scales), held, acc, left - unroll
 
         def run():
             scales, held = [], held0
             for u in range(unroll):
-                scale, held = read_scale(u, held)
+                scale, held = read_scale(u, u < left0, held)
                 scales.append(scale)
-            lane_state, _, _, _ = lax.fori_loop(0, steps // unroll, block,
-                                                (lane_state0, tuple(scales), held, jnp.int32(0)))
+            lane_state, _, _, _, _ = lax.fori_loop(0, steps // unroll, block,
+                                                   (lane_state0, tuple(scales), held, jnp.int32(0), left0))
             return lane_state[3]
         return run
 
     lane_state0 = lane_state
+    left0 = jnp.where(live, jnp.clip((n - first + lanes - 1) // lanes, 0, steps), 0)  # [B] steps a lane writes
     loops = [decode_loop({0: none, 1: left, 2: up}[k]) for k in predictors]
 
     def choose(i):  # a chain of uniform branches on the tile's predictor id
@@ -186,7 +192,7 @@ def rans_int8_kernel(
         plgpu.store(sink_ref.at[program * block_lanes + j], sink)
 
 
-def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype):
+def _check(words, counts, bases, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype):
     """The arrays of one tensor, or of a stack of tensors of one meta (a leading axis on every array)."""
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
@@ -198,8 +204,8 @@ def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lan
     if n < 1 or rows * cols != n or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be rows * cols = {rows} * {cols} >= 1 and its tiles < 2^31 values")
     check_table(table, lead)
-    for name, a, dt, size in [("offsets", offsets, jnp.uint32, t * lanes), ("states", states, jnp.uint32, t * lanes),
-                              ("scales", scales, jnp.float32, rows),
+    check_lanes(counts, bases, states, lead, t * lanes, lanes)
+    for name, a, dt, size in [("scales", scales, jnp.float32, rows),
                               ("predictors", predictors, jnp.int32, t)]:
         if a.dtype != dt or a.shape != lead + (size,):
             raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(lead + (size,))}")
@@ -209,14 +215,14 @@ def _check(words, offsets, states, table, scales, predictors, n, rows, cols, lan
 def _many_kernel(*refs, metas, starts, copies, has_tiles, window, unroll, coarse_bits, prefetch, hoist_scale,
                  interpret):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``'s tiles."""
-    ins, tiles, start, outs, rings, sinks = unpack_refs(refs, 6, has_tiles, bool(window), [2 in m[6] for m in metas],
+    ins, tiles, start, outs, rings, sinks = unpack_refs(refs, 7, has_tiles, bool(window), [2 in m[6] for m in metas],
                                                  [bool(prefetch)] * len(metas))
     pid = pl.program_id(0)
 
     def branch(k):
         def run():
             n, rows, cols, lanes, steps, dtype, predictors = metas[k]
-            rans_int8_kernel(*ins[6 * k:6 * k + 6], tiles[k], outs[k], rings[k], sinks[k], program=pid - starts[k],
+            rans_int8_kernel(*ins[7 * k:7 * k + 7], tiles[k], outs[k], rings[k], sinks[k], program=pid - starts[k],
                              n=n, cols=cols, lanes=lanes, steps=steps, copies=copies[k], predictors=predictors,
                              block_lanes=pl.next_power_of_2(lanes), unroll=math.gcd(unroll, steps),
                              coarse_bits=coarse_bits, prefetch=prefetch, hoist_scale=hoist_scale,
@@ -248,7 +254,7 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
                           hoist_scale: bool = False, interpret: bool = False) -> list[jax.Array]:
     """Decode several ``int8`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
-    ``tensors``: a sequence of ``(words, offsets, states, table, scales, predictors)``, each the arrays of
+    ``tensors``: a sequence of ``(words, counts, bases, states, table, scales, predictors)``, each the arrays of
     one tensor or of a stack of tensors of one meta (a leading axis of ``copies`` on every array); ``metas``:
     a tuple of ``(n, rows, cols, lanes, steps, dtype, predictors_used)`` per tensor, ``predictors_used`` the
     predictor ids its tiles may hold (the kernel compiles a loop for each; the `up` ring is allocated only
@@ -259,16 +265,15 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
     """
     unroll, prefetch = launch_options(metas, ONE_TENSOR, SEVERAL_TENSORS, unroll=unroll, prefetch=prefetch)
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
-    extra = check_window(tensors, tiles, start, window)
+    extra = check_window([a[3] for a in tensors], tiles, start, window)
     if not isinstance(hoist_scale, bool):
         raise ValueError(f"{hoist_scale=} must be a bool")
     metas = tuple(m[:6] + (check_predictors(m[6]),) for m in metas)
     starts, copies = [0], []
     for arrays, meta, tl in zip(tensors, metas, tiles):
         _check(*arrays, *meta[:6])
-        check_words(arrays[0], stack_lead(arrays[2]), word_group)
-        lanes = meta[3]
-        c, programs = launch_shape(arrays, tl, lanes, lanes)
+        check_words(arrays[0], stack_lead(arrays[3]), word_group)
+        c, programs = launch_shape(arrays[3], tl, meta[3])
         copies.append(c)
         starts.append(starts[-1] + (programs // c * window if window else programs))
     rc.filter_triton_deprecation()
@@ -290,14 +295,14 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
         interpret=interpret,
         name=f"rans_int8_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
              + (f"_g{word_group}" if word_group > 1 else "") + ("_h" if hoist_scale else ""),
-    )(*[flat(a) for arrays in tensors for a in (kernel_words(arrays[0], word_group), *arrays[1:3],
-                                                kernel_table(arrays[3], coarse_bits), *arrays[4:])],
+    )(*[flat(a) for arrays in tensors for a in (kernel_words(arrays[0], word_group), *arrays[1:4],
+                                                kernel_table(arrays[4], coarse_bits), *arrays[5:])],
       *[tl for tl in tiles if tl is not None], *extra)
-    return [o.reshape((window or c, -1) if t[2].ndim == 2 else (-1,))
+    return [o.reshape((window or c, -1) if t[3].ndim == 2 else (-1,))
             for o, c, t in zip(outs[:len(metas)], copies, tensors)]
 
 
-def rans_int8_decode(words, offsets, states, table, scales, predictors, *, n: int, rows: int, cols: int,
+def rans_int8_decode(words, counts, bases, states, table, scales, predictors, *, n: int, rows: int, cols: int,
                      lanes: int, steps: int, dtype: str, predictors_used=(0, 1, 2), tiles=None,
                      unroll: int | None = None, num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
                      prefetch: int | None = None, word_group: int = 2,
@@ -314,7 +319,7 @@ def rans_int8_decode(words, offsets, states, table, scales, predictors, *, n: in
     row scale in a register and reload it only when the lane's row changes (rows are usually >= 128 values,
     so a lane loads once per ``cols / L`` steps instead of every step).
     """
-    return rans_int8_decode_many([(words, offsets, states, table, scales, predictors)],
+    return rans_int8_decode_many([(words, counts, bases, states, table, scales, predictors)],
                                  metas=((n, rows, cols, lanes, steps, dtype, tuple(predictors_used)),),
                                  tiles=None if tiles is None else [tiles], unroll=unroll, num_warps=num_warps,
                                  coarse_bits=coarse_bits, prefetch=prefetch, word_group=word_group,
@@ -346,13 +351,13 @@ def unpredict_reference(r, predictors, *, n: int, cols: int, tile: int):
 
 
 @functools.partial(jax.jit, static_argnames=["n", "rows", "cols", "lanes", "steps", "dtype"])
-def rans_int8_reference(words, offsets, states, table, scales, predictors, *, n: int, rows: int, cols: int,
+def rans_int8_reference(words, counts, bases, states, table, scales, predictors, *, n: int, rows: int, cols: int,
                         lanes: int, steps: int, dtype: str) -> jax.Array:
     """Pure-JAX ``int8`` decoder (any backend); bit-exact with the kernel and with NumPy."""
     from .rans_float import rans_symbols_reference
 
-    _check(words, offsets, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype)
-    r = rans_symbols_reference(words, offsets, states, table, n=n, lanes=lanes, steps=steps).astype(jnp.int32)
+    _check(words, counts, bases, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype)
+    r = rans_symbols_reference(words, counts, bases, states, table, n=n, lanes=lanes, steps=steps).astype(jnp.int32)
     q = unpredict_reference(r, predictors, n=n, cols=cols, tile=lanes * steps)
     y = _signed(q).reshape(rows, cols) * scales[:, None]
     return y.astype(jnp.dtype(dtype)).reshape(-1)

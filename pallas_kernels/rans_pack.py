@@ -52,7 +52,7 @@ def rans_pack_kernel(
     t = jnp.where(live, v // lanes, 0)
     l = jnp.where(live, v % lanes, 0)
     out_index, out_at, raw_at, count, table = (info_ref[t * INFO + f] for f in range(INFO))
-    lane_state = lanes_init(words_ref, offsets_ref, states_ref, t * lanes + l, 0, 0)
+    lane_state = lanes_init(words_ref, offsets_ref[t * lanes + l].astype(jnp.int32), states_ref[t * lanes + l], 0, 0)
     table_base = table * (rc.TABLE_SIZE + (rc.TABLE_SIZE >> coarse_bits if coarse_bits else 0))
     rb = rc.RAW_BYTES[dtype]
 

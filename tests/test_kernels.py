@@ -37,9 +37,9 @@ def bits(a) -> np.ndarray:
 def device_args(ct: tensor.CompressedTensor):
     a, m = ct.arrays, ct.meta
     if m.codec == "bf16-lossless":
-        return ((a["words"], a["offsets"], a["states"], a["raw"], a["table"]),
+        return ((a["words"], a["counts"], a["bases"], a["states"], a["raw"], a["table"]),
                 dict(n=m.size, lanes=m.lanes, steps=m.steps, dtype=m.dtype, carry=m.carry))
-    return ((a["words"], a["offsets"], a["states"], a["table"], a["scales"], a["predictors"]),
+    return ((a["words"], a["counts"], a["bases"], a["states"], a["table"], a["scales"], a["predictors"]),
             dict(n=m.size, rows=m.rows, cols=m.cols, lanes=m.lanes, steps=m.steps, dtype=m.dtype))
 
 
@@ -113,13 +113,15 @@ class TestFloatKernel(KernelTestBase):
         rng = np.random.default_rng(n * 7 + lanes)
         self.check_float(random_float(rng, (n,), dtype), lanes, steps)
 
-    @pytest.mark.parametrize("block_lanes,unroll,num_warps,coarse_bits,prefetch,raw_early", [
-        (32, 1, 1, 5, 0, False), (64, 4, 2, 0, 16, True), (256, 16, 4, 3, 1, False), (128, 8, 4, 8, 8, True)])
-    def test_block_sizes(self, block_lanes, unroll, num_warps, coarse_bits, prefetch, raw_early):
-        rng = np.random.default_rng(block_lanes + unroll)
+    @pytest.mark.parametrize("lanes,steps,unroll,num_warps,coarse_bits,prefetch,raw_early", [
+        (32, 16, 1, 1, 5, 0, False), (24, 16, 4, 2, 0, 16, True), (100, 8, 8, 4, 3, 1, False),
+        (128, 8, 8, 4, 8, 8, True)])
+    def test_block_sizes(self, lanes, steps, unroll, num_warps, coarse_bits, prefetch, raw_early):
+        """Lanes that fill the program's vector or leave padding lanes (24, 100 of 32, 128), one tile or several."""
+        rng = np.random.default_rng(lanes + unroll)
         x = random_float(rng, (37, 41), "bfloat16", "bits" if prefetch else "gauss")
-        self.check_float(x, 32, 16, block_lanes=block_lanes, unroll=unroll, num_warps=num_warps,
-                         coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
+        self.check_float(x, lanes, steps, unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
+                         prefetch=prefetch, raw_early=raw_early)
 
     def test_many_tensors_one_launch(self):
         rng = np.random.default_rng(9)
@@ -129,8 +131,7 @@ class TestFloatKernel(KernelTestBase):
         encs = [codecs.encode(x, "bf16-lossless", lanes=l, steps=s) for x, (l, s) in zip(xs, geometry)]
         args = [device_args(tensor.from_encoded(e)) for e in encs]
         metas = tuple((kw["n"], kw["lanes"], kw["steps"], kw["dtype"], kw["carry"]) for _, kw in args)
-        outs = rans_float.rans_float_decode_many([a for a, _ in args], metas=metas, block_lanes=32,
-                                                 interpret=self.INTERPRET)
+        outs = rans_float.rans_float_decode_many([a for a, _ in args], metas=metas, interpret=self.INTERPRET)
         for out, x in zip(outs, xs):
             np.testing.assert_array_equal(bits(out), bits(x).reshape(-1))
 
@@ -149,8 +150,8 @@ class TestFloatKernel(KernelTestBase):
         for enc in (on, off):
             args, kw = device_args(tensor.from_encoded(enc))
             outs = [rans_float.rans_float_reference(*args, **kw)]
-            outs += [rans_float.rans_float_decode(*args, **kw, block_lanes=32, unroll=u, raw_early=r,
-                                                  interpret=self.INTERPRET) for u, r in ((1, False), (4, True))]
+            outs += [rans_float.rans_float_decode(*args, **kw, unroll=u, raw_early=r, interpret=self.INTERPRET)
+                     for u, r in ((1, False), (4, True))]
             for out in outs:
                 np.testing.assert_array_equal(bits(out), bits(x))
 
@@ -177,8 +178,8 @@ class TestFloatKernel(KernelTestBase):
 
     @pytest.mark.parametrize("dtype,kind,shape,lanes,steps,blocks", [
         ("bfloat16", "gauss", (37, 46), 32, 16, dict()),  # an odd word count, padded by from_encoded
-        ("float32", "bits", (1000,), 32, 8, dict(prefetch=16, unroll=1, block_lanes=64)),
-        ("float16", "gauss", (700,), 7, 5, dict(block_lanes=8)),
+        ("float32", "bits", (1000,), 32, 8, dict(prefetch=16, unroll=1)),
+        ("float16", "gauss", (700,), 7, 5, dict()),
         ("bfloat16", "equal", (9, 100), 32, 16, dict())])  # no words at all: two padding words
     def test_word_pairs(self, dtype, kind, shape, lanes, steps, blocks):
         rng = np.random.default_rng(shape[0] + lanes)
@@ -363,7 +364,7 @@ class TestStacksAndTiles(KernelTestBase):
         stacked = tensor.stack_layers(cts)
         assert stacked.arrays["words"].shape[-1] % 2 == 0
         want = np.stack([bits(codecs.decode(e)).reshape(-1) for e in encs])
-        decode_many, opts = ((rans_float.rans_float_decode_many, dict(word_group=2, block_lanes=32))
+        decode_many, opts = ((rans_float.rans_float_decode_many, dict(word_group=2))
                              if codec == "bf16-lossless"
                              else (rans_int8.rans_int8_decode_many, dict(word_group=2, hoist_scale=True)))
         args, meta = tensor.kernel_args(stacked)
@@ -430,12 +431,14 @@ class TestErrors(KernelTestBase):
     def test_bad_arguments(self):
         x = random_float(np.random.default_rng(8), (100,), "bfloat16")
         args, kw = device_args(tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=32, steps=16)))
-        with pytest.raises(ValueError, match="block_lanes"):
-            rans_float.rans_float_decode(*args, **kw, block_lanes=48, interpret=True)
+        with pytest.raises(ValueError, match="counts"):
+            rans_float.rans_float_decode(args[0], args[1].astype(jnp.int32), *args[2:], **kw, interpret=True)
+        with pytest.raises(ValueError, match="bases"):
+            rans_float.rans_float_decode(args[0], args[1], args[2][:-1], *args[3:], **kw, interpret=True)
         with pytest.raises(ValueError, match="dtype"):
             rans_float.rans_float_decode(*args, **{**kw, "dtype": "int8"}, interpret=True)
         with pytest.raises(ValueError, match="states"):
-            rans_float.rans_float_reference(args[0], args[1], args[2][:-1], *args[3:], **kw)
+            rans_float.rans_float_reference(*args[:3], args[3][:-1], *args[4:], **kw)
         with pytest.raises(ValueError, match="word_group"):
             rans_float.rans_float_decode(*args, **kw, word_group=4, interpret=True)
         x8 = codecs.encode(random_float(np.random.default_rng(8), (10, 10), "bfloat16"), "int8", lanes=32, steps=16)
