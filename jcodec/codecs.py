@@ -25,8 +25,9 @@ RANS_CODECS = ("bf16-lossless", "int8")
 DEFAULT_LANES = 128
 # Steps per lane by codec. Shorter lanes mean more of them to decode in parallel, at 5 bytes (start state,
 # word count) per lane: bf16-lossless at 240 steps (8-bit counts, raw bytes carried in the end states) costs
-# 0.6639 of BF16 against 0.6609 at 1024 and decodes a 4096 x 14336 matrix 1.2-1.3x faster on the H100
-# (bench/RESULTS.md, sessions 5-7). int8 keeps 1024 (see RESULTS, session 7).
+# 0.6639 of BF16 against 0.6609 at 1024 (Gaussian 4096 x 14336), and that matrix decoded 1.24-1.67x faster on
+# the H100 (in one run each, bench/RESULTS.md sessions 5-7). int8 keeps 1024: at 240 steps its file grows
+# 1.4% (0.4415 -> 0.4475), for 1.19x on the matrix in session 7's one (slow) run.
 DEFAULT_STEPS = {"bf16-lossless": 240, "int8": 1024}
 MAX_LANES = 4096
 
