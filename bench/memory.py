@@ -37,7 +37,7 @@ def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: 
     lead = () if layers is None else (layers,)
     sds = lambda size, dt: jax.ShapeDtypeStruct(lead + (size,), dt)  # noqa: E731
     arrays = dict(words=sds(max(1, math.ceil(n * BITS_PER_VALUE[codec] / 16)), jnp.uint16),
-                  counts=sds(tiles * lanes, jnp.uint8 if steps < 256 else jnp.uint16), bases=sds(tiles, jnp.uint32),
+                  counts=sds(tiles * lanes, codecs.counts_dtype(steps)), bases=sds(tiles, jnp.uint32),
                   states=sds(tiles * lanes, jnp.uint32),
                   table=sds(rc.TABLE_SIZE + rc.COARSE_SIZE, jnp.uint32))
     if codec == "bf16-lossless":

@@ -21,12 +21,12 @@ in place (a ``lax.scan`` over layers that sliced each layer's arrays out first w
 One program decodes one tile, one lane per vector element (L padded to a power of two); it starts by
 summing its lanes' word counts into their start offsets. Each step it looks up every lane's slot (coarse
 table first, the full table only for lanes in buckets that hold a symbol boundary), updates the states,
-renormalises from a word loaded at the previous step (a lane reads at most one word per step), and writes one value per
-lane: the exponent joined with its raw bits, which were read ``unroll`` steps ahead. No intermediate array
-is written: compressed bytes in, output bits out (plus, only with the optional word prefetch, a 4-byte sink
-per lane, see ``lanes_touch``). Positions past the end of the tensor in the last tile are not coded; the
-kernel decodes them anyway (they end each lane's sequence, so nothing before them changes) and does not
-write them. ``rans_float_decode_many`` decodes several tensors (a layer) in one launch.
+renormalises from a word loaded at the previous step (a lane reads at most one word per step), and writes
+one value per lane: the exponent joined with its raw bits, which were read ``unroll`` steps ahead. No
+intermediate array is written: compressed bytes in, output bits out (plus, only with the optional word
+prefetch, a 4-byte sink per lane, see ``lanes_touch``). Positions past the end of the tensor in the last
+tile are not coded; the kernel decodes them anyway (they end each lane's sequence, so nothing before them
+changes) and does not write them. ``rans_float_decode_many`` decodes several tensors (a layer) in one launch.
 """
 from __future__ import annotations
 
@@ -61,19 +61,12 @@ def rans_float_kernel(
     copies). ``block_lanes``: L rounded up to a power of two (the vector)."""
     tile = lanes * steps
     tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
-    per_copy = tiles if tiles_ref is None else tiles_ref.shape[0]  # tiles decoded per copy
-    if copies == 1 and start_ref is None:  # one copy: its bases are 0 (known to the compiler, no arithmetic)
-        o = c = 0
-        p = program
-    else:
-        o, p = program // per_copy, program % per_copy
-        c = o if start_ref is None else jnp.clip(start_ref[0], 0, copies - window) + o
-    t = p if tiles_ref is None else jnp.clip(tiles_ref[p], 0, tiles - 1)  # out-of-range ids are clamped
+    o, c, p, t = program_tile(program, tiles, copies, tiles_ref, start_ref, window, static_one_copy=True)
     j = jnp.arange(block_lanes, dtype=jnp.int32)
     live = j < lanes
     l = jnp.where(live, j, 0)  # padding lanes decode lane 0 again and write nowhere
-    lane_state = lanes_init(words_ref, tile_starts(counts_ref, bases_ref, c * tiles + t, lanes, live),
-                            states_ref[(c * tiles + t) * lanes + l], c * (words_ref.shape[0] // copies), prefetch)
+    lane_state = tile_lanes_init(words_ref, counts_ref, bases_ref, states_ref, c * tiles + t, lanes, live,
+                                 c * (words_ref.shape[0] // copies), prefetch)
     first = t * tile + l  # [B] each lane's value at step 0, in its copy
     # where it goes in the output (of its copy); padding lanes point past the end (masked writes need no valid
     # address, but interpret mode's masked scatter must not see two lanes at one address)
@@ -87,7 +80,7 @@ def rans_float_kernel(
     raw_first = c * (raw_ref.shape[0] // (copies * rb)) + t * ((steps - carry) * lanes) + l
     # [B] the steps whose values a lane writes in the loop, with raw bytes from `raw` (a full tile's carried
     # steps are written after it, from the end state)
-    in_loop = jnp.where(full, steps - carry, jnp.clip((n - first + lanes - 1) // lanes, 0, steps))
+    in_loop = jnp.where(full, steps - carry, steps_with_values(n - first, lanes, steps))
 
     def read_raw(k, ok):  # [B] uint32 raw bits of step k (masked past the end, and where carried)
         return load_raw(raw_ref, raw_first + k * lanes, ok, rb)
@@ -225,13 +218,39 @@ def load_raw(raw_ref, i, ok, rb: int):
     return b[0] | (b[1] << 8) | (b[2] << 16)
 
 
-def tile_starts(counts_ref, bases_ref, tile, lanes: int, live):
-    """[B] int32: where each lane of tile ``tile`` (a flat tile index, of its copy's or the whole array)
-    starts reading, relative to its copy's words: the tile's base plus the word counts of the lanes before
-    it (an exclusive prefix sum across the program's vector; padding lanes count 0)."""
-    j = jnp.arange(live.shape[0], dtype=jnp.int32)
-    count = plgpu.load(counts_ref.at[tile * lanes + jnp.where(live, j, 0)], mask=live, other=0).astype(jnp.int32)
-    return bases_ref[tile].astype(jnp.int32) + jnp.cumsum(count) - count
+def program_tile(program, tiles: int, copies: int, tiles_ref, start_ref, window: int, static_one_copy: bool):
+    """``(o, c, p, t)`` of a program that decodes one tile (``program = o * per_copy + p``): its output copy
+    ``o``, array copy ``c`` (``o``, or ``start + o`` for a window), ``p`` its place among the tiles decoded per
+    copy, and ``t`` the tile (``p``, or ``tiles[p]`` clamped to the ``tiles`` of a copy).
+
+    ``static_one_copy``: one copy without a window gets static zero copies (known to the compiler: no base
+    arithmetic). The float kernel takes it (session 6); the int8 kernel does not: with it, its step loop
+    grew from 44.1 to 50.9 SASS instructions a step (u16 p8, ``bench/sass.py``)."""
+    if static_one_copy and copies == 1 and start_ref is None:
+        o = c = 0
+        p = program
+    else:
+        per_copy = tiles if tiles_ref is None else tiles_ref.shape[0]
+        o, p = program // per_copy, program % per_copy
+        c = o if start_ref is None else jnp.clip(start_ref[0], 0, copies - window) + o
+    t = p if tiles_ref is None else jnp.clip(tiles_ref[p], 0, tiles - 1)  # out-of-range ids are clamped
+    return o, c, p, t
+
+
+def tile_lanes_init(words_ref, counts_ref, bases_ref, states_ref, tile, lanes: int, live, word_base,
+                    prefetch: int):
+    """:func:`lanes_init` for the lanes of tile ``tile`` (a flat tile index into the arrays; ``live``: [B], the
+    vector's lanes below L; padding lanes start as lane 0). A lane starts reading at its tile's base plus the
+    word counts of the lanes before it: an exclusive prefix sum across the program's vector."""
+    l = jnp.where(live, jnp.arange(live.shape[0], dtype=jnp.int32), 0)
+    count = plgpu.load(counts_ref.at[tile * lanes + l], mask=live, other=0).astype(jnp.int32)
+    start = bases_ref[tile].astype(jnp.int32) + jnp.cumsum(count) - count
+    return lanes_init(words_ref, start, states_ref[tile * lanes + l], word_base, prefetch)
+
+
+def steps_with_values(values, lanes: int, steps: int):
+    """[B] the steps of a lane that hold one of the ``values`` ([B]) left from its step-0 value on."""
+    return jnp.clip((values + lanes - 1) // lanes, 0, steps)
 
 
 def lanes_init(words_ref, start, x, word_base, prefetch: int):
@@ -448,7 +467,8 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
         starts.append(starts[-1] + (programs // c * window if window else programs))
     rc.filter_triton_deprecation()
     kernel = functools.partial(_many_kernel, metas=tuple(metas), starts=tuple(starts), copies=tuple(copies),
-                               has_tiles=tuple(tl is not None for tl in tiles), window=window, unroll=unroll, coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
+                               has_tiles=tuple(tl is not None for tl in tiles), window=window, unroll=unroll,
+                               coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
     sizes = [(window or c) * n if tl is None else tl.shape[0] * lanes * steps
              for c, (n, lanes, steps, _, _), tl in zip(copies, metas, tiles)]
     outs = pl.pallas_call(
@@ -476,7 +496,8 @@ def rans_float_decode(words, counts, bases, states, raw, table, *, n: int, lanes
 
     ``tiles`` (int32[R]): decode only those tiles, to ``dtype[R * L*S]`` (see ``rans_float_decode_many``).
     One program per tile; ``unroll`` steps per loop iteration (also how far ahead raw bytes are read; reduced
-    to a divisor of ``steps``; None: see ``launch_options``), ``num_warps`` warps per program, ``coarse_bits``: log2 of the slots per coarse-table bucket (0: one gather from the full table),
+    to a divisor of ``steps``; None: see ``launch_options``), ``num_warps`` warps per program,
+    ``coarse_bits``: log2 of the slots per coarse-table bucket (0: one gather from the full table),
     ``prefetch``: at the top of each block of ``unroll`` steps, lanes within that many words of their next
     32-byte sector of words load one of its words into L1 (0: never; see "Word prefetch"), ``raw_early``: load
     the next block's raw bytes at the top of a block (not one per step, spread through it),
@@ -492,7 +513,7 @@ def rans_float_decode(words, counts, bases, states, raw, table, *, n: int, lanes
 
 # ----------------------------------------------------------------------------------------- reference
 def start_offsets_reference(counts, bases, lanes: int):
-    """int32[T*L]: where each lane starts in its words (``tile_starts`` for every tile at once)."""
+    """int32[T*L]: where each lane starts in its words (``tile_lanes_init``'s prefix sum, every tile at once)."""
     c = counts.astype(jnp.int32).reshape(-1, lanes)
     return (bases.astype(jnp.int32)[:, None] + jnp.cumsum(c, axis=1) - c).reshape(-1)
 

@@ -44,8 +44,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
 from .rans_float import (check_lanes, check_launch, check_table, check_window, check_words, flat, kernel_table,
-                         kernel_words, lanes_fold, lanes_init, lanes_step, lanes_touch, launch_options, launch_shape,
-                         stack_lead, tile_starts, unpack_refs)
+                         kernel_words, lanes_fold, lanes_step, lanes_touch, launch_options, launch_shape,
+                         program_tile, stack_lead, steps_with_values, tile_lanes_init, unpack_refs)
 
 PREDICTORS = ("none", "left", "up")
 
@@ -76,16 +76,12 @@ def rans_int8_kernel(
     that is array copy ``c = o``, or ``c = start + o`` for a window (as in ``rans_float``)."""
     tile = lanes * steps
     tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
-    per_copy = tiles if tiles_ref is None else tiles_ref.shape[0]
-    o, p = program // per_copy, program % per_copy
-    c = o if start_ref is None else jnp.clip(start_ref[0], 0, copies - window) + o
-    t = p if tiles_ref is None else jnp.clip(tiles_ref[p], 0, tiles - 1)  # out-of-range ids are clamped
+    o, c, p, t = program_tile(program, tiles, copies, tiles_ref, start_ref, window, static_one_copy=False)
     rows = scales_ref.shape[0] // copies
     j = jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane
     live = j < lanes
-    lane_state = lanes_init(words_ref, tile_starts(counts_ref, bases_ref, c * tiles + t, lanes, live),
-                            states_ref[(c * tiles + t) * lanes + jnp.where(live, j, 0)],
-                            c * (words_ref.shape[0] // copies), prefetch)
+    lane_state = tile_lanes_init(words_ref, counts_ref, bases_ref, states_ref, c * tiles + t, lanes, live,
+                                 c * (words_ref.shape[0] // copies), prefetch)
     table_base = c * (table_ref.shape[0] // copies)
     first = t * tile + j  # [B] each lane's value at step 0, in its copy
     # where it goes; padding lanes (j >= L) point past the tile, where nothing is written (interpret mode's
@@ -179,7 +175,7 @@ def rans_int8_kernel(
         return run
 
     lane_state0 = lane_state
-    left0 = jnp.where(live, jnp.clip((n - first + lanes - 1) // lanes, 0, steps), 0)  # [B] steps a lane writes
+    left0 = jnp.where(live, steps_with_values(n - first, lanes, steps), 0)  # [B] steps a lane writes
     loops = [decode_loop({0: none, 1: left, 2: up}[k]) for k in predictors]
 
     def choose(i):  # a chain of uniform branches on the tile's predictor id

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import check_table, kernel_table, lanes_init, lanes_step, load_raw
+from .rans_float import check_table, kernel_table, lanes_init, lanes_step, load_raw, steps_with_values
 
 INFO = 5  # int32 fields per tile in ``info``
 OUT, OUT_AT, RAW_AT, COUNT, TABLE = range(INFO)
@@ -58,7 +58,7 @@ def rans_pack_kernel(
 
     full = count == lanes * steps  # a full tile's lanes carry their last `carry` values' raw bytes
     # [B] the steps a lane writes in the loop, with raw bytes from `raw` (a full tile's carried ones after it)
-    in_loop = jnp.where(full, steps - carry, jnp.clip((count - l + lanes - 1) // lanes, 0, steps))
+    in_loop = jnp.where(full, steps - carry, steps_with_values(count - l, lanes, steps))
 
     def read_raw(k, ok):  # [B] uint32 raw bits of step k (masked past each tile's values, and where carried)
         return load_raw(raw_ref, raw_at + l + k * lanes, ok, rb)
