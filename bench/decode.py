@@ -3,7 +3,7 @@
     python3 bench/decode.py --out results.json            # everything (several minutes)
     python3 bench/decode.py --quick                       # the 4096 x 14336 matrix only
     python3 bench/decode.py --profile                     # one kernel launch, for ncu
-    python3 bench/decode.py --skip matrix,int8 --int8-layer-variants '4,4,5,0;4,4,5,0,g1,h1'  # see INT8_OPTIONS
+    python3 bench/decode.py --skip matrix,int8 --int8-layer-variants '4,4,5,0;4,4,5,0,g1'  # see INT8_OPTIONS
 
 Inputs are Gaussian weights (std 0.02) in BF16: a Llama-3-8B MLP matrix (4096 x 14336), a 4096 x 4096
 matrix, and all seven weights of one Llama-3-8B layer decoded in one kernel launch. They are encoded once
@@ -48,11 +48,10 @@ FLOAT_VARIANTS = "16,4,5,8,r1;16,4,5,0;8,4,5,0;16,4,0,8,r1"
 LAYER_VARIANTS = "4,4,5,0"
 INT8_VARIANTS = "16,4,5,8;8,4,5,0;8,4,0,0"  # unroll, num_warps, coarse_bits, prefetch
 INT8_LAYER_VARIANT = "4,4,5,0"
-# Options after a variant's numbers, as a letter and a value ("4,4,5,0,g2", "4,2,5,0,g2,h1"); absent ones
+# Options after a variant's numbers, as a letter and a value ("4,4,5,0,g2", "16,4,5,8,r1"); absent ones
 # take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for
-# bf16-lossless), r raw_early (bf16-lossless: 1 loads a block's raw bytes at the top of the block before),
-# h hoist_scale (int8: 1 keeps each lane's row scale in a register).
-FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1, "r": 0}, {"g": 2, "h": 0}
+# bf16-lossless), r raw_early (bf16-lossless: 1 loads a block's raw bytes at the top of the block before).
+FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1, "r": 0}, {"g": 2}
 
 ROWS: list[dict] = []
 INTERPRET = jax.default_backend() != "gpu"  # on CPU (a dry run of this script) the kernels are interpreted
@@ -301,16 +300,16 @@ def bench_int8(shape, rotate, reps, variants, label, steps):
     ratio = enc.nbytes / x.nbytes
     log(f"[{label}] int8 {shape}: ratio {ratio:.4f} predictors {np.bincount(enc.arrays['tiles'][:, 2], minlength=3)}")
     best = None
-    for un, nw, cb, pf, g, h in variants:
-        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g, h=h: rans_int8.rans_int8_decode(
+    for un, nw, cb, pf, g in variants:
+        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g: rans_int8.rans_int8_decode(
             *a, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3], steps=meta[4], dtype=meta[5],
             predictors_used=meta[6], unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g,
-            hoist_scale=bool(h), interpret=INTERPRET))
+            interpret=INTERPRET))
         ok = same_bits(fn(*arrays[0]), want)
         s, _ = time_fn(fn, arrays, reps)
-        record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g, h=h)} exact={ok}", s, meta[0],
+        record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g)} exact={ok}", s, meta[0],
                ratio=ratio, exact=ok, temp_bytes=temp_bytes(fn, *arrays[0]) if best is None else None)
-        best = min(best or (s, un, nw, cb, pf, g, h), (s, un, nw, cb, pf, g, h))
+        best = min(best or (s, un, nw, cb, pf, g), (s, un, nw, cb, pf, g))
     ref = jax.jit(lambda *a: rans_int8.rans_int8_reference(*a, n=meta[0], rows=meta[1], cols=meta[2],
                                                            lanes=meta[3], steps=meta[4], dtype=meta[5]))
     ok = same_bits(ref(*arrays[0]), want)
@@ -336,16 +335,16 @@ def bench_int8_layer(rotate, reps, variant, steps):
         args = [tensor.kernel_args(tensor.from_encoded(e)) for e in encs]
         sets.append(tuple(a for a, _ in args))
     metas = tuple(m for _, m in args)
-    un, nw, cb, pf, g, h = variant
+    un, nw, cb, pf, g = variant
     log(f"[layer s{steps}] int8: ratio {ratio:.4f}")
     one = jax.jit(lambda *ts: rans_int8.rans_int8_decode_many(list(ts), metas=metas, unroll=un, num_warps=nw,
                                                               coarse_bits=cb, prefetch=pf, word_group=g,
-                                                              hoist_scale=bool(h), interpret=INTERPRET))
+                                                              interpret=INTERPRET))
     t0 = time.perf_counter()
     ok = all(same_bits(o, w) for o, w in zip(one(*sets[0]), wants))
     log(f"    (first call incl. compile and check {time.perf_counter() - t0:.1f}s)")
     s, _ = time_fn(one, sets, reps)
-    record(f"int8 layer s{steps}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g, h=h)} exact={ok}", s, n_total,
+    record(f"int8 layer s{steps}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g)} exact={ok}", s, n_total,
            ratio=ratio, exact=ok,
            temp_bytes=temp_bytes(one, *sets[0]))
 
@@ -406,8 +405,7 @@ def main():
     ap.add_argument("--variants", help="bf16 matrix variants 'u,w,c,p[,gG][,rR];...' (default: FLOAT_VARIANTS; "
                     "gG: word_group G, r1: raw_early, see FLOAT_OPTIONS)")
     ap.add_argument("--layer-variants", help="bf16 layer variants, same form (default: LAYER_VARIANTS)")
-    ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p[,gG][,hH];...' (default: INT8_VARIANTS; "
-                    "hH: hoist_scale on (1) or off (0))")
+    ap.add_argument("--int8-variants", help="int8 variants 'u,w,c,p[,gG];...' (default: INT8_VARIANTS)")
     ap.add_argument("--int8-layer-variants", help="int8 layer variants, same form (default: INT8_LAYER_VARIANT)")
     ap.add_argument("--matrix-steps", default="", help="also time the 4096 x 14336 matrix encoded with these "
                     "steps per lane (comma list; the default geometry's row is always there)")

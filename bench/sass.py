@@ -54,7 +54,7 @@ def lower(kernel: str, variant: list[int], shape: tuple[int, int], steps: int | 
                                                     unroll=u, num_warps=w, coarse_bits=c,
                                                     prefetch=p, word_group=g, raw_early=bool(r))
     else:
-        u, w, c, p, g, _ = variant  # (hoist_scale is left at its default)
+        u, w, c, p, g = variant
         f = lambda *a: rans_int8.rans_int8_decode(*a, **dict(zip(("n", "rows", "cols", "lanes", "steps", "dtype"),
                                                                  meta)), predictors_used=meta[6], unroll=u,
                                                   num_warps=w, coarse_bits=c,

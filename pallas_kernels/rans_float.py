@@ -127,6 +127,7 @@ def rans_float_kernel(
 # for every load still in flight, so a load issued at the top has the whole block to arrive. (Pallas has no
 # prefetch instruction, and a load whose value is unused is deleted, hence the sink, stored at the end.)
 SECTOR_WORDS = 16
+SECTOR_SHIFT = 4  # log2(SECTOR_WORDS)
 # Word pairs. A lane that renormalises loads its next word with a per-lane gather: one L1 wavefront per
 # such lane, ~0.16 (exponents) to ~0.41 (int8 residuals) of the lanes every step. With word_group=2 the
 # kernels read the words as uint32 pairs; a lane keeps the pair that holds its read position and loads
@@ -278,7 +279,8 @@ def lanes_touch(words_ref, lane_state, prefetch: int):
         return None
     ptr = lane_state[1]
     ahead = ptr + prefetch
-    near = (ahead // SECTOR_WORDS) != (ptr // SECTOR_WORDS)
+    # sectors by shifts: `//` on int32 is a floor division, which Triton emits with a fix-up for negative values
+    near = (ahead >> SECTOR_SHIFT) != (ptr >> SECTOR_SHIFT)
     return plgpu.load(words_ref.at[jnp.minimum(ahead >> group_shift(words_ref), words_ref.shape[0] - 1)],
                       mask=near, other=0).astype(jnp.uint32)
 

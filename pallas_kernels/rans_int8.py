@@ -26,8 +26,7 @@ compiled for that predictor (only for the predictors the tensor's tiles use):
   live in a per-tile ring in device memory (``ring``, uint8[T, cols + L], the kernel's scratch besides
   the optional prefetch's 4-byte-per-lane sink), read back after a barrier; rows shorter than a step take
   ``ceil(L / cols)`` rounds per step.
-Each value is scaled by its row's scale, loaded ``unroll`` steps ahead: by every lane every step, or with
-``hoist_scale`` kept in a register and reloaded (a masked load) only by the lanes whose row changed.
+Each value is scaled by its row's scale, read at the top of the block of ``unroll`` steps before.
 Positions past the end of the tensor in the last tile are not coded; the kernel decodes them anyway (they
 end each lane's sequence, so nothing before them changes) and does not write them.
 """
@@ -69,7 +68,7 @@ def rans_int8_kernel(
                      # None when no tile uses `up`
     sink_ref,        # [programs * block_lanes] uint32: what the prefetching loads read (never used); None without
     *, program, n: int, cols: int, lanes: int, steps: int, copies: int, predictors: tuple[int, ...],
-    block_lanes: int, unroll: int, coarse_bits: int, prefetch: int, hoist_scale: bool, interpret: bool,
+    block_lanes: int, unroll: int, coarse_bits: int, prefetch: int, interpret: bool,
     start_ref=None, window: int = 0,
 ):
     """Decode one tile: tile ``p`` (or ``tiles[p]``) of output copy ``o``, where ``program = o * per_copy + p``;
@@ -93,26 +92,13 @@ def rans_int8_kernel(
         if not interpret:  # interpret mode runs the program's lanes in lockstep
             plgpu.debug_barrier()
 
-    def read_scale(k, ok, held):
-        """The scales of step ``k``'s values (masked by ``ok``: past the end) and what ``hoist_scale`` keeps.
-        Without it every lane loads its row's scale every step; with it ``held = (row, row_end, scale)`` of
-        the step read before, and only the lanes whose row changed load (once per ``cols / lanes`` steps)."""
-        i = first + k * lanes
-        if not hoist_scale:
-            return plgpu.load(scales_ref.at[c * rows + jnp.minimum(i // cols, rows - 1)], mask=ok, other=0.0), held
-        row, row_end, scale = held
-        if cols >= lanes:  # at most one row start per step: count rows, no division
-            moved = i >= row_end
-            row, row_end = row + moved.astype(jnp.int32), row_end + jnp.where(moved, cols, 0)
-        else:
-            moved = i // cols != row
-            row = i // cols
-        scale = plgpu.load(scales_ref.at[c * rows + jnp.minimum(row, rows - 1)], mask=ok & moved, other=scale)
-        return scale, (row, row_end, scale)
-
-    # before step 0: the row before each lane's first, ending where that row starts (so step 0 loads)
-    held0 = ((first // cols - 1, first // cols * cols, jnp.zeros((block_lanes,), jnp.float32)) if hoist_scale
-             else ())
+    def block_scales(b):
+        """[B] float32 row scales of each step of block ``b``, read the block before (at its top). Not masked:
+        past the tensor's end the row is clamped to the last (those values are not written), which spares the
+        zeroing a masked load needs (bench/sass.py, 1000 x 4096 at 240 steps, unroll 16: 54.5 -> 47.9 SASS
+        instructions a step, against masked loads spread through the block)."""
+        i = first + b * (unroll * lanes)
+        return tuple(scales_ref[c * rows + jnp.minimum((i + u * lanes) // cols, rows - 1)] for u in range(unroll))
 
     def none(k, r, carry):
         return r, carry
@@ -149,28 +135,22 @@ def rans_int8_kernel(
 
     def decode_loop(unpredict):
         """The whole tile with one inverse predictor: the per-tile branch is taken once, outside the loop."""
-        def block(b, carry):  # `unroll` steps; scales are loaded `unroll` steps before they are used
+        def block(b, carry):  # `unroll` steps; a block's scale pair is read the block before
             # left: [B] the steps a lane still writes, from this block's first (counted down, as in rans_float)
-            lane_state, scales, held, acc, left = carry
+            lane_state, scales, acc, left = carry
             touched = lanes_touch(words_ref, lane_state, prefetch)
-            next_scales = []
+            next_scales = block_scales(b + 1)
             for u in range(unroll):
                 k = b * unroll + u
                 sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
                 q, acc = unpredict(k, jnp.where(live, sym.astype(jnp.int32), 0), acc)
-                plgpu.store(out_ref.at[out_first + k * lanes], (_signed(q) * scales[u]).astype(out_ref.dtype),
-                            mask=u < left)
-                scale, held = read_scale(k + unroll, unroll + u < left, held)
-                next_scales.append(scale)
-            return lanes_fold(lane_state, touched), tuple(next_scales), held, acc, left - unroll
+                plgpu.store(out_ref.at[out_first + k * lanes],
+                            (_signed(q) * scales[u]).astype(out_ref.dtype), mask=u < left)
+            return lanes_fold(lane_state, touched), next_scales, acc, left - unroll
 
         def run():
-            scales, held = [], held0
-            for u in range(unroll):
-                scale, held = read_scale(u, u < left0, held)
-                scales.append(scale)
-            lane_state, _, _, _, _ = lax.fori_loop(0, steps // unroll, block,
-                                                   (lane_state0, tuple(scales), held, jnp.int32(0), left0))
+            lane_state, _, _, _ = lax.fori_loop(0, steps // unroll, block,
+                                                (lane_state0, block_scales(0), jnp.int32(0), left0))
             return lane_state[3]
         return run
 
@@ -208,8 +188,7 @@ def _check(words, counts, bases, states, table, scales, predictors, n, rows, col
     check_words(words, lead)
 
 
-def _many_kernel(*refs, metas, starts, copies, has_tiles, window, unroll, coarse_bits, prefetch, hoist_scale,
-                 interpret):
+def _many_kernel(*refs, metas, starts, copies, has_tiles, window, unroll, coarse_bits, prefetch, interpret):
     """Several tensors in one launch: programs ``starts[k] .. starts[k+1]`` decode tensor ``k``'s tiles."""
     ins, tiles, start, outs, rings, sinks = unpack_refs(refs, 7, has_tiles, bool(window), [2 in m[6] for m in metas],
                                                  [bool(prefetch)] * len(metas))
@@ -221,8 +200,8 @@ def _many_kernel(*refs, metas, starts, copies, has_tiles, window, unroll, coarse
             rans_int8_kernel(*ins[7 * k:7 * k + 7], tiles[k], outs[k], rings[k], sinks[k], program=pid - starts[k],
                              n=n, cols=cols, lanes=lanes, steps=steps, copies=copies[k], predictors=predictors,
                              block_lanes=pl.next_power_of_2(lanes), unroll=math.gcd(unroll, steps),
-                             coarse_bits=coarse_bits, prefetch=prefetch, hoist_scale=hoist_scale,
-                             interpret=interpret, start_ref=start, window=window)
+                             coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret,
+                             start_ref=start, window=window)
         return run
 
     rc.run_segment(pid, starts, branch)
@@ -243,11 +222,11 @@ SEVERAL_TENSORS = dict(unroll=4, prefetch=0)
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "unroll", "num_warps", "coarse_bits", "prefetch",
-                                             "word_group", "hoist_scale", "window", "interpret"])
+                                             "word_group", "window", "interpret"])
 def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, unroll: int | None = None,
                           num_warps: int = 4,
                           coarse_bits: int = rc.COARSE_BITS, prefetch: int | None = None, word_group: int = 2,
-                          hoist_scale: bool = False, interpret: bool = False) -> list[jax.Array]:
+                          interpret: bool = False) -> list[jax.Array]:
     """Decode several ``int8`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
     ``tensors``: a sequence of ``(words, counts, bases, states, table, scales, predictors)``, each the arrays of
@@ -262,8 +241,6 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
     unroll, prefetch = launch_options(metas, ONE_TENSOR, SEVERAL_TENSORS, unroll=unroll, prefetch=prefetch)
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     extra = check_window([a[3] for a in tensors], tiles, start, window)
-    if not isinstance(hoist_scale, bool):
-        raise ValueError(f"{hoist_scale=} must be a bool")
     metas = tuple(m[:6] + (check_predictors(m[6]),) for m in metas)
     starts, copies = [0], []
     for arrays, meta, tl in zip(tensors, metas, tiles):
@@ -275,8 +252,7 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
     rc.filter_triton_deprecation()
     kernel = functools.partial(_many_kernel, metas=metas, starts=tuple(starts), copies=tuple(copies),
                                has_tiles=tuple(tl is not None for tl in tiles), window=window, unroll=unroll,
-                               coarse_bits=coarse_bits, prefetch=prefetch, hoist_scale=hoist_scale,
-                               interpret=interpret)
+                               coarse_bits=coarse_bits, prefetch=prefetch, interpret=interpret)
     sizes = [(window or c) * m[0] if tl is None else tl.shape[0] * m[3] * m[4] for c, m, tl in zip(copies, metas, tiles)]
     programs = [b - a for a, b in zip(starts, starts[1:])]
     outs = pl.pallas_call(
@@ -290,7 +266,7 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"rans_int8_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
-             + (f"_g{word_group}" if word_group > 1 else "") + ("_h" if hoist_scale else ""),
+             + (f"_g{word_group}" if word_group > 1 else ""),
     )(*[flat(a) for arrays in tensors for a in (kernel_words(arrays[0], word_group), *arrays[1:4],
                                                 kernel_table(arrays[4], coarse_bits), *arrays[5:])],
       *[tl for tl in tiles if tl is not None], *extra)
@@ -302,7 +278,7 @@ def rans_int8_decode(words, counts, bases, states, table, scales, predictors, *,
                      lanes: int, steps: int, dtype: str, predictors_used=(0, 1, 2), tiles=None,
                      unroll: int | None = None, num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
                      prefetch: int | None = None, word_group: int = 2,
-                     hoist_scale: bool = False, interpret: bool = False) -> jax.Array:
+                     interpret: bool = False) -> jax.Array:
     """Decode an ``int8`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact with NumPy.
 
     One program per tile; ``predictors_used``: the predictor ids the tiles may hold; ``tiles``: decode only
@@ -310,16 +286,13 @@ def rans_int8_decode(words, counts, bases, states, table, scales, predictors, *,
     are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program, ``coarse_bits``,
     ``prefetch`` and ``word_group`` as in ``rans_float.rans_float_decode`` (``word_group`` defaults to 2
     here: int8 residuals need ~0.41 words per step, and reading them in pairs took an 8B layer from 420.6
-    to 618.6 GB/s on the H100; exponents need ~0.16, and pairs slowed bf16-lossless, 659.5 -> 531.7);
-    ``hoist_scale``: keep each lane's
-    row scale in a register and reload it only when the lane's row changes (rows are usually >= 128 values,
-    so a lane loads once per ``cols / L`` steps instead of every step).
+    to 618.6 GB/s on the H100; exponents need ~0.16, and pairs slowed bf16-lossless, 659.5 -> 531.7).
     """
     return rans_int8_decode_many([(words, counts, bases, states, table, scales, predictors)],
                                  metas=((n, rows, cols, lanes, steps, dtype, tuple(predictors_used)),),
                                  tiles=None if tiles is None else [tiles], unroll=unroll, num_warps=num_warps,
                                  coarse_bits=coarse_bits, prefetch=prefetch, word_group=word_group,
-                                 hoist_scale=hoist_scale, interpret=interpret)[0]
+                                 interpret=interpret)[0]
 
 
 # ----------------------------------------------------------------------------------------- reference

@@ -252,12 +252,14 @@ class TestInt8Kernel(KernelTestBase):
         self.check_int8(x, 32, 16)
         self.check_int8(np.zeros((4, 4096), ml_dtypes.bfloat16), 32, 16)
 
+    # every row's scale differs, so a scale read for the wrong step shows
     @pytest.mark.parametrize("shape,lanes,steps,blocks", [
-        ((96, 64), 32, 16, dict(word_group=2, hoist_scale=True)),  # all three predictors, rows >= a step
-        ((33, 31), 32, 16, dict(word_group=2, hoist_scale=True, prefetch=16, unroll=1)),  # rows < a step
-        ((7, 100), 7, 5, dict(hoist_scale=True)),  # padding lanes, rows across tiles
-        ((40, 200), 32, 8, dict(word_group=2))])
-    def test_word_pairs_and_hoisted_scales(self, shape, lanes, steps, blocks):
+        ((96, 64), 32, 16, dict(word_group=2, unroll=2)),  # all three predictors, rows of exactly one block
+        ((33, 31), 32, 16, dict(word_group=2, prefetch=16, unroll=1)),  # rows shorter than a step
+        ((7, 100), 7, 16, dict(unroll=8)),  # padding lanes, rows across tiles
+        ((40, 200), 32, 8, dict(word_group=2)),  # unroll 8: 256 values a block, rows of 200
+        ((40, 200), 16, 16, dict(unroll=16, prefetch=4))])  # a row starts anywhere in a block
+    def test_word_pairs_and_row_scales(self, shape, lanes, steps, blocks):
         rng = np.random.default_rng(shape[0] * 3 + lanes)
         x = rng.standard_normal(shape)
         x[shape[0] // 3:2 * shape[0] // 3] = np.cumsum(x[shape[0] // 3:2 * shape[0] // 3], axis=1)
@@ -366,7 +368,7 @@ class TestStacksAndTiles(KernelTestBase):
         want = np.stack([bits(codecs.decode(e)).reshape(-1) for e in encs])
         decode_many, opts = ((rans_float.rans_float_decode_many, dict(word_group=2))
                              if codec == "bf16-lossless"
-                             else (rans_int8.rans_int8_decode_many, dict(word_group=2, hoist_scale=True)))
+                             else (rans_int8.rans_int8_decode_many, dict(word_group=2)))
         args, meta = tensor.kernel_args(stacked)
         out = decode_many([args], metas=(meta,), **opts, interpret=self.INTERPRET)[0]
         np.testing.assert_array_equal(bits(out), want)
@@ -443,7 +445,5 @@ class TestErrors(KernelTestBase):
             rans_float.rans_float_decode(*args, **kw, word_group=4, interpret=True)
         x8 = codecs.encode(random_float(np.random.default_rng(8), (10, 10), "bfloat16"), "int8", lanes=32, steps=16)
         args8, kw8 = device_args(tensor.from_encoded(x8))
-        with pytest.raises(ValueError, match="hoist_scale"):
-            rans_int8.rans_int8_decode(*args8, **kw8, hoist_scale=1, interpret=True)
         with pytest.raises(ValueError, match="word_group"):
             rans_int8.rans_int8_decode(args8[0][:-1], *args8[1:], **kw8, word_group=2, interpret=True)
