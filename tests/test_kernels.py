@@ -35,12 +35,11 @@ def bits(a) -> np.ndarray:
 
 
 def device_args(ct: tensor.CompressedTensor):
-    a, m = ct.arrays, ct.meta
-    if m.codec == "bf16-lossless":
-        return ((a["words"], a["counts"], a["bases"], a["states"], a["raw"], a["table"]),
-                dict(n=m.size, lanes=m.lanes, steps=m.steps, dtype=m.dtype, carry=m.carry))
-    return ((a["words"], a["counts"], a["bases"], a["states"], a["table"], a["scales"], a["predictors"]),
-            dict(n=m.size, rows=m.rows, cols=m.cols, lanes=m.lanes, steps=m.steps, dtype=m.dtype))
+    """``tensor.kernel_args`` as the one-tensor kernels take them: (arrays, keyword arguments)."""
+    arrays, meta = tensor.kernel_args(ct)
+    names = (("n", "lanes", "steps", "dtype", "carry") if ct.meta.codec == "bf16-lossless"
+             else ("n", "rows", "cols", "lanes", "steps", "dtype"))  # (predictors_used: the kernel's default)
+    return arrays, dict(zip(names, meta))
 
 
 def random_float(rng, shape, dtype, kind="gauss"):
