@@ -391,9 +391,9 @@ def _check(words, counts, bases, states, raw, table, n, lanes, steps, dtype, car
     if n < 1 or copies * n * rc.RAW_BYTES[dtype] > rc.INT32_MAX or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be >= 1 and its padded tiles and raw bytes must have < 2^31 elements")
     check_lanes(counts, bases, states, lead, t * lanes, lanes)
-    if raw.dtype != jnp.uint8 or raw.shape != lead + (raw_size(n, lanes, steps, carry) * rc.RAW_BYTES[dtype],):
-        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be uint8"
-                         f"{list(lead + (raw_size(n, lanes, steps, carry) * rc.RAW_BYTES[dtype],))}")
+    raw_shape = lead + (raw_size(n, lanes, steps, carry) * rc.RAW_BYTES[dtype],)
+    if raw.dtype != jnp.uint8 or raw.shape != raw_shape:
+        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be uint8{list(raw_shape)}")
     check_table(table, lead)
     check_words(words, lead)
 

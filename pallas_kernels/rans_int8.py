@@ -135,7 +135,7 @@ def rans_int8_kernel(
 
     def decode_loop(unpredict):
         """The whole tile with one inverse predictor: the per-tile branch is taken once, outside the loop."""
-        def block(b, carry):  # `unroll` steps; a block's scale pair is read the block before
+        def block(b, carry):  # `unroll` steps; a block's scales are read at the top of the block before
             # left: [B] the steps a lane still writes, from this block's first (counted down, as in rans_float)
             lane_state, scales, acc, left = carry
             touched = lanes_touch(words_ref, lane_state, prefetch)
