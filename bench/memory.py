@@ -29,7 +29,7 @@ def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: 
     import jax.numpy as jnp
     from jcodec import codecs
     from jcodec.pallas_kernels import rans_common as rc
-    from jcodec.tensor import CompressedTensor, TensorMeta
+    from jcodec.tensor import CompressedTensor, TensorMeta, starts_dtype
 
     n = math.prod(shape)
     steps = steps or codecs.DEFAULT_STEPS[codec]
@@ -37,7 +37,7 @@ def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: 
     lead = () if layers is None else (layers,)
     sds = lambda size, dt: jax.ShapeDtypeStruct(lead + (size,), dt)  # noqa: E731
     arrays = dict(words=sds(max(1, math.ceil(n * BITS_PER_VALUE[codec] / 16)), jnp.uint16),
-                  counts=sds(tiles * lanes, codecs.counts_dtype(steps)), bases=sds(tiles, jnp.uint32),
+                  starts=sds(tiles * lanes, starts_dtype(lanes, steps)), bases=sds(tiles, jnp.uint32),
                   states=sds(tiles * lanes, jnp.uint32),
                   table=sds(rc.TABLE_SIZE + rc.COARSE_SIZE, jnp.uint32))
     if codec == "bf16-lossless":

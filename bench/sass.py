@@ -125,6 +125,7 @@ def main():
     stack = re.search(r"STACK:(\d+)", usage)
     unroll = variant[0]
     info = {"registers": regs and int(regs.group(1)), "stack_bytes": stack and int(stack.group(1)),
+            "shared_bytes": compiled.metadata.shared,
             **summarise(compiled.asm["sass"], unroll)}
     print(" ".join(f"{k}={v}" for k, v in info.items()))
 

@@ -170,7 +170,7 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
                 for n in members:
                     a = host_arrays(ckpt.read(n))  # (read validates the tensor against its record)
                     try:
-                        builder.add(i, a["words"], a["counts"], a["states"], a["raw"], a["table"])
+                        builder.add(i, a["words"], a["starts"], a["bases"], a["states"], a["raw"], a["table"])
                     except ValueError as e:
                         raise CheckpointError(f"{ckpt.where(n)}: tensor {n}: {e}") from None
                     i += 1

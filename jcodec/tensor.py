@@ -19,9 +19,10 @@ from jcodec import codecs, rans
 # Arrays a CompressedTensor holds on the device, by codec (see docs/FORMAT.md for the file's arrays).
 #   words   uint16[W]     every lane's word stream, concatenated lane by lane; W even (zero words pad it, and
 #                         a stack's rows to the longest), so the kernels may read it as uint32 word pairs
-#   counts  uint8|uint16[T*L]  the words each lane reads (the file's counts, as stored)
-#   bases   uint32[T]     where each tile's first lane starts in `words` (the file's tile offsets); the kernels
-#                         add the counts of the lanes before a lane (a prefix sum over the tile, in registers)
+#   starts  uint16|uint32[T*L]  where each lane starts reading, in words from its tile's base: the sum of the
+#                         file's counts of the lanes before it in the tile (summed here, once: a prefix sum in
+#                         the kernels cost the int8 matrix 2.4x and bf16-lossless 14%, bench/RESULTS.md session 9)
+#   bases   uint32[T]     where each tile's first lane starts in `words` (the file's tile offsets)
 #   states  uint32[T*L]   each lane's start state
 #   table   uint32[4096+128]  packed slot table: cum | symbol << 12 | (freq - 1) << 20, then the kernels'
 #                         coarse table (one entry per 32 slots; pallas_kernels/rans_common.py)
@@ -29,8 +30,8 @@ from jcodec import codecs, rans
 #                         carry in their states: `codecs.split_carry`)
 #   scales  float32[rows], predictors int32[T]   int8 only
 DEVICE_ARRAYS = {
-    "bf16-lossless": ("words", "counts", "bases", "states", "table", "raw"),
-    "int8": ("words", "counts", "bases", "states", "table", "scales", "predictors"),
+    "bf16-lossless": ("words", "starts", "bases", "states", "table", "raw"),
+    "int8": ("words", "starts", "bases", "states", "table", "scales", "predictors"),
 }
 
 
@@ -102,6 +103,12 @@ class CompressedTensor:
         return f"CompressedTensor({self.meta.codec}, shape={self.shape}, dtype={self.meta.dtype}, {self.nbytes} bytes)"
 
 
+def starts_dtype(lanes: int, steps: int):
+    """A lane reads at most one word a step, so its start within the tile is at most ``(lanes - 1) * steps``:
+    uint16 when that fits (one byte a lane more than the file's 8-bit counts at 240 steps), else uint32."""
+    return np.dtype(np.uint16 if (lanes - 1) * steps < 1 << 16 else np.uint32)
+
+
 def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
     """The arrays the kernels read (``DEVICE_ARRAYS``) of a validated EncodedTensor, as NumPy arrays; the
     word stream as stored (not padded)."""
@@ -112,7 +119,10 @@ def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
     from jcodec.pallas_kernels import rans_common
 
     slots = rans.packed_slot_table(a["freqs"])
-    host = dict(words=a["words"], counts=a["counts"], bases=np.ascontiguousarray(a["tiles"][:, 0]),
+    lanes, steps = r["lanes"], r["steps"]
+    counts = a["counts"].astype(np.int64).reshape(-1, lanes)
+    starts = (np.cumsum(counts, axis=1) - counts).reshape(-1).astype(starts_dtype(lanes, steps))
+    host = dict(words=a["words"], starts=starts, bases=np.ascontiguousarray(a["tiles"][:, 0]),
                 states=a["states"], table=np.concatenate([slots, rans_common.coarse_table(slots, np)]))
     if r["codec"] == "bf16-lossless":
         host["raw"] = a["raw"]
@@ -185,9 +195,9 @@ def kernel_args(ct: CompressedTensor):
     """``(arrays, meta tuple)`` as the kernels' ``*_decode_many`` take them (for one tensor or a stack)."""
     m, a = ct.meta, ct.arrays
     if m.codec == "bf16-lossless":
-        return (tuple(a[k] for k in ("words", "counts", "bases", "states", "raw", "table")),
+        return (tuple(a[k] for k in ("words", "starts", "bases", "states", "raw", "table")),
                 (m.size, m.lanes, m.steps, m.dtype, m.carry))
-    return (tuple(a[k] for k in ("words", "counts", "bases", "states", "table", "scales", "predictors")),
+    return (tuple(a[k] for k in ("words", "starts", "bases", "states", "table", "scales", "predictors")),
             (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors or (0, 1, 2)))
 
 
@@ -393,21 +403,22 @@ class PackBuilder:
         """The arrays as ``jax.ShapeDtypeStruct``s (to compile the decoder before they are filled)."""
         return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.arrays)
 
-    def add(self, i: int, words, counts, states, raw, table) -> None:
+    def add(self, i: int, words, starts, bases, states, raw, table) -> None:
         """Tensor ``i``'s arrays in the kernels' layout (``host_arrays``); the pack's lanes start at absolute
-        word offsets (the prefix sum of ``counts``, moved to the tensor's words)."""
+        word offsets (their tile's base plus their start, moved to the tensor's words)."""
         from jcodec.pallas_kernels import rans_common, rans_pack
         words_at, lanes_at, values_at, j, out_at, n = self.slots[i]
         w = words.reshape(-1)
         end = self.slots[i + 1][0] if i + 1 < len(self.slots) else self.arrays[0].size
         tiles = -(-n // self.tile)
         stored = codecs.stored_raw_values(n, self.lanes, self.steps, self.carry)
-        if w.size > end - words_at or counts.size != tiles * self.lanes or raw.size != stored * rans_common.RAW_BYTES[self.dtype]:
+        if w.size > end - words_at or starts.size != tiles * self.lanes or bases.size != tiles or raw.size != stored * rans_common.RAW_BYTES[self.dtype]:
             raise ValueError(f"tensor {i} does not match the pack's layout ({w.size} words for {end - words_at}, "
-                             f"{counts.size} lanes for {tiles * self.lanes}, {raw.size} raw bytes for {n} values)")
+                             f"{starts.size} lanes for {tiles * self.lanes}, {raw.size} raw bytes for {n} values)")
         all_words, all_offsets, all_states, all_raw, tables, info = self.arrays
         all_words[words_at:words_at + w.size] = w
-        all_offsets[lanes_at:lanes_at + counts.size] = rans.lane_offsets(counts.reshape(-1)) + words_at
+        all_offsets[lanes_at:lanes_at + starts.size] = (np.repeat(bases.astype(np.int64), self.lanes)
+                                                        + starts.reshape(-1) + words_at)
         all_states[lanes_at:lanes_at + states.size] = states
         rb = rans_common.RAW_BYTES[self.dtype]
         all_raw[values_at * rb:(values_at + stored) * rb] = raw.reshape(-1)
@@ -439,7 +450,7 @@ def pack_float(cts: list) -> tuple[tuple[np.ndarray, ...], dict]:
         entries += [(j, m.size, {k: r[c] for k, r in rows.items()}) for c in range(copies)]
     pack = PackBuilder([(j, n, a["words"].size) for j, n, a in entries], m0.lanes, m0.steps, m0.dtype, m0.carry)
     for i, (_, _, a) in enumerate(entries):
-        pack.add(i, a["words"], a["counts"], a["states"], a["raw"], a["table"])
+        pack.add(i, a["words"], a["starts"], a["bases"], a["states"], a["raw"], a["table"])
     return pack.arrays, pack.static
 
 

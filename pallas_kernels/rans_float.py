@@ -4,9 +4,9 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
   words    uint16[W]     every lane's 16-bit renormalisation words, lane by lane, each lane's in read order;
                          with ``word_group=2`` W is even and the kernel reads uint32[W/2] pairs
                          ``w[2i] | w[2i+1] << 16`` (a free view), loading only when a lane enters a new pair
-  counts   uint8|uint16[T*L]  the words each lane reads (the file's counts; uint8 when S <= 255)
+  starts   uint16|uint32[T*L]  where each lane starts reading, in words from its tile's base
   bases    uint32[T]     where each tile's first lane starts in ``words``: lane ``l`` of tile ``t`` starts at
-                         ``bases[t]`` plus the counts of the lanes before it (a prefix sum in the kernel)
+                         ``bases[t] + starts[t*L + l]``
   states   uint32[T*L]   each lane's start state
   raw      uint8[n*rb]   the raw bytes of value i at ``i*rb .. i*rb+rb-1`` (rb = 1, or 3 for float32)
   table    uint32[4096 + 128]  packed slot table ``cum | symbol << 12 | (freq - 1) << 20``, then the coarse
@@ -18,8 +18,7 @@ zero-padded to the longest (``jcodec.tensor.stack_layers``); the kernel reads it
 (``start``, a traced int32, and ``window`` copies) picks copies ``start .. start + window`` of a stack, read
 in place (a ``lax.scan`` over layers that sliced each layer's arrays out first would copy them).
 
-One program decodes one tile, one lane per vector element (L padded to a power of two); it starts by
-summing its lanes' word counts into their start offsets. Each step it looks up every lane's slot (coarse
+One program decodes one tile, one lane per vector element (L padded to a power of two). Each step it looks up every lane's slot (coarse
 table first, the full table only for lanes in buckets that hold a symbol boundary), updates the states,
 renormalises from a word loaded at the previous step (a lane reads at most one word per step), and writes
 one value per lane: the exponent joined with its raw bits, which were read ``unroll`` steps ahead. No
@@ -44,7 +43,7 @@ from . import rans_common as rc
 
 def rans_float_kernel(
     words_ref,    # [copies * W] uint16, whole array
-    counts_ref,   # [copies * T*L] uint8 | uint16, whole array
+    starts_ref,   # [copies * T*L] uint16 | uint32, whole array
     bases_ref,    # [copies * T] uint32, whole array
     states_ref,   # [copies * T*L] uint32, whole array
     raw_ref,      # [copies * raw_size * rb] uint8, whole array
@@ -65,7 +64,7 @@ def rans_float_kernel(
     j = jnp.arange(block_lanes, dtype=jnp.int32)
     live = j < lanes
     l = jnp.where(live, j, 0)  # padding lanes decode lane 0 again and write nowhere
-    lane_state = tile_lanes_init(words_ref, counts_ref, bases_ref, states_ref, c * tiles + t, lanes, live,
+    lane_state = tile_lanes_init(words_ref, starts_ref, bases_ref, states_ref, c * tiles + t, lanes, live,
                                  c * (words_ref.shape[0] // copies), prefetch)
     first = t * tile + l  # [B] each lane's value at step 0, in its copy
     # where it goes in the output (of its copy); padding lanes point past the end (masked writes need no valid
@@ -238,14 +237,14 @@ def program_tile(program, tiles: int, copies: int, tiles_ref, start_ref, window:
     return o, c, p, t
 
 
-def tile_lanes_init(words_ref, counts_ref, bases_ref, states_ref, tile, lanes: int, live, word_base,
+def tile_lanes_init(words_ref, starts_ref, bases_ref, states_ref, tile, lanes: int, live, word_base,
                     prefetch: int):
     """:func:`lanes_init` for the lanes of tile ``tile`` (a flat tile index into the arrays; ``live``: [B], the
-    vector's lanes below L; padding lanes start as lane 0). A lane starts reading at its tile's base plus the
-    word counts of the lanes before it: an exclusive prefix sum across the program's vector."""
+    vector's lanes below L; padding lanes start as lane 0). A lane starts reading at its tile's base plus its
+    start. (Summing the file's word counts here instead, with ``jnp.cumsum``, made the int8 matrix kernel
+    2.4x slower and the bf16-lossless one 14% slower on the H100: bench/RESULTS.md, session 9.)"""
     l = jnp.where(live, jnp.arange(live.shape[0], dtype=jnp.int32), 0)
-    count = plgpu.load(counts_ref.at[tile * lanes + l], mask=live, other=0).astype(jnp.int32)
-    start = bases_ref[tile].astype(jnp.int32) + jnp.cumsum(count) - count
+    start = bases_ref[tile].astype(jnp.int32) + starts_ref[tile * lanes + l].astype(jnp.int32)
     return lanes_init(words_ref, start, states_ref[tile * lanes + l], word_base, prefetch)
 
 
@@ -379,7 +378,7 @@ def raw_size(n: int, lanes: int, steps: int, carry: int) -> int:
     return n - n // (lanes * steps) * carry * lanes
 
 
-def _check(words, counts, bases, states, raw, table, n, lanes, steps, dtype, carry):
+def _check(words, starts, bases, states, raw, table, n, lanes, steps, dtype, carry):
     """The arrays of one tensor, or of a stack of tensors of one meta (a leading axis on every array)."""
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
@@ -390,7 +389,7 @@ def _check(words, counts, bases, states, raw, table, n, lanes, steps, dtype, car
     copies = lead[0] if lead else 1
     if n < 1 or copies * n * rc.RAW_BYTES[dtype] > rc.INT32_MAX or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be >= 1 and its padded tiles and raw bytes must have < 2^31 elements")
-    check_lanes(counts, bases, states, lead, t * lanes, lanes)
+    check_lanes(starts, bases, states, lead, t * lanes, lanes)
     raw_shape = lead + (raw_size(n, lanes, steps, carry) * rc.RAW_BYTES[dtype],)
     if raw.dtype != jnp.uint8 or raw.shape != raw_shape:
         raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be uint8{list(raw_shape)}")
@@ -398,10 +397,10 @@ def _check(words, counts, bases, states, raw, table, n, lanes, steps, dtype, car
     check_words(words, lead)
 
 
-def check_lanes(counts, bases, states, lead, total: int, lanes: int):
-    """Every codec's lane arrays: ``counts`` (uint8 or uint16) and ``states`` (uint32) of ``total`` lanes,
+def check_lanes(starts, bases, states, lead, total: int, lanes: int):
+    """Every codec's lane arrays: ``starts`` (uint16 or uint32) and ``states`` (uint32) of ``total`` lanes,
     ``bases`` (uint32) of their tiles, each with the leading axes ``lead``."""
-    for name, a, dts, size in [("counts", counts, (jnp.uint8, jnp.uint16), total),
+    for name, a, dts, size in [("starts", starts, (jnp.uint16, jnp.uint32), total),
                                ("bases", bases, (jnp.uint32,), total // lanes),
                                ("states", states, (jnp.uint32,), total)]:
         if a.dtype not in dts or a.shape != lead + (size,):
@@ -443,7 +442,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
                            interpret: bool = False) -> list[jax.Array]:
     """Decode several ``bf16-lossless`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
-    ``tensors``: a sequence of ``(words, counts, bases, states, raw, table)``, each the arrays of one tensor or
+    ``tensors``: a sequence of ``(words, starts, bases, states, raw, table)``, each the arrays of one tensor or
     of a stack of tensors of one meta (every array with a leading axis of ``copies``: several layers in one
     launch); ``metas``: a tuple of ``(n, lanes, steps, dtype, carry)`` per tensor. ``tiles``: None, or per tensor
     None or int32[R], the tiles to decode (of one tensor, not a stack; e.g. the rows of an embedding).
@@ -490,7 +489,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
             for b, m, c, t in zip(outs[:len(metas)], metas, copies, tensors)]
 
 
-def rans_float_decode(words, counts, bases, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
+def rans_float_decode(words, starts, bases, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
                       carry: int = 0, tiles=None, unroll: int | None = None, num_warps: int = 4,
                       coarse_bits: int = rc.COARSE_BITS, prefetch: int | None = None, word_group: int = 1,
                       raw_early: bool | None = None, interpret: bool = False) -> jax.Array:
@@ -506,7 +505,7 @@ def rans_float_decode(words, counts, bases, states, raw, table, *, n: int, lanes
     ``word_group``: 1 loads one word per renormalisation; 2 reads the words as uint32 pairs and loads only
     when a lane moves into its next pair (half the per-lane gathers; needs an even word count).
     """
-    return rans_float_decode_many([(words, counts, bases, states, raw, table)],
+    return rans_float_decode_many([(words, starts, bases, states, raw, table)],
                                   metas=((n, lanes, steps, dtype, carry),), tiles=None if tiles is None else [tiles],
                                   unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
                                   prefetch=prefetch, word_group=word_group, raw_early=raw_early,
@@ -514,13 +513,7 @@ def rans_float_decode(words, counts, bases, states, raw, table, *, n: int, lanes
 
 
 # ----------------------------------------------------------------------------------------- reference
-def start_offsets_reference(counts, bases, lanes: int):
-    """int32[T*L]: where each lane starts in its words (``tile_lanes_init``'s prefix sum, every tile at once)."""
-    c = counts.astype(jnp.int32).reshape(-1, lanes)
-    return (bases.astype(jnp.int32)[:, None] + jnp.cumsum(c, axis=1) - c).reshape(-1)
-
-
-def rans_symbols_reference(words, counts, bases, states, table, *, n: int, lanes: int, steps: int,
+def rans_symbols_reference(words, starts, bases, states, table, *, n: int, lanes: int, steps: int,
                            ends: bool = False):
     """All lanes' decoded symbols (uint32[n], symbol order) in pure jnp: a fori_loop over the steps,
     every lane at once; the exact inverse of ``jcodec.rans.encode``. ``ends``: also return the lanes' end
@@ -537,7 +530,7 @@ def rans_symbols_reference(words, counts, bases, states, table, *, n: int, lanes
         return x, ptr + need.astype(ptr.dtype), out.at[k].set(sym.astype(jnp.uint8))
 
     out = jnp.zeros((steps, total_lanes), jnp.uint8)
-    x, _, out = lax.fori_loop(0, steps, step, (states, start_offsets_reference(counts, bases, lanes), out))
+    x, _, out = lax.fori_loop(0, steps, step, (states, jnp.repeat(bases.astype(jnp.int32), lanes) + starts.astype(jnp.int32), out))
     tiles = total_lanes // lanes
     # [steps, tiles*lanes] -> [tiles, steps, lanes] -> symbol order
     sym = out.reshape(steps, tiles, lanes).transpose(1, 0, 2).reshape(-1)[:n].astype(jnp.uint32)
@@ -563,11 +556,11 @@ def raw_reference(raw, ends, *, n: int, lanes: int, steps: int, dtype: str, carr
 
 
 @functools.partial(jax.jit, static_argnames=["n", "lanes", "steps", "dtype", "carry"])
-def rans_float_reference(words, counts, bases, states, raw, table, *, n: int, lanes: int, steps: int,
+def rans_float_reference(words, starts, bases, states, raw, table, *, n: int, lanes: int, steps: int,
                          dtype: str, carry: int = 0) -> jax.Array:
     """Pure-JAX ``bf16-lossless`` decoder (any backend); bit-exact with the kernel and with NumPy."""
-    _check(words, counts, bases, states, raw, table, n, lanes, steps, dtype, carry)
-    sym, ends = rans_symbols_reference(words, counts, bases, states, table, n=n, lanes=lanes, steps=steps,
+    _check(words, starts, bases, states, raw, table, n, lanes, steps, dtype, carry)
+    sym, ends = rans_symbols_reference(words, starts, bases, states, table, n=n, lanes=lanes, steps=steps,
                                        ends=True)
     r = raw_reference(raw, ends, n=n, lanes=lanes, steps=steps, dtype=dtype, carry=carry)
     bits = rc.join_float(sym, r, dtype).astype(rc.BITS_DTYPE[dtype])

@@ -3,9 +3,8 @@
 Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L lanes x S steps):
   words       uint16[W]     every lane's 16-bit renormalisation words, lane by lane, in read order (read as
                             uint32[W/2] word pairs with ``word_group=2``: ``rans_float``'s layout notes)
-  counts      uint8|uint16[T*L]  the words each lane reads
-  bases       uint32[T]     where each tile's first lane starts in ``words`` (the others: ``rans_float``'s
-                            layout notes)
+  starts      uint16|uint32[T*L]  where each lane starts reading, in words from its tile's base
+  bases       uint32[T]     where each tile's first lane starts in ``words`` (``rans_float``'s layout notes)
   states      uint32[T*L]   each lane's start state
   table       uint32[4096 + 128]  packed slot table ``cum | symbol << 12 | (freq - 1) << 20``, then the
                             coarse table (``rans_float.lookup``; computed here when only 4096 are given)
@@ -56,7 +55,7 @@ def _signed(q):
 
 def rans_int8_kernel(
     words_ref,       # [copies * W] uint16 | [copies * W/2] uint32 word pairs (word_group=2), whole array
-    counts_ref,      # [copies * T*L] uint8 | uint16, whole array
+    starts_ref,      # [copies * T*L] uint16 | uint32, whole array
     bases_ref,       # [copies * T] uint32, whole array
     states_ref,      # [copies * T*L] uint32, whole array
     table_ref,       # [copies * (4096 + 4096 >> coarse_bits)] uint32, whole array
@@ -79,7 +78,7 @@ def rans_int8_kernel(
     rows = scales_ref.shape[0] // copies
     j = jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane
     live = j < lanes
-    lane_state = tile_lanes_init(words_ref, counts_ref, bases_ref, states_ref, c * tiles + t, lanes, live,
+    lane_state = tile_lanes_init(words_ref, starts_ref, bases_ref, states_ref, c * tiles + t, lanes, live,
                                  c * (words_ref.shape[0] // copies), prefetch)
     table_base = c * (table_ref.shape[0] // copies)
     first = t * tile + j  # [B] each lane's value at step 0, in its copy
@@ -168,7 +167,7 @@ def rans_int8_kernel(
         plgpu.store(sink_ref.at[program * block_lanes + j], sink)
 
 
-def _check(words, counts, bases, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype):
+def _check(words, starts, bases, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype):
     """The arrays of one tensor, or of a stack of tensors of one meta (a leading axis on every array)."""
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
@@ -180,7 +179,7 @@ def _check(words, counts, bases, states, table, scales, predictors, n, rows, col
     if n < 1 or rows * cols != n or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be rows * cols = {rows} * {cols} >= 1 and its tiles < 2^31 values")
     check_table(table, lead)
-    check_lanes(counts, bases, states, lead, t * lanes, lanes)
+    check_lanes(starts, bases, states, lead, t * lanes, lanes)
     for name, a, dt, size in [("scales", scales, jnp.float32, rows),
                               ("predictors", predictors, jnp.int32, t)]:
         if a.dtype != dt or a.shape != lead + (size,):
@@ -229,7 +228,7 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
                           interpret: bool = False) -> list[jax.Array]:
     """Decode several ``int8`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
-    ``tensors``: a sequence of ``(words, counts, bases, states, table, scales, predictors)``, each the arrays of
+    ``tensors``: a sequence of ``(words, starts, bases, states, table, scales, predictors)``, each the arrays of
     one tensor or of a stack of tensors of one meta (a leading axis of ``copies`` on every array); ``metas``:
     a tuple of ``(n, rows, cols, lanes, steps, dtype, predictors_used)`` per tensor, ``predictors_used`` the
     predictor ids its tiles may hold (the kernel compiles a loop for each; the `up` ring is allocated only
@@ -274,7 +273,7 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
             for o, c, t in zip(outs[:len(metas)], copies, tensors)]
 
 
-def rans_int8_decode(words, counts, bases, states, table, scales, predictors, *, n: int, rows: int, cols: int,
+def rans_int8_decode(words, starts, bases, states, table, scales, predictors, *, n: int, rows: int, cols: int,
                      lanes: int, steps: int, dtype: str, predictors_used=(0, 1, 2), tiles=None,
                      unroll: int | None = None, num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
                      prefetch: int | None = None, word_group: int = 2,
@@ -288,7 +287,7 @@ def rans_int8_decode(words, counts, bases, states, table, scales, predictors, *,
     here: int8 residuals need ~0.41 words per step, and reading them in pairs took an 8B layer from 420.6
     to 618.6 GB/s on the H100; exponents need ~0.16, and pairs slowed bf16-lossless, 659.5 -> 531.7).
     """
-    return rans_int8_decode_many([(words, counts, bases, states, table, scales, predictors)],
+    return rans_int8_decode_many([(words, starts, bases, states, table, scales, predictors)],
                                  metas=((n, rows, cols, lanes, steps, dtype, tuple(predictors_used)),),
                                  tiles=None if tiles is None else [tiles], unroll=unroll, num_warps=num_warps,
                                  coarse_bits=coarse_bits, prefetch=prefetch, word_group=word_group,
@@ -320,13 +319,13 @@ def unpredict_reference(r, predictors, *, n: int, cols: int, tile: int):
 
 
 @functools.partial(jax.jit, static_argnames=["n", "rows", "cols", "lanes", "steps", "dtype"])
-def rans_int8_reference(words, counts, bases, states, table, scales, predictors, *, n: int, rows: int, cols: int,
+def rans_int8_reference(words, starts, bases, states, table, scales, predictors, *, n: int, rows: int, cols: int,
                         lanes: int, steps: int, dtype: str) -> jax.Array:
     """Pure-JAX ``int8`` decoder (any backend); bit-exact with the kernel and with NumPy."""
     from .rans_float import rans_symbols_reference
 
-    _check(words, counts, bases, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype)
-    r = rans_symbols_reference(words, counts, bases, states, table, n=n, lanes=lanes, steps=steps).astype(jnp.int32)
+    _check(words, starts, bases, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype)
+    r = rans_symbols_reference(words, starts, bases, states, table, n=n, lanes=lanes, steps=steps).astype(jnp.int32)
     q = unpredict_reference(r, predictors, n=n, cols=cols, tile=lanes * steps)
     y = _signed(q).reshape(rows, cols) * scales[:, None]
     return y.astype(jnp.dtype(dtype)).reshape(-1)
