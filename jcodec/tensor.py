@@ -20,8 +20,8 @@ from jcodec import codecs, rans
 #   words   uint16[W]     every lane's word stream, concatenated lane by lane; W even (zero words pad it, and
 #                         a stack's rows to the longest), so the kernels may read it as uint32 word pairs
 #   starts  uint16|uint32[T*L]  where each lane starts reading, in words from its tile's base: the sum of the
-#                         file's counts of the lanes before it in the tile (summed here, once: a prefix sum in
-#                         the kernels cost the int8 matrix 2.4x and bf16-lossless 14%, bench/RESULTS.md session 9)
+#                         file's counts of the lanes before it in the tile (summed here, once: a prefix sum
+#                         in the kernels made them up to 2.7x slower; bench/RESULTS.md, session 9)
 #   bases   uint32[T]     where each tile's first lane starts in `words` (the file's tile offsets)
 #   states  uint32[T*L]   each lane's start state
 #   table   uint32[4096+128]  packed slot table: cum | symbol << 12 | (freq - 1) << 20, then the kernels'

@@ -242,7 +242,8 @@ def tile_lanes_init(words_ref, starts_ref, bases_ref, states_ref, tile, lanes: i
     """:func:`lanes_init` for the lanes of tile ``tile`` (a flat tile index into the arrays; ``live``: [B], the
     vector's lanes below L; padding lanes start as lane 0). A lane starts reading at its tile's base plus its
     start. (Summing the file's word counts here instead, with ``jnp.cumsum``, made the int8 matrix kernel
-    2.4x slower and the bf16-lossless one 14% slower on the H100: bench/RESULTS.md, session 9.)"""
+    2.4-2.7x slower and the bf16-lossless one 1.09-1.16x on the H100, with the same step loop: the scan's
+    16 bytes of shared memory were the one difference in the compiled kernel. bench/RESULTS.md, session 9.)"""
     l = jnp.where(live, jnp.arange(live.shape[0], dtype=jnp.int32), 0)
     start = bases_ref[tile].astype(jnp.int32) + starts_ref[tile * lanes + l].astype(jnp.int32)
     return lanes_init(words_ref, start, states_ref[tile * lanes + l], word_base, prefetch)
