@@ -1,8 +1,10 @@
-"""Where do the kernels lose time since session 6? Times the bf16-lossless matrix, the bf16-lossless layer
-(one launch) and the int8 matrix with the installed jcodec, twice where it reads the file's lane counts:
-as it is (each program sums its lanes' counts, a ``tt.scan``) and with every lane's start precomputed on
-the host (``--starts``: the kernels' ``tile_lanes_init`` patched to read uint32 starts from ``counts``),
-which is what session 6's kernels read (``offsets``). Works with session 6's jcodec too (it reads offsets).
+"""The A/B that found session 7's slowdown (bench/RESULTS.md, session 9). Times the bf16-lossless matrix, the
+bf16-lossless layer (one launch) and the int8 matrix with the installed jcodec, whichever lane layout its
+device arrays have:
+  offsets  session 6: each lane's uint32 start in the words;
+  counts   sessions 7-8: the file's word counts, summed by each program (a ``jnp.cumsum``, Triton's ``tt.scan``);
+           ``--starts`` patches those kernels' ``tile_lanes_init`` to read starts precomputed on the host;
+  starts   session 9 on: each lane's start within its tile, summed on the host.
 
     python3 -P bench/lane_starts.py --out /tmp/ls.json [--starts] [--once]
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -49,18 +52,24 @@ def with_starts(args, lanes):
     return (args[0], jnp.asarray(starts), *args[2:])
 
 
+def lane_layout(codec):
+    """"offsets", "counts" or "starts": the lane array the installed jcodec keeps on the device."""
+    arrays = tensor.DEVICE_ARRAYS[codec]
+    return "counts" if "counts" in arrays else "starts" if "starts" in arrays else "offsets"
+
+
 def args_of(x, codec, steps, starts):
     args, meta = tensor.kernel_args(tensor.from_encoded(codecs.encode(np.asarray(x), codec, steps=steps)))
-    file_layout = len(args) == (6 if codec == "bf16-lossless" else 7)  # counts and bases (session 7 on)
-    if starts and file_layout:
+    if starts:
         args = with_starts(args, meta[1] if codec == "bf16-lossless" else meta[3])
-    return args, meta, file_layout
+    return args, meta, lane_layout(codec)
 
 
-def float_fn(tensors, metas, file_layout, unroll, prefetch, raw_early, interpret=False):
-    extra = {"interpret": interpret} if file_layout else {"block_lanes": 128, "interpret": interpret}
-    return jax.jit(lambda ts: rans_float.rans_float_decode_many(ts, metas=metas, unroll=unroll, num_warps=4, coarse_bits=5,
-                                                            prefetch=prefetch, raw_early=raw_early, **extra))
+def float_fn(tensors, metas, layout, unroll, prefetch, raw_early, interpret=False):
+    extra = {"interpret": interpret} if layout != "offsets" else {"block_lanes": 128, "interpret": interpret}
+    return jax.jit(lambda ts: rans_float.rans_float_decode_many(ts, metas=metas, unroll=unroll, num_warps=4,
+                                                                coarse_bits=5, prefetch=prefetch,
+                                                                raw_early=raw_early, **extra))
 
 
 def int8_fn(tensors, metas, interpret=False):
@@ -91,6 +100,9 @@ def main():
     if a.small:
         MATRIX, LAYER, a.reps = (64, 2053), [(64, 2053), (33, 4096)], 2
     if a.starts:
+        if lane_layout("bf16-lossless") != "counts":
+            sys.exit(f"--starts patches kernels that sum lane counts (sessions 7-8); this jcodec keeps "
+                     f"{lane_layout('bf16-lossless')}")
         patch_starts()
     rows = []
     x = gaussian(MATRIX, 0)
@@ -102,8 +114,8 @@ def main():
         encoded = [args_of(w, codec, steps, a.starts) for w in xs]
         tensors = [e[0] for e in encoded]
         metas = tuple(e[1] for e in encoded)
-        file_layout = encoded[0][2]
-        fn = (float_fn(tensors, metas, file_layout, *opts, interpret=a.small) if opts
+        layout = encoded[0][2]
+        fn = (float_fn(tensors, metas, layout, *opts, interpret=a.small) if opts
               else int8_fn(tensors, metas, interpret=a.small))
         if a.once:
             jax.block_until_ready(fn(tensors))
@@ -117,9 +129,9 @@ def main():
                                        np.asarray(codecs.decode(codecs.encode(np.asarray(w), codec, steps=steps)))
                                        .reshape(-1).view(np.uint16)) for o, w in zip(outs, xs))
         gbs = sum(w.size for w in xs) * 2 / s / 1e9
-        rows.append({"case": name, "starts": a.starts, "file_layout": file_layout, "ms": s * 1e3, "gb_s": gbs,
+        rows.append({"case": name, "starts": a.starts, "layout": layout, "ms": s * 1e3, "gb_s": gbs,
                      "exact": exact})
-        print(f"{name:34s} starts={a.starts!s:5s} file_layout={file_layout!s:5s} {s * 1e3:8.3f} ms "
+        print(f"{name:34s} starts={a.starts!s:5s} layout={layout:7s} {s * 1e3:8.3f} ms "
               f"{gbs:7.1f} GB/s exact={exact}", flush=True)
     if a.out:
         with open(a.out, "w") as f:

@@ -412,9 +412,11 @@ class PackBuilder:
         end = self.slots[i + 1][0] if i + 1 < len(self.slots) else self.arrays[0].size
         tiles = -(-n // self.tile)
         stored = codecs.stored_raw_values(n, self.lanes, self.steps, self.carry)
-        if w.size > end - words_at or starts.size != tiles * self.lanes or bases.size != tiles or raw.size != stored * rans_common.RAW_BYTES[self.dtype]:
+        if (w.size > end - words_at or starts.size != tiles * self.lanes or bases.size != tiles
+                or raw.size != stored * rans_common.RAW_BYTES[self.dtype]):
             raise ValueError(f"tensor {i} does not match the pack's layout ({w.size} words for {end - words_at}, "
-                             f"{starts.size} lanes for {tiles * self.lanes}, {raw.size} raw bytes for {n} values)")
+                             f"{starts.size} lanes for {tiles * self.lanes}, {bases.size} tiles for {tiles}, "
+                             f"{raw.size} raw bytes for {n} values)")
         all_words, all_offsets, all_states, all_raw, tables, info = self.arrays
         all_words[words_at:words_at + w.size] = w
         all_offsets[lanes_at:lanes_at + starts.size] = (np.repeat(bases.astype(np.int64), self.lanes)

@@ -18,12 +18,12 @@ zero-padded to the longest (``jcodec.tensor.stack_layers``); the kernel reads it
 (``start``, a traced int32, and ``window`` copies) picks copies ``start .. start + window`` of a stack, read
 in place (a ``lax.scan`` over layers that sliced each layer's arrays out first would copy them).
 
-One program decodes one tile, one lane per vector element (L padded to a power of two). Each step it looks up every lane's slot (coarse
-table first, the full table only for lanes in buckets that hold a symbol boundary), updates the states,
-renormalises from a word loaded at the previous step (a lane reads at most one word per step), and writes
-one value per lane: the exponent joined with its raw bits, which were read ``unroll`` steps ahead. No
-intermediate array is written: compressed bytes in, output bits out (plus, only with the optional word
-prefetch, a 4-byte sink per lane, see ``lanes_touch``). Positions past the end of the tensor in the last
+One program decodes one tile, one lane per vector element (L padded to a power of two). Each step it looks up
+every lane's slot (coarse table first, the full table only for lanes in buckets that hold a symbol boundary),
+updates the states, renormalises from a word loaded at the previous step (a lane reads at most one word per
+step), and writes one value per lane: the exponent joined with its raw bits, which were read ``unroll`` steps
+ahead. No intermediate array is written: compressed bytes in, output bits out (plus, only with the optional
+word prefetch, a 4-byte sink per lane, see ``lanes_touch``). Positions past the end of the tensor in the last
 tile are not coded; the kernel decodes them anyway (they end each lane's sequence, so nothing before them
 changes) and does not write them. ``rans_float_decode_many`` decodes several tensors (a layer) in one launch.
 """
@@ -531,7 +531,8 @@ def rans_symbols_reference(words, starts, bases, states, table, *, n: int, lanes
         return x, ptr + need.astype(ptr.dtype), out.at[k].set(sym.astype(jnp.uint8))
 
     out = jnp.zeros((steps, total_lanes), jnp.uint8)
-    x, _, out = lax.fori_loop(0, steps, step, (states, jnp.repeat(bases.astype(jnp.int32), lanes) + starts.astype(jnp.int32), out))
+    start = jnp.repeat(bases.astype(jnp.int32), lanes) + starts.astype(jnp.int32)  # [T*L] each lane's first word
+    x, _, out = lax.fori_loop(0, steps, step, (states, start, out))
     tiles = total_lanes // lanes
     # [steps, tiles*lanes] -> [tiles, steps, lanes] -> symbol order
     sym = out.reshape(steps, tiles, lanes).transpose(1, 0, 2).reshape(-1)[:n].astype(jnp.uint32)
