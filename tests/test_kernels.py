@@ -304,6 +304,26 @@ class TestInsideJit(KernelTestBase):
                                       want)
 
 
+class TestLaneStarts(KernelTestBase):
+    """Each lane's start within its tile is summed on the host: uint16 for short tiles, uint32 past 65535 words."""
+
+    @pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
+    def test_starts_past_16_bits(self, codec):
+        lanes, steps = 128, 1400  # incompressible symbols read ~0.5 words a step: ~90k words in a full tile
+        rng = np.random.default_rng(21)
+        n = lanes * steps + 1000  # a full tile and a partial one
+        x = (random_float(rng, (n,), "bfloat16", "bits") if codec == "bf16-lossless"
+             else rng.uniform(-1, 1, (10, n // 10)).astype(ml_dtypes.bfloat16))
+        ct = tensor.from_encoded(codecs.encode(x, codec, lanes=lanes, steps=steps))
+        starts = np.asarray(ct.arrays["starts"])
+        assert starts.dtype == np.uint32 and starts.max() > 0xFFFF
+        assert tensor.starts_dtype(lanes, 240) == np.uint16 and tensor.starts_dtype(lanes, 517) == np.uint32
+        if codec == "bf16-lossless":
+            self.check_float(x, lanes, steps)
+        else:
+            self.check_int8(x, lanes, steps)
+
+
 class TestStacksAndTiles(KernelTestBase):
     """A stack of layers in one launch, and decoding only some tiles (rows of an embedding, chunks of a head)."""
 
