@@ -65,14 +65,14 @@ def args_of(x, codec, steps, starts):
     return args, meta, lane_layout(codec)
 
 
-def float_fn(tensors, metas, layout, unroll, prefetch, raw_early, interpret=False):
+def float_fn(metas, layout, unroll, prefetch, raw_early, interpret=False):
     extra = {"interpret": interpret} if layout != "offsets" else {"block_lanes": 128, "interpret": interpret}
     return jax.jit(lambda ts: rans_float.rans_float_decode_many(ts, metas=metas, unroll=unroll, num_warps=4,
                                                                 coarse_bits=5, prefetch=prefetch,
                                                                 raw_early=raw_early, **extra))
 
 
-def int8_fn(tensors, metas, interpret=False):
+def int8_fn(metas, interpret=False):
     return jax.jit(lambda ts: rans_int8.rans_int8_decode_many(ts, metas=metas, unroll=16, num_warps=4, coarse_bits=5,
                                                           prefetch=8, interpret=interpret))
 
@@ -115,8 +115,8 @@ def main():
         tensors = [e[0] for e in encoded]
         metas = tuple(e[1] for e in encoded)
         layout = encoded[0][2]
-        fn = (float_fn(tensors, metas, layout, *opts, interpret=a.small) if opts
-              else int8_fn(tensors, metas, interpret=a.small))
+        fn = (float_fn(metas, layout, *opts, interpret=a.small) if opts
+              else int8_fn(metas, interpret=a.small))
         if a.once:
             jax.block_until_ready(fn(tensors))
             continue

@@ -12,10 +12,14 @@ rm -rf /tmp/ab_B && mkdir -p /tmp/ab_B && tar -xf bench/ab_ref.tar -C /tmp/ab_B 
 (cd /tmp/ab_B && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site_B .) || exit 1
 export PYTHONUNBUFFERED=1
 mkdir -p /tmp/ls_json
-run() {  # run VERSION NAME ARGS...: a command in that version's folder, with its jcodec
-  local v=$1 name=$2; shift 2; local dir=$PWD; [ $v = B ] && dir=/tmp/ab_B
+in_version() {  # in_version VERSION ARGS...: a command in that version's folder, with its jcodec
+  local v=$1 dir=$PWD; shift; [ $v = B ] && dir=/tmp/ab_B
+  (cd $dir && PYTHONPATH=/tmp/site_$v:/tmp/site_whl "$@")
+}
+run() {  # run VERSION NAME ARGS...: lane_starts.py's lines, logged under NAME
+  local v=$1 name=$2; shift 2
   echo "=== $name" >> $OUT/lane_starts.log
-  (cd $dir && PYTHONPATH=/tmp/site_$v:/tmp/site_whl timeout ${RUN_S:-120} "$@") 2>&1 | tee -a $OUT/lane_starts.log \
+  in_version $v timeout ${RUN_S:-120} "$@" 2>&1 | tee -a $OUT/lane_starts.log \
       | grep -E "GB/s|Error|error|patches"
 }
 for round in $(seq 1 ${ROUNDS:-1}); do
@@ -28,9 +32,9 @@ done
 python3 -c "import glob, json, os; print(json.dumps({os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob('/tmp/ls_json/*.json'))}, indent=1))" > $OUT/lane_starts.json
 if [ "${NCU:-1}" != 0 ]; then
   for v in A B; do
-    (cd $([ $v = B ] && echo /tmp/ab_B || echo $PWD) && PYTHONPATH=/tmp/site_$v:/tmp/site_whl timeout ${NCU_S:-150} \
-        ncu --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section SpeedOfLight \
-        -k regex:rans python3 -P bench/lane_starts.py --once) > $OUT/ncu_$v.log 2>&1
+    in_version $v timeout ${NCU_S:-150} ncu --section LaunchStats --section Occupancy \
+        --section MemoryWorkloadAnalysis --section SpeedOfLight -k regex:rans \
+        python3 -P bench/lane_starts.py --once > $OUT/ncu_$v.log 2>&1
     echo "=== ncu $v"
     grep -E "rans_|Registers Per|Achieved Occupancy|L1/TEX Hit|L2 Hit|Duration|Shared Memory Configuration Size|Static Shared|Dynamic Shared" $OUT/ncu_$v.log
   done

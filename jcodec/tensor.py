@@ -119,10 +119,9 @@ def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
     from jcodec.pallas_kernels import rans_common
 
     slots = rans.packed_slot_table(a["freqs"])
-    lanes, steps = r["lanes"], r["steps"]
-    counts = a["counts"].astype(np.int64).reshape(-1, lanes)
-    starts = (np.cumsum(counts, axis=1) - counts).reshape(-1).astype(starts_dtype(lanes, steps))
-    host = dict(words=a["words"], starts=starts, bases=np.ascontiguousarray(a["tiles"][:, 0]),
+    bases = np.ascontiguousarray(a["tiles"][:, 0])  # each tile's first lane offset (validate checked them)
+    starts = rans.lane_offsets(a["counts"]) - np.repeat(bases.astype(np.int64), r["lanes"])
+    host = dict(words=a["words"], starts=starts.astype(starts_dtype(r["lanes"], r["steps"])), bases=bases,
                 states=a["states"], table=np.concatenate([slots, rans_common.coarse_table(slots, np)]))
     if r["codec"] == "bf16-lossless":
         host["raw"] = a["raw"]
