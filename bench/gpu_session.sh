@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests (compiled kernels, model on compressed weights), the decode bench, the
-# generation bench, the forward's planned memory and the load bench, each under its own time limit (0 skips a part).
+# generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py), each under its own time limit (0 skips a part).
 # Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
 #   TEST_S=240 BITWISE_S=0 DECODE_S=300 PROFILE_S=0 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
 # PROFILE_VARIANT picks the kernel variant ncu profiles, PROFILE_ARGS adds decode.py flags (--steps N) (bench/decode.py --profile; bench/stalls.py reads it)
@@ -18,6 +18,10 @@ if [ "${TEST_S:-240}" != 0 ]; then
 fi
 if [ "${BITWISE_S:-0}" != 0 ]; then
   timeout ${BITWISE_S} python3 -P bench/bitwise.py --out $OUT/bitwise.json 2>&1 | tee $OUT/bitwise.log | tail -12; echo "[bitwise: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
+fi
+if [ "${PAIRS_S:-0}" != 0 ]; then  # the pair-symbol prototype against the production kernel (bench/pairs_proto.py)
+  timeout ${PAIRS_S} python3 -P bench/pairs_proto.py --bench --out $OUT/pairs.json ${PAIRS_ARGS:-} 2>&1 \
+      | tee $OUT/pairs.log | tail -40; echo "[pairs: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${DECODE_S:-0}" != 0 ]; then
   timeout ${DECODE_S} python3 -P bench/decode.py --out $OUT/decode.json ${DECODE_ARGS:-} 2>&1 \
