@@ -350,11 +350,33 @@ def bench(a):
             json.dump(dict(rows=rows, device=str(jax.devices()[0]), jax=jax.__version__), fh, indent=1)
 
 
+def profile(a):
+    """One launch of each kernel on the layer-sized tensor, for ncu (-k regex:rans): production u4 p0, then
+    the pair kernel for each --variants entry at the first --pair-steps."""
+    from jcodec import codecs, tensor
+    from jcodec.pallas_kernels import rans_float
+    shape = (4096, 4096 * 2 + 1024 * 2 + 14336 * 3) if a.profile == "layer" else (4096, 14336)
+    bits = gaussian_bits(shape, edge=False)
+    enc = codecs.encode(bits.view(jnp.bfloat16).reshape(shape), "bf16-lossless", steps=240)
+    args, meta = tensor.kernel_args(tensor.from_encoded(enc))
+    for u, p, r in [(4, 0, 0), (16, 8, 1)]:
+        out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
+                                           carry=meta[4], unroll=u, prefetch=p, raw_early=bool(r))
+        print(f"production u{u} p{p} r{r}", np.array_equal(np.asarray(out).view(np.uint16).reshape(-1), bits))
+    steps = int(a.pair_steps.split(",")[0])
+    encp = encode(bits, 128, steps, a.k)
+    for u, w, cb in [tuple(int(v) for v in s.split(",")) for s in a.variants.split(";")]:
+        out = pairs_decode(*device_arrays(encp, cb), n=bits.size, lanes=128, steps=steps, unroll=u, num_warps=w,
+                           coarse_bits=cb)
+        print(f"pairs {steps} u{u} w{w} c{cb}", np.array_equal(np.asarray(out), bits))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--profile", choices=("layer", "matrix"), help="one launch of each kernel, for ncu")
     ap.add_argument("--steps", type=int, default=120, help="pair steps per lane (--sass)")
     ap.add_argument("--pair-steps", default="120,240", help="pair steps per lane (--bench)")
     ap.add_argument("--variants", default="4,4,0;4,4,5;8,4,0", help="'unroll,warps,coarse_bits;...'")
@@ -369,6 +391,8 @@ def main():
         sass(a)
     if a.bench:
         bench(a)
+    if a.profile:
+        profile(a)
 
 
 if __name__ == "__main__":
