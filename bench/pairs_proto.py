@@ -165,8 +165,8 @@ def file_bytes(enc) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- kernel
-def pairs_kernel(words_ref, starts_ref, states_ref, raw_ref, table_ref, pairs_ref, out_ref, *, m: int,
-                 lanes: int, steps: int, unroll: int, coarse_bits: int):
+def pairs_kernel(words_ref, starts_ref, states_ref, raw_ref, table_ref, pairs_ref, out_ref, sink_ref=None, *, m: int,
+                 lanes: int, steps: int, unroll: int, coarse_bits: int, prefetch: int):
     t = pl.program_id(0)
     l = jnp.arange(lanes, dtype=jnp.int32)
     last = words_ref.shape[0] - 1
@@ -203,36 +203,55 @@ def pairs_kernel(words_ref, starts_ref, states_ref, raw_ref, table_ref, pairs_re
         exps = jnp.where(esc, spread << 7, pairs_ref[sym.astype(jnp.int32)])
         return exps, x, ptr, word
 
+    def read_raw(k, ok):  # [L] uint32: the raw bytes of step k's pair (masked past the end)
+        return plgpu.load(raw_ref.at[first + k * lanes], mask=ok, other=0).astype(jnp.uint32)
+
     def block(b, carry):
-        x, ptr, word, left = carry
+        # the next block's raw bytes are loaded at the top of this one (the loop head waits for every load in
+        # flight, so a load must be issued a block before its use); with `prefetch`, lanes within that many
+        # words of their next 32-byte sector of words touch it now and fold it into a sink at the end
+        x, ptr, word, sink, raws, left = carry
+        next_raws = [read_raw((b + 1) * unroll + u, unroll + u < left) for u in range(unroll)]
+        touched = None
+        if prefetch:
+            ahead = ptr + prefetch
+            near = (ahead >> 4) != (ptr >> 4)
+            touched = plgpu.load(words_ref.at[jnp.minimum(ahead, last)], mask=near, other=0).astype(jnp.uint32)
         for u in range(unroll):
             k = b * unroll + u
             exps, x, ptr, word = step(x, ptr, word)
-            pos = first + k * lanes
-            ok = u < left
-            r = plgpu.load(raw_ref.at[pos], mask=ok, other=0).astype(jnp.uint32)
+            r = raws[u]
             spread = (r & 0xFF) | ((r & 0xFF00) << 8)
             bits = (spread & 0x007F007F) | ((spread & 0x00800080) << 8) | exps
-            plgpu.store(out_ref.at[pos], bits, mask=ok)
-        return x, ptr, word, left - unroll
+            plgpu.store(out_ref.at[first + k * lanes], bits, mask=u < left)
+        if prefetch:
+            sink = sink ^ touched
+        return x, ptr, word, sink, tuple(next_raws), left - unroll
 
-    lax.fori_loop(0, steps // unroll, block, (x, ptr, word, left))
+    raws = tuple(read_raw(u, u < left) for u in range(unroll))
+    _, _, _, sink, _, _ = lax.fori_loop(0, steps // unroll, block, (x, ptr, word, jnp.zeros_like(x), raws, left))
+    if prefetch:
+        plgpu.store(sink_ref.at[t * lanes + l], sink)
 
 
 @functools.partial(jax.jit, static_argnames=["n", "lanes", "steps", "unroll", "num_warps", "coarse_bits",
-                                             "interpret"])
+                                             "prefetch", "interpret"])
 def pairs_decode(words, starts, states, raw, table, pairs, *, n: int, lanes: int, steps: int, unroll: int = 4,
-                 num_warps: int = 4, coarse_bits: int = 0, interpret: bool = False):
+                 num_warps: int = 4, coarse_bits: int = 0, prefetch: int = 0, interpret: bool = False):
     m = n // 2
     if steps % unroll:
         raise ValueError(f"{steps=} must be a multiple of {unroll=}")
-    kernel = functools.partial(pairs_kernel, m=m, lanes=lanes, steps=steps, unroll=unroll, coarse_bits=coarse_bits)
+    kernel = functools.partial(pairs_kernel, m=m, lanes=lanes, steps=steps, unroll=unroll, coarse_bits=coarse_bits,
+                               prefetch=prefetch)
+    shapes = [jax.ShapeDtypeStruct((m,), jnp.uint32)]
+    if prefetch:
+        shapes.append(jax.ShapeDtypeStruct(states.shape, jnp.uint32))
     out = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((m,), jnp.uint32), grid=(states.shape[0] // lanes,),
+        kernel, out_shape=shapes, grid=(states.shape[0] // lanes,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
-        name=f"rans_pairs_u{unroll}_w{num_warps}_c{coarse_bits}",
+        name=f"rans_pairs_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}",
     )(words, starts, states, raw, table, pairs)
-    return lax.bitcast_convert_type(out, jnp.uint16).reshape(-1)
+    return lax.bitcast_convert_type(out[0], jnp.uint16).reshape(-1)
 
 
 # ------------------------------------------------------------------------------------------------- modes
@@ -255,9 +274,9 @@ def check(a):
         enc = encode(bits, lanes, steps, k)
         ref = decode_reference(enc)
         assert np.array_equal(ref, bits), shape
-        for cb in (0, 5):
+        for cb, pf in ((0, 0), (5, 8)):
             got = np.asarray(pairs_decode(*device_arrays(enc, cb), n=bits.size, lanes=lanes, steps=steps,
-                                          unroll=4, coarse_bits=cb, interpret=True))
+                                          unroll=4, coarse_bits=cb, prefetch=pf, interpret=True))
             assert np.array_equal(got, bits), (shape, cb)
         escapes = int(np.sum(pair_alphabet(bits, k)[0] == ESC))
         print(f"ok {shape} lanes={lanes} steps={steps} k={k} words={enc['words'].size} escaped pairs={escapes}")
@@ -271,20 +290,20 @@ def sass(a):
     sass_tool.capture_modules()
     bits = gaussian_bits((256, 4096))
     enc = encode(bits, 128, a.steps)
-    for u, w, cb in [tuple(int(v) for v in s.split(",")) for s in a.variants.split(";")]:
+    for u, w, cb, pf in variants(a):
         args = device_arrays(enc, cb)
         f = functools.partial(pairs_decode, n=bits.size, lanes=128, steps=a.steps, unroll=u, num_warps=w,
-                              coarse_bits=cb)
+                              coarse_bits=cb, prefetch=pf)
         jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
         os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, f"p_u{u}_c{cb}.ttir")
+        path = os.path.join(a.out, f"p_u{u}_c{cb}_p{pf}.ttir")
         with open(path, "w") as fh:
             fh.write(sass_tool.MODULES[-1])
         compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=w, num_stages=1))
         with open(path.replace(".ttir", ".sass"), "w") as fh:
             fh.write(compiled.asm["sass"])
         info = sass_tool.summarise(compiled.asm["sass"], u)
-        print(f"pairs u{u} w{w} c{cb}: shared={compiled.metadata.shared} {info} "
+        print(f"pairs u{u} w{w} c{cb} p{pf}: shared={compiled.metadata.shared} {info} "
               f"per_value={info['per_step'] / 2:.1f}")
 
 
@@ -338,12 +357,12 @@ def bench(a):
             encp = encode(bits, 128, steps, a.k)
             ratio = file_bytes(encp) / (2 * n)
             dev = [device_arrays(encp, 0) for _ in range(a.rotate)]
-            for u, w, cb in [tuple(int(v) for v in s.split(",")) for s in a.variants.split(";")]:
+            for u, w, cb, pf in variants(a):
                 devc = dev if cb == 0 else [device_arrays(encp, cb) for _ in range(a.rotate)]
                 fn = jax.jit(functools.partial(pairs_decode, n=n, lanes=128, steps=steps, unroll=u, num_warps=w,
-                                               coarse_bits=cb))
+                                               coarse_bits=cb, prefetch=pf))
                 ok = np.array_equal(np.asarray(fn(*devc[0])), bits)
-                row(f"{label}: pairs {steps} steps u{u} w{w} c{cb} {'ok' if ok else 'WRONG'}",
+                row(f"{label}: pairs {steps} steps u{u} w{w} c{cb} p{pf} {'ok' if ok else 'WRONG'}",
                     time_fn(fn, devc, a.reps), n, ratio)
     if a.out:
         with open(a.out, "w") as fh:
@@ -365,10 +384,19 @@ def profile(a):
         print(f"production u{u} p{p} r{r}", np.array_equal(np.asarray(out).view(np.uint16).reshape(-1), bits))
     steps = int(a.pair_steps.split(",")[0])
     encp = encode(bits, 128, steps, a.k)
-    for u, w, cb in [tuple(int(v) for v in s.split(",")) for s in a.variants.split(";")]:
+    for u, w, cb, pf in variants(a):
         out = pairs_decode(*device_arrays(encp, cb), n=bits.size, lanes=128, steps=steps, unroll=u, num_warps=w,
-                           coarse_bits=cb)
-        print(f"pairs {steps} u{u} w{w} c{cb}", np.array_equal(np.asarray(out), bits))
+                           coarse_bits=cb, prefetch=pf)
+        print(f"pairs {steps} u{u} w{w} c{cb} p{pf}", np.array_equal(np.asarray(out), bits))
+
+
+def variants(a):
+    """--variants as (unroll, warps, coarse_bits, prefetch) tuples ('u,w,c[,p];...')."""
+    out = []
+    for v in a.variants.split(";"):
+        nums = [int(x) for x in v.split(",")]
+        out.append(tuple(nums + [0] * (4 - len(nums))))
+    return out
 
 
 def main():
@@ -379,7 +407,7 @@ def main():
     ap.add_argument("--profile", choices=("layer", "matrix"), help="one launch of each kernel, for ncu")
     ap.add_argument("--steps", type=int, default=120, help="pair steps per lane (--sass)")
     ap.add_argument("--pair-steps", default="120,240", help="pair steps per lane (--bench)")
-    ap.add_argument("--variants", default="4,4,0;4,4,5;8,4,0", help="'unroll,warps,coarse_bits;...'")
+    ap.add_argument("--variants", default="4,4,0;4,4,5;8,4,0", help="'unroll,warps,coarse_bits[,prefetch];...'")
     ap.add_argument("--k", type=int, default=127, help="pairs in the alphabet (<= 255)")
     ap.add_argument("--rotate", type=int, default=4)
     ap.add_argument("--reps", type=int, default=10)
