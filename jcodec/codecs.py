@@ -44,6 +44,15 @@ PREDICTORS = ("none", "left", "up")
 # ~8.5 bits (16 fewer raw bits, ~0.5 more in words), so shorter lanes (more of them in flight on a GPU)
 # cost less ratio.
 CARRY = {1: 2, 3: 1}  # raw bytes per value -> values carried per lane
+# Pair symbols (bfloat16, format version 3): one rANS symbol codes the exponents of two adjacent values, so a
+# decoder pays its table gather, state update and renormalisation once per two values, and moves their raw
+# bytes and output bits as one 16- and one 32-bit access. Symbols are the ranks of the tensor's most frequent
+# exponent pairs; every other pair is rans.ESC followed by its 16 bits. On the H100 a prototype kernel decoded
+# 1.23-1.29x faster than the one-exponent kernel, side by side (bench/RESULTS.md, session 10); on Gaussian
+# weights the pairs cost 2.554 bits per exponent against 2.550. A lane's steps count pairs: 120 steps hold
+# the 240 values of a one-exponent lane.
+PAIR_STEPS = 120
+PAIR_ALPHABETS = (15, 31, 63, 127, 191, 255)  # alphabet sizes (ESC included) the encoder tries
 
 
 class FormatError(ValueError):
@@ -122,16 +131,20 @@ def _rans_arrays(symbols, lanes, steps, start=None):
     return freqs, states, counts.astype(counts_dtype(steps)), words, bases
 
 
-def counts_dtype(steps: int):
-    """A lane reads at most one word a step: uint8 word counts when ``steps`` <= 255 (8 bits less per lane,
-    which matters for short lanes), else uint16."""
-    return np.dtype(np.uint8 if steps < 256 else np.uint16)
+def counts_dtype(steps: int, per_step: int = 1):
+    """A lane reads at most ``per_step`` words a step (2 with pair symbols): uint8 word counts when
+    ``steps * per_step`` <= 255 (8 bits less per lane, which matters for short lanes), else uint16."""
+    return np.dtype(np.uint8 if steps * per_step < 256 else np.uint16)
 
 
-def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT_STEPS["bf16-lossless"], *,
-                 carry: bool = True) -> EncodedTensor:
+def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int | None = None, *,
+                 carry: bool = True, pairs: bool = False) -> EncodedTensor:
     """``bf16-lossless``: rANS on the exponent byte, raw sign+mantissa. Bit-exact for every pattern.
-    ``carry=False`` stores every raw byte in ``raw`` (format version 1's layout)."""
+    ``carry=False`` stores every raw byte in ``raw`` (format version 1's layout). ``pairs`` (bfloat16 only):
+    one symbol per two values' exponents (:data:`PAIR_STEPS`)."""
+    if pairs:
+        return encode_pairs(x, lanes, PAIR_STEPS if steps is None else steps, carry=carry)
+    steps = DEFAULT_STEPS["bf16-lossless"] if steps is None else steps
     name = dtype_name(x.dtype)
     _, udt, _ = FLOAT_DTYPES[name]
     bits = np.ascontiguousarray(x).reshape(-1).view(udt)
@@ -149,6 +162,67 @@ def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = DEFAULT
     record = dict(codec="bf16-lossless", shape=list(x.shape), dtype=name, lanes=lanes, steps=steps,
                   prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size), carry=carry)
     arrays = dict(freqs=freqs, states=states, counts=counts, words=words, raw=stored, tiles=tiles)
+    return EncodedTensor(record, arrays)
+
+
+def pair_symbols(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """bfloat16 bit patterns (uint16[2m]) -> ``(symbols uint8[m], bits uint16[m], pairs uint16[256], freqs)``.
+
+    Pair ``j`` is values ``2j, 2j+1``; its 16 bits are ``e1 | e2 << 8`` (their exponents). Symbol ``s`` < ESC
+    stands for the pair ``pairs[s]`` (the tensor's most frequent pairs, by rank); ESC for any other, whose
+    bits follow it in the stream. The alphabet size is the one of :data:`PAIR_ALPHABETS` that codes smallest
+    (an ESC costs its 16 bits on top of its own symbol)."""
+    e = ((bits >> 7) & 0xFF).astype(np.int64)
+    both = e[0::2] | (e[1::2] << 8)
+    counts = np.bincount(both, minlength=1 << 16)
+    order = np.argsort(-counts, kind="stable")
+    best = None
+    for k in PAIR_ALPHABETS:
+        top = order[:k - 1][counts[order[:k - 1]] > 0]
+        sym_counts = np.zeros(rans.ALPHABET, np.int64)
+        sym_counts[:top.size] = counts[top]
+        sym_counts[rans.ESC] = both.size - sym_counts.sum()
+        freqs = rans.normalize_freqs(sym_counts)
+        size = rans.coded_bits(sym_counts, freqs) + 16 * sym_counts[rans.ESC]
+        if best is None or size < best[0]:
+            best = (size, top, freqs)
+        if top.size < k - 1:  # every pair present already has a symbol
+            break
+    _, top, freqs = best
+    sym_of = np.full(1 << 16, rans.ESC, np.uint8)
+    sym_of[top] = np.arange(top.size)
+    pairs = np.zeros(rans.ALPHABET, np.uint16)
+    pairs[:top.size] = top
+    return sym_of[both], both.astype(np.uint16), pairs, freqs
+
+
+def encode_pairs(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = PAIR_STEPS, *,
+                 carry: bool = True) -> EncodedTensor:
+    """``bf16-lossless`` with pair symbols (format version 3, docs/FORMAT.md "Pair symbols"): a bfloat16
+    tensor of odd size gets one +0 value appended (coded, never returned)."""
+    if dtype_name(x.dtype) != "bfloat16":
+        raise ValueError(f"pair symbols code bfloat16 tensors, not {dtype_name(x.dtype)}")
+    n = x.size
+    if n == 0:
+        raise ValueError("cannot encode an empty tensor")
+    m = -(-n // 2)
+    bits = np.zeros(2 * m, np.uint16)
+    bits[:n] = np.ascontiguousarray(x).reshape(-1).view(np.uint16)
+    symbols, both, pairs, freqs = pair_symbols(bits)
+    _, raw = split_float(bits, "bfloat16")
+    carry = (1 if steps > 1 else 0) if carry else 0  # a pair's 2 raw bytes ride in each lane's end state
+    stored, start = split_carry(raw.reshape(m, 2), lanes, steps, carry)
+    states, counts, words = rans.encode(symbols, freqs, lanes, steps, start, bypass=both)
+    if words.size >= 1 << 32:
+        raise ValueError("tensor too large for one stream; split it")
+    t = rans.num_tiles(m, lanes, steps)
+    tiles = np.zeros((t, 3), np.uint32)
+    tiles[:, 0] = rans.lane_offsets(counts)[::lanes]
+    tiles[:, 1] = _tile_crcs(bits, 2 * lanes * steps, t)
+    record = dict(codec="bf16-lossless", shape=list(x.shape), dtype="bfloat16", lanes=lanes, steps=steps,
+                  prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size), carry=carry, pairs=True)
+    arrays = dict(freqs=freqs, states=states, counts=counts.astype(counts_dtype(steps, 2)), words=words,
+                  raw=stored, tiles=tiles, pairs=pairs)
     return EncodedTensor(record, arrays)
 
 
@@ -323,8 +397,11 @@ def validate(enc: EncodedTensor) -> None:
     _need(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape), f"bad shape {shape!r}")
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
     _need(n > 0, "empty tensors are stored raw, not encoded")
+    paired = r.get("pairs", False)
+    _need(type(paired) is bool and (not paired or (r["codec"] == "bf16-lossless" and r["dtype"] == "bfloat16")),
+          f"pairs={paired!r}: pair symbols are a bf16-lossless layout of bfloat16 tensors")
     expected = {"zstd": {"zstd"}, "bf16-lossless": {"freqs", "states", "counts", "words", "raw", "tiles"},
-                "int8": {"freqs", "states", "counts", "words", "scales", "tiles"}}[r["codec"]]
+                "int8": {"freqs", "states", "counts", "words", "scales", "tiles"}}[r["codec"]] | ({"pairs"} if paired else set())
     _need(set(a) == expected, f"entries {sorted(a)} do not match codec {r['codec']} (expected {sorted(expected)})")
     if r["codec"] == "zstd":
         _need(a["zstd"].dtype == np.uint8 and a["zstd"].ndim == 1, "zstd frame must be uint8[m]")
@@ -334,10 +411,12 @@ def validate(enc: EncodedTensor) -> None:
     _need(type(lanes) is int and 1 <= lanes <= MAX_LANES, f"lanes={lanes!r} out of range")
     _need(type(steps) is int and 1 <= steps < 1 << 16, f"steps={steps!r} out of range")
     _need(r.get("prob_bits") == rans.PROB_BITS, f"prob_bits={r.get('prob_bits')!r}, this version reads {rans.PROB_BITS}")
-    t = rans.num_tiles(n, lanes, steps)
+    m = -(-n // 2) if paired else n  # symbols
+    t = rans.num_tiles(m, lanes, steps)
     _need(r.get("tiles") == t, f"tiles={r.get('tiles')!r} but shape and geometry give {t}")
     for key, dt, shp in [("freqs", np.uint16, (rans.ALPHABET,)), ("states", np.uint32, (t * lanes,)),
-                         ("counts", counts_dtype(steps), (t * lanes,)), ("tiles", np.uint32, (t, 3))]:
+                         ("counts", counts_dtype(steps, 2 if paired else 1), (t * lanes,)),
+                         ("tiles", np.uint32, (t, 3))] + ([("pairs", np.uint16, (rans.ALPHABET,))] if paired else []):
         ok = a[key].dtype == dt or (key == "counts" and a[key].dtype == np.uint16)  # (version 1: always 16 bits)
         _need(ok and a[key].shape == shp, f"{key} must be {np.dtype(dt).name}{list(shp)}, "
                                           f"found {a[key].dtype.name}{list(a[key].shape)}")
@@ -348,11 +427,11 @@ def validate(enc: EncodedTensor) -> None:
     _need(np.array_equal(a["tiles"][:, 0], rans.lane_offsets(a["counts"])[::lanes].astype(np.uint32)),
           "tile word offsets disagree with lane counts")
     if r["codec"] == "bf16-lossless":
-        rb = FLOAT_DTYPES[r["dtype"]][2]
+        rb = 2 if paired else FLOAT_DTYPES[r["dtype"]][2]  # raw bytes per symbol
         carry = r.get("carry", 0)  # absent in version 1: nothing carried
-        _need(carry in (0, carry_values(r["dtype"], steps)), f"carry={carry!r}, must be 0 or "
-                                                              f"{carry_values(r['dtype'], steps)} for {r['dtype']}")
-        size = stored_raw_values(n, lanes, steps, carry) * rb
+        most = (1 if steps > 1 else 0) if paired else carry_values(r["dtype"], steps)
+        _need(carry in (0, most), f"carry={carry!r}, must be 0 or {most} for {r['dtype']}")
+        size = stored_raw_values(m, lanes, steps, carry) * rb
         _need(a["raw"].dtype == np.uint8 and a["raw"].shape == (size,), f"raw must be uint8[{size}]")
     else:
         rows, cols = r.get("rows"), r.get("cols")
@@ -381,6 +460,8 @@ def decode(enc: EncodedTensor) -> np.ndarray:
         _need(zlib.crc32(values.tobytes()) == r["crc32"], "checksum mismatch after zstd decode")
         return values.reshape(shape)
     lanes, steps = r["lanes"], r["steps"]
+    if r.get("pairs"):
+        return _decode_pairs(r, a, n).reshape(shape)
     float_codec = r["codec"] == "bf16-lossless"
     try:
         sym = rans.decode(a["states"], a["counts"], a["words"], a["freqs"], lanes, steps, n, ends=float_codec)
@@ -398,6 +479,22 @@ def decode(enc: EncodedTensor) -> np.ndarray:
     return dequantize_int8(q.reshape(r["rows"], r["cols"]), a["scales"], name).reshape(shape)
 
 
+def _decode_pairs(r: dict, a: dict, n: int) -> np.ndarray:
+    """A validated pair-symbol tensor -> bfloat16[n] (flat)."""
+    lanes, steps, m = r["lanes"], r["steps"], -(-n // 2)
+    try:
+        sym, escaped, ends = rans.decode(a["states"], a["counts"], a["words"], a["freqs"], lanes, steps, m,
+                                         ends=True, bypass=True)
+    except rans.RansError as e:
+        raise FormatError(str(e)) from None
+    both = np.where(sym == rans.ESC, escaped, a["pairs"][sym])
+    exps = np.stack([both & 0xFF, both >> 8], axis=1).reshape(-1).astype(np.uint8)
+    raw = join_carry(a["raw"], ends, m, lanes, steps, r.get("carry", 0), 2).reshape(-1, 1)
+    bits = join_float(exps, raw, "bfloat16").astype(np.uint16)
+    _check_tiles(bits, 2 * lanes * steps, a["tiles"][:, 1])
+    return bits[:n].view(ml_dtypes.bfloat16)
+
+
 def _check_tiles(data: np.ndarray, tile_elems: int, crcs: np.ndarray) -> None:
     got = _tile_crcs(data, tile_elems, crcs.size)
     bad = np.flatnonzero(got != crcs)
@@ -405,12 +502,15 @@ def _check_tiles(data: np.ndarray, tile_elems: int, crcs: np.ndarray) -> None:
 
 
 def encode(x: np.ndarray, codec: str, *, lanes: int = DEFAULT_LANES, steps: int | None = None,
-           zstd_level: int = 3) -> EncodedTensor:
-    """``steps`` None: the codec's default (:data:`DEFAULT_STEPS`)."""
+           zstd_level: int = 3, pairs: bool = False) -> EncodedTensor:
+    """``steps`` None: the codec's default (:data:`DEFAULT_STEPS`; :data:`PAIR_STEPS` with ``pairs``).
+    ``pairs``: ``bf16-lossless`` of a bfloat16 tensor with pair symbols (:func:`encode_pairs`)."""
+    if pairs and codec != "bf16-lossless":
+        raise ValueError(f"pair symbols are a bf16-lossless layout, not {codec}")
+    if codec == "bf16-lossless":
+        return encode_float(x, lanes, steps, pairs=pairs)
     if codec in RANS_CODECS and steps is None:
         steps = DEFAULT_STEPS[codec]
-    if codec == "bf16-lossless":
-        return encode_float(x, lanes, steps)
     if codec == "int8":
         return encode_int8(x, lanes, steps)
     if codec == "zstd":

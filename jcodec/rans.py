@@ -18,6 +18,10 @@ PROB_SCALE = 1 << PROB_BITS
 WORD_BITS = 16
 STATE_LOW = 1 << 16  # states live in [STATE_LOW, 2^32); a lane starts encoding (and ends decoding) here by default
 ALPHABET = 256
+# With ``bypass`` (bf16-lossless pair symbols), symbol ESC is followed by 16 raw bits coded as a uniform
+# symbol: the decoder takes its state's low 16 bits and shifts the lane's next word in their place, so a lane
+# reads up to two words in one step (its renormalisation word first).
+ESC = 255
 
 
 class RansError(ValueError):
@@ -92,8 +96,11 @@ def tile_symbols(symbols: np.ndarray, lanes: int, steps: int, pad: int) -> np.nd
     return padded.reshape(t, steps, lanes)
 
 
-def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int, start=None):
+def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int, start=None, bypass=None):
     """Encode ``symbols`` (uint8[n]) with the table ``freqs``.
+
+    ``bypass`` (uint16[n], optional): after every :data:`ESC` symbol, its 16 bits are coded as a uniform
+    symbol (see :data:`ESC`); elsewhere it is ignored.
 
     ``start``: each lane's encoder start state (uint32[T*L] in [2^16, 2^32); default 2^16), which is also
     where its decoder ends: a start state can carry data of its own (``bf16-lossless`` puts raw bytes
@@ -105,8 +112,9 @@ def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int, start
     freqs64 = np.asarray(freqs, dtype=np.uint64)
     if np.any(freqs64[np.unique(symbols)] == 0):
         raise ValueError("a symbol to encode has frequency 0")
-    if steps >= 1 << 16:
-        raise ValueError(f"{steps=} must be < 65536 so that a lane's word count fits in 16 bits")
+    per_step = 1 if bypass is None else 2  # words a lane may read in one step
+    if steps * per_step >= 1 << 16:
+        raise ValueError(f"{steps=} must be < {(1 << 16) // per_step} so that a lane's word count fits in 16 bits")
     cum = np.concatenate([[0], np.cumsum(freqs64)[:-1]]).astype(np.uint64)
     n = symbols.size
     tiled = tile_symbols(symbols, lanes, steps, int(np.argmax(freqs64)))
@@ -117,24 +125,34 @@ def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int, start
         if start.shape != x.shape or start.min() < STATE_LOW or start.max() >= 1 << 32:
             raise ValueError(f"start states must be {x.size} values in [2^16, 2^32)")
         x = start.copy()
-    emitted = np.empty((steps, t * lanes), dtype=np.uint16)
-    emits = np.empty((steps, t * lanes), dtype=bool)
+    emitted = np.empty((steps, per_step, t * lanes), dtype=np.uint16)  # [k, 0] renormalisation, [k, 1] bypass
+    emits = np.zeros((steps, per_step, t * lanes), dtype=bool)
+    if bypass is not None:
+        pay = np.zeros(t * lanes * steps, np.uint64)
+        pay[:n] = np.asarray(bypass, np.uint16).reshape(-1)
+        pay = pay.reshape(t, steps, lanes)
     limit_shift = np.uint64(WORD_BITS + 16 - PROB_BITS)  # x_max(s) = freq(s) << 20
     lane = np.arange(t * lanes)
     first = lane // lanes * (lanes * steps) + lane % lanes  # global symbol index of each lane's step 0
     for k in range(steps - 1, -1, -1):
         s = tiled[:, k, :].reshape(-1)
         valid = first + k * lanes < n
+        if bypass is not None:  # undo the decoder's last act of the step: the bypass word
+            esc = (s == ESC) & valid
+            emitted[k, 1] = x.astype(np.uint16)
+            emits[k, 1] = esc
+            x = np.where(esc, (x & np.uint64(0xFFFF0000)) | pay[:, k, :].reshape(-1), x)
         f = freqs64[s]
         need = (x >= (f << limit_shift)) & valid
-        emitted[k] = x.astype(np.uint16)  # low 16 bits; kept only where need
-        emits[k] = need
+        emitted[k, 0] = x.astype(np.uint16)  # low 16 bits; kept only where need
+        emits[k, 0] = need
         x = np.where(need, x >> np.uint64(WORD_BITS), x)
         q, r = np.divmod(x, f)
         x = np.where(valid, (q << np.uint64(PROB_BITS)) + r + cum[s], x)  # padding is not coded
-    # The decoder reads lane j's words in increasing step order: exactly emitted[k, j] where emits[k, j].
-    words = emitted.T[emits.T]
-    counts = emits.sum(axis=0).astype(np.uint16)
+    # The decoder reads lane j's words in increasing step order (in a step, renormalisation before bypass):
+    # exactly emitted[k, i, j] where emits[k, i, j].
+    words = emitted.transpose(2, 0, 1)[emits.transpose(2, 0, 1)]
+    counts = emits.sum(axis=(0, 1)).astype(np.uint16)
     return x.astype(np.uint32), counts, words
 
 
@@ -145,8 +163,11 @@ def lane_offsets(counts: np.ndarray) -> np.ndarray:
 
 
 def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.ndarray,
-           lanes: int, steps: int, n: int, *, ends: bool = False):
+           lanes: int, steps: int, n: int, *, ends: bool = False, bypass: bool = False):
     """Reference decoder: the exact inverse of :func:`encode`; uint8[n].
+
+    ``bypass``: the stream codes 16 bits after every :data:`ESC`; returns ``(symbols, bits)``, the bits
+    uint16[n] (0 where the symbol is not ESC), then the end states if ``ends``.
 
     Raises :class:`RansError` if any lane does not read exactly its stream, or (unless ``ends``) does not
     end in the default start state 2^16 (which a corrupted stream almost never does by chance). With
@@ -171,6 +192,7 @@ def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.
     last = max(words.size - 1, 0)
     padded_words = words if words.size else np.zeros(1, np.uint16)
     out = np.empty((steps, t * lanes), dtype=np.uint8)
+    pay = np.zeros((steps, t * lanes), dtype=np.uint16) if bypass else None
     lane = np.arange(t * lanes)
     first = lane // lanes * (lanes * steps) + lane % lanes  # global symbol index of each lane's step 0
     for k in range(steps):
@@ -182,12 +204,20 @@ def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.
         w = padded_words[np.minimum(ptr, last)].astype(np.uint32)
         x = np.where(need, (x << np.uint32(WORD_BITS)) | w, x)
         ptr += need
+        if bypass:
+            esc = (out[k] == ESC) & valid
+            pay[k] = np.where(esc, x & np.uint32(0xFFFF), 0)
+            w = padded_words[np.minimum(ptr, last)].astype(np.uint32)
+            x = np.where(esc, (x & np.uint32(0xFFFF0000)) | w, x)
+            ptr += esc
     wrong = (ptr != end) if ends else (ptr != end) | (x != STATE_LOW)
     if np.any(wrong):
         raise RansError(corrupt_lanes(np.flatnonzero(wrong), lanes))
-    # [steps, tiles*lanes] -> [tiles, steps, lanes] -> flat, symbol order
-    symbols = out.reshape(steps, t, lanes).transpose(1, 0, 2).reshape(-1)[:n]
-    return (symbols, x) if ends else symbols
+    def order(a):  # [steps, tiles*lanes] -> [tiles, steps, lanes] -> flat, symbol order
+        return a.reshape(steps, t, lanes).transpose(1, 0, 2).reshape(-1)[:n]
+
+    result = (order(out),) + ((order(pay),) if bypass else ()) + ((x,) if ends else ())
+    return result if len(result) > 1 else result[0]
 
 
 def corrupt_lanes(bad_lanes: np.ndarray, lanes: int) -> str:

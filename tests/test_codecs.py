@@ -113,3 +113,57 @@ def test_validate_rejects_lies():
     enc.arrays["counts"][0] += 1
     with pytest.raises(codecs.FormatError):
         codecs.decode(enc)
+
+
+# ------------------------------------------------------------------------------ pair symbols (bfloat16)
+@pytest.mark.parametrize("shape,lanes,steps", [((1,), 32, 8), ((3, 5), 32, 8), ((1, 4099), 32, 16),
+                                               ((513, 1023), 128, 120), ((64, 240), 128, 120)])
+def test_pairs_bit_exact(shape, lanes, steps):
+    """Odd sizes (a padding value), one tile, a last partial tile, exact tiles; edge patterns escape."""
+    rng = np.random.default_rng(shape[0] * shape[-1])
+    x = rng.normal(0, 0.02, shape).astype(BF16)
+    x.reshape(-1)[: min(x.size, 300)] = edge_values(BF16, min(x.size, 300), rng)
+    enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=True)
+    assert enc.record["pairs"] is True and enc.record["tiles"] == -(-(-(-x.size // 2)) // (lanes * steps))
+    same_bits(codecs.decode(enc), x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3000), st.integers(1, 64), st.integers(1, 64), st.integers(0, 2**32 - 1))
+def test_pairs_any_bits(n, lanes, steps, seed):
+    x = edge_values(BF16, n, np.random.default_rng(seed))  # random bit patterns: mostly escapes
+    same_bits(codecs.decode(codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=True)), x)
+
+
+def test_pairs_all_equal_and_ratio():
+    x = np.full((64, 300), -0.75, BF16)
+    enc = codecs.encode(x, "bf16-lossless", lanes=32, steps=16, pairs=True)
+    assert enc.arrays["words"].size == 0
+    same_bits(codecs.decode(enc), x)
+    g = np.random.default_rng(0).normal(0, 0.02, (1024, 2048)).astype(BF16)
+    pairs = codecs.encode(g, "bf16-lossless", pairs=True)
+    single = codecs.encode(g, "bf16-lossless")
+    assert pairs.nbytes / g.nbytes < 0.665 and pairs.nbytes < 1.002 * single.nbytes
+    assert 0 < np.mean(codecs.pair_symbols(g.reshape(-1).view(np.uint16))[0] == 255) < 0.01  # a few escapes
+
+
+def test_pairs_validation():
+    x = np.random.default_rng(5).normal(0, 1, (40, 50)).astype(BF16)
+    for key, value in [("pairs", 1), ("dtype", "float16"), ("tiles", 9), ("carry", 2)]:
+        enc = codecs.encode(x, "bf16-lossless", lanes=8, steps=8, pairs=True)
+        enc.record[key] = value
+        with pytest.raises(codecs.FormatError):
+            codecs.decode(enc)
+    enc = codecs.encode(x, "bf16-lossless", lanes=8, steps=8, pairs=True)
+    enc.arrays["pairs"] = enc.arrays["pairs"][:255]
+    with pytest.raises(codecs.FormatError, match="pairs must be uint16"):
+        codecs.decode(enc)
+    enc = codecs.encode(x, "bf16-lossless", lanes=8, steps=8, pairs=True)
+    enc.arrays["words"] = enc.arrays["words"].copy()
+    enc.arrays["words"][3] ^= 0x4000
+    with pytest.raises(codecs.FormatError):
+        codecs.decode(enc)
+    with pytest.raises(ValueError, match="bfloat16"):
+        codecs.encode(np.ones(4, np.float16), "bf16-lossless", pairs=True)
+    with pytest.raises(ValueError, match="bf16-lossless layout"):
+        codecs.encode(x, "int8", pairs=True)

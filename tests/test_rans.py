@@ -73,3 +73,25 @@ def test_packed_table_matches_tables():
     np.testing.assert_array_equal((packed >> 12) & 0xFF, sym)
     np.testing.assert_array_equal((packed >> 20) + 1, freq)
     np.testing.assert_array_equal(np.arange(4096) - (packed & 0xFFF), bias)
+
+
+@pytest.mark.parametrize("n,lanes,steps", [(1, 1, 1), (777, 32, 16), (5000, 7, 13)])
+def test_bypass_after_escapes(n, lanes, steps):
+    """ESC symbols carry 16 bypass bits each; a lane may read two words in one step, in the right order."""
+    rng = np.random.default_rng(n)
+    sym = np.where(rng.random(n) < 0.3, rans.ESC, rng.integers(0, 4, n)).astype(np.uint8)
+    bits = rng.integers(0, 1 << 16, n).astype(np.uint16)
+    freqs = rans.normalize_freqs(np.bincount(sym, minlength=256))
+    states, counts, words = rans.encode(sym, freqs, lanes, steps, bypass=bits)
+    assert counts.max() <= 2 * steps
+    got, got_bits = rans.decode(states, counts, words, freqs, lanes, steps, n, bypass=True)
+    np.testing.assert_array_equal(got, sym)
+    np.testing.assert_array_equal(got_bits, np.where(sym == rans.ESC, bits, 0))
+    if words.size:  # a flipped bypass word changes what decodes, or where the lane ends
+        bad = words.copy()
+        bad[words.size // 2] ^= 0x0100
+        try:
+            out = rans.decode(states, counts, bad, freqs, lanes, steps, n, bypass=True)
+        except rans.RansError:
+            return
+        assert not (np.array_equal(out[0], got) and np.array_equal(out[1], got_bits))
