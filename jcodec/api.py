@@ -199,7 +199,8 @@ def _pack_record(ckpt, name):
     it is of another codec or its record or entries are not as expected (then it is read the general way)."""
     r = ckpt.record(name)
     try:
-        if r.get("codec") != "bf16-lossless" or r.get("dtype") not in ("bfloat16", "float16", "float32"):
+        if (r.get("codec") != "bf16-lossless" or r.get("dtype") not in ("bfloat16", "float16", "float32")
+                or r.get("pairs")):  # pair symbols: no pack kernel (yet); decoded the general way
             return None
         lanes, steps, shape, carry = r["lanes"], r["steps"], r["shape"], r.get("carry", 0)
         if not all(type(v) is int and v >= 1 for v in [lanes, steps, *shape]) or type(carry) is not int:

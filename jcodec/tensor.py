@@ -25,9 +25,11 @@ from jcodec import codecs, rans
 #   bases   uint32[T]     where each tile's first lane starts in `words` (the file's tile offsets)
 #   states  uint32[T*L]   each lane's start state
 #   table   uint32[4096+128]  packed slot table: cum | symbol << 12 | (freq - 1) << 20, then the kernels'
-#                         coarse table (one entry per 32 slots; pallas_kernels/rans_common.py)
+#                         coarse table (one entry per 32 slots; pallas_kernels/rans_common.py); with pair
+#                         symbols then 256 more: each symbol's two exponents in place, e1 << 7 | e2 << 23
 #   raw     uint8[m*rb]   bf16-lossless: the raw sign+mantissa bytes stored (all but those the lanes of full tiles
-#                         carry in their states: `codecs.split_carry`)
+#                         carry in their states: `codecs.split_carry`); with pair symbols uint16[m], a pair's two
+#                         bytes in one element
 #   scales  float32[rows], predictors int32[T]   int8 only
 DEVICE_ARRAYS = {
     "bf16-lossless": ("words", "starts", "bases", "states", "table", "raw"),
@@ -47,19 +49,26 @@ class TensorMeta:
     rows: int = 0  # int8: the 2-D view quantised per row
     cols: int = 0
     predictors: tuple[int, ...] = ()  # int8: the predictor ids its tiles use (the kernel compiles one loop each)
-    carry: int = 0  # bf16-lossless: values per lane of a full tile whose raw bytes its end state carries
+    carry: int = 0  # bf16-lossless: steps per lane of a full tile whose raw bytes its end state carries
+    pairs: bool = False  # bf16-lossless of bfloat16: one symbol per two values (codecs.encode_pairs)
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def symbols(self) -> int:
+        """Coded symbols: the values, or with pair symbols the pairs (an odd size's last pair is padded)."""
+        return -(-self.size // 2) if self.pairs else self.size
+
+    @property
     def tile(self) -> int:
-        return self.lanes * self.steps
+        """Values per tile."""
+        return self.lanes * self.steps * (2 if self.pairs else 1)
 
     @property
     def tiles(self) -> int:
-        return max(1, -(-self.size // self.tile))
+        return max(1, -(-self.symbols // (self.lanes * self.steps)))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -104,8 +113,9 @@ class CompressedTensor:
 
 
 def starts_dtype(lanes: int, steps: int):
-    """A lane reads at most one word a step, so its start within the tile is at most ``(lanes - 1) * steps``:
-    uint16 when that fits (one byte a lane more than the file's 8-bit counts at 240 steps), else uint32."""
+    """A lane reads at most one word a step (two with pair symbols: pass twice the steps), so its start within
+    the tile is at most ``(lanes - 1) * steps``: uint16 when that fits (one byte a lane more than the file's
+    8-bit counts at 240 steps), else uint32."""
     return np.dtype(np.uint16 if (lanes - 1) * steps < 1 << 16 else np.uint32)
 
 
@@ -121,9 +131,14 @@ def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
     slots = rans.packed_slot_table(a["freqs"])
     bases = np.ascontiguousarray(a["tiles"][:, 0])  # each tile's first lane offset (validate checked them)
     starts = rans.lane_offsets(a["counts"]) - np.repeat(bases.astype(np.int64), r["lanes"])
-    host = dict(words=a["words"], starts=starts.astype(starts_dtype(r["lanes"], r["steps"])), bases=bases,
-                states=a["states"], table=np.concatenate([slots, rans_common.coarse_table(slots, np)]))
-    if r["codec"] == "bf16-lossless":
+    per_step = 2 if r.get("pairs") else 1
+    host = dict(words=a["words"], starts=starts.astype(starts_dtype(r["lanes"], r["steps"] * per_step)),
+                bases=bases, states=a["states"], table=np.concatenate([slots, rans_common.coarse_table(slots, np)]))
+    if r.get("pairs"):
+        both = a["pairs"].astype(np.uint32)
+        host["table"] = np.concatenate([host["table"], ((both & 0xFF) << 7) | ((both >> 8) << 23)])
+        host["raw"] = a["raw"].view(np.uint16)
+    elif r["codec"] == "bf16-lossless":
         host["raw"] = a["raw"]
     else:
         host["scales"] = a["scales"]
@@ -146,7 +161,7 @@ def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = Tr
     meta = TensorMeta(r["codec"], tuple(r["shape"]), r["dtype"], r["lanes"], r["steps"],
                       r.get("rows", 0), r.get("cols", 0),
                       tuple(sorted(set(host["predictors"].tolist()))) if "predictors" in host else (),
-                      r.get("carry", 0))
+                      r.get("carry", 0), bool(r.get("pairs", False)))
     if not to_device:
         return CompressedTensor(host, meta)
     return CompressedTensor({k: jax.device_put(v, device) for k, v in host.items()}, meta)
@@ -193,9 +208,9 @@ def _check_backend(ct, backend):
 def kernel_args(ct: CompressedTensor):
     """``(arrays, meta tuple)`` as the kernels' ``*_decode_many`` take them (for one tensor or a stack)."""
     m, a = ct.meta, ct.arrays
-    if m.codec == "bf16-lossless":
+    if m.codec == "bf16-lossless":  # (pair symbols: the kernels' dtype "bfloat16x2", n counts pairs)
         return (tuple(a[k] for k in ("words", "starts", "bases", "states", "raw", "table")),
-                (m.size, m.lanes, m.steps, m.dtype, m.carry))
+                (m.symbols, m.lanes, m.steps, "bfloat16x2" if m.pairs else m.dtype, m.carry))
     return (tuple(a[k] for k in ("words", "starts", "bases", "states", "table", "scales", "predictors")),
             (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors or (0, 1, 2)))
 
@@ -206,7 +221,7 @@ def _reference(ct: CompressedTensor) -> jax.Array:
     args, meta = kernel_args(ct)
     if ct.meta.codec == "bf16-lossless":
         return rans_float.rans_float_reference(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
-                                               carry=meta[4])
+                                               carry=meta[4])[:ct.meta.size]
     return rans_int8.rans_int8_reference(*args, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3],
                                          steps=meta[4], dtype=meta[5])
 
@@ -227,6 +242,9 @@ def decode_many(cts: list, *, tiles=None, start=None, window: int = 0, interpret
             decoded = fn([a for a, _ in args], metas=tuple(m for _, m in args), tiles=[tiles[i] for i in idx],
                          start=start, window=window, interpret=interpret)
             for i, d in zip(idx, decoded):
+                m = cts[i].meta
+                if m.pairs and m.size % 2 and tiles[i] is None:  # the padding value of an odd size
+                    d = d[..., :m.size]
                 out[i] = d
     return out
 
@@ -488,7 +506,7 @@ def pack_groups(cts: list, limit: int = PACK_LIMIT) -> list[list[int]]:
     """Indices of ``cts`` grouped into packs: host ``bf16-lossless`` tensors of one geometry, each pack below
     ``limit`` values; tensors that fit no pack (or are on a device) are left out."""
     items = [(i, (ct.meta.lanes, ct.meta.steps, ct.meta.dtype, ct.meta.carry), _pack_values(ct)) for i, ct in enumerate(cts)
-             if ct.meta.codec == "bf16-lossless" and len(ct.batch_shape) <= 1
+             if ct.meta.codec == "bf16-lossless" and not ct.meta.pairs and len(ct.batch_shape) <= 1
              and all(isinstance(a, np.ndarray) for a in ct.arrays.values())]
     return [keys for _, keys in fill_packs(items, limit)]
 

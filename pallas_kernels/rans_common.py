@@ -19,9 +19,14 @@ WORD_BITS = 16
 STATE_LOW = 1 << 16
 TABLE_SIZE = 1 << PROB_BITS
 
-# raw bytes per value and the unsigned container of each float codec dtype
-RAW_BYTES = {"bfloat16": 1, "float16": 1, "float32": 3}
-BITS_DTYPE = {"bfloat16": jnp.uint16, "float16": jnp.uint16, "float32": jnp.uint32}
+# raw bytes per symbol and the unsigned container of each float codec dtype; "bfloat16x2" is bfloat16 with
+# pair symbols (jcodec.codecs.encode_pairs): a symbol is two values, their raw bytes one uint16, their bits
+# one uint32 (the first value in the low half)
+PAIRS = "bfloat16x2"
+RAW_BYTES = {"bfloat16": 1, "float16": 1, "float32": 3, PAIRS: 2}
+BITS_DTYPE = {"bfloat16": jnp.uint16, "float16": jnp.uint16, "float32": jnp.uint32, PAIRS: jnp.uint32}
+ESC = 255  # jcodec.rans.ESC: the pair symbol followed by 16 bypass bits
+PAIR_TABLE = 256  # pair symbols: entries after the slot (and coarse) table, ``e1 << 7 | e2 << 23`` per symbol
 INT32_MAX = (1 << 31) - 1
 
 
@@ -56,6 +61,17 @@ def coarse_table(table, xp=jnp, bits: int = COARSE_BITS):
     return xp.where(pure, first, xp.uint32(MIXED)).astype(xp.uint32)
 
 
+def exponents_in_place(payload):
+    """An escaped pair's 16 bits ``e1 | e2 << 8`` -> ``e1 << 7 | e2 << 23`` (as the pair table holds them)."""
+    return ((payload & 0xFF) | ((payload & 0xFF00) << 8)) << 7
+
+
+def bypass(x, word):
+    """``(bits, state)``: the 16 bits coded after an ESC (the state's low half) and the state with ``word``
+    shifted in their place (``jcodec.rans.ESC``); ``x`` is renormalised (>= 2^16)."""
+    return x & 0xFFFF, (x & jnp.uint32(0xFFFF0000)) | word
+
+
 def renormalise(x, word):
     """``(state, need)``: shift the 16-bit ``word`` (uint32) in where the state fell below 2^16."""
     need = x < STATE_LOW
@@ -74,6 +90,9 @@ def join_float(sym, raw, dtype: str):
         return (sym << 8) | raw
     if dtype == "float32":  # raw = s + 23 mantissa bits
         return ((raw & 0x800000) << 8) | (sym << 23) | (raw & 0x7FFFFF)
+    if dtype == PAIRS:  # sym = both exponents in place (e1 << 7 | e2 << 23), raw = r1 | r2 << 8
+        spread = (raw & 0xFF) | ((raw & 0xFF00) << 8)
+        return (spread & 0x007F007F) | ((spread & 0x00800080) << 8) | sym
     raise ValueError(f"{dtype=} must be one of bfloat16, float16, float32")
 
 

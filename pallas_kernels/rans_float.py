@@ -72,6 +72,9 @@ def rans_float_kernel(
     out_first = jnp.where(live, p * tile + j, out_ref.shape[0] + j)
     out_base = o * (out_ref.shape[0] // (window or copies))
     table_base = c * (table_ref.shape[0] // copies)
+    # pair symbols: the pair table follows the slot and coarse tables
+    pair_base = table_base + rc.TABLE_SIZE + (rc.TABLE_SIZE >> coarse_bits if coarse_bits else 0) \
+        if dtype == rc.PAIRS else None
     rb = rc.RAW_BYTES[dtype]
     # raw bytes: a full tile's lanes carry their last `carry` values in their end state (jcodec.codecs.split_carry);
     # the raw array holds the other steps of every full tile, then the last tile's (value units here)
@@ -99,7 +102,7 @@ def rans_float_kernel(
         syms = []
         for u in range(unroll):
             k = b * unroll + u
-            sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
+            sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base, pair_base)
             write(k, sym, raws[u], u < left)
             syms.append(sym)
             if not raw_early:
@@ -210,9 +213,10 @@ def group_shift(words_ref) -> int:
 
 
 def load_raw(raw_ref, i, ok, rb: int):
-    """[B] uint32 raw bits of values ``i`` (masked by ``ok``): the raw byte, or (``rb`` = 3, float32) the
-    24-bit little-endian value of the three raw bytes (``rans_common.join_float``'s ``raw``)."""
-    if rb == 1:
+    """[B] uint32 raw bits of values ``i`` (masked by ``ok``): the raw byte, a pair's two (``rb`` = 2: ``raw_ref``
+    holds uint16), or (``rb`` = 3, float32) the 24-bit little-endian value of the three raw bytes
+    (``rans_common.join_float``'s ``raw``)."""
+    if rb in (1, 2):
         return plgpu.load(raw_ref.at[i], mask=ok, other=0).astype(jnp.uint32)
     b = [plgpu.load(raw_ref.at[3 * i + j], mask=ok, other=0).astype(jnp.uint32) for j in range(3)]
     return b[0] | (b[1] << 8) | (b[2] << 16)
@@ -293,12 +297,29 @@ def lanes_fold(lane_state, touched):
     return x, ptr, word, sink ^ touched
 
 
-def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0):
-    """One decode step of every lane: (symbol uint32, new lane state)."""
+def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0, pair_base=None):
+    """One decode step of every lane: (symbol uint32, new lane state). With ``pair_base`` (pair symbols, where
+    the pair table starts in ``table_ref``) the "symbol" is the pair's two exponents in place
+    (``e1 << 7 | e2 << 23``): from the pair table, or after an ESC from the 16 bits that follow it."""
     x, ptr, word, sink = lane_state
     shift = group_shift(words_ref)
     last = words_ref.shape[0] - 1
     sym, x = rc.rans_step(x, lookup(table_ref, x, coarse_bits, table_base))
+    if pair_base is not None:
+        x, need = rc.renormalise(x, word)
+        esc = sym == rc.ESC
+        # the bypass word: the held word if the lane took no renormalisation word, else the one after it (a
+        # lane reads up to two words in a step; the second load is live only for such lanes, ~0.01%)
+        second = plgpu.load(words_ref.at[jnp.minimum(ptr + 1, last)], mask=esc & need,
+                            other=word.astype(jnp.uint16)).astype(jnp.uint32)
+        payload, escaped = rc.bypass(x, second)
+        x = jnp.where(esc, escaped, x)
+        moved = need.astype(jnp.int32) + esc.astype(jnp.int32)
+        ptr = ptr + moved
+        word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=moved > 0,
+                          other=word.astype(jnp.uint16)).astype(jnp.uint32)
+        pair = plgpu.load(table_ref.at[sym.astype(jnp.int32) + pair_base], mask=~esc, other=0)
+        return jnp.where(esc, rc.exponents_in_place(payload), pair), (x, ptr, word, sink)
     if shift:  # `word` is the pair holding ptr: its low half at even ptr, its high half at odd
         x, need = rc.renormalise(x, (word >> ((ptr & 1) << 4).astype(jnp.uint32)) & 0xFFFF)
         ptr = ptr + need.astype(jnp.int32)
@@ -325,9 +346,14 @@ def lookup(table_ref, x, coarse_bits: int, base=0):
     return plgpu.load(table_ref.at[slot.astype(jnp.int32) + base], mask=coarse == jnp.uint32(rc.MIXED), other=coarse)
 
 
-def kernel_table(table, coarse_bits: int):
+def kernel_table(table, coarse_bits: int, pairs: bool = False):
     """The table the kernels read: the 4096 slot entries, then the coarse table for ``coarse_bits`` (on the
-    last axis of ``table``; a stack's tables are flattened afterwards by the caller)."""
+    last axis of ``table``; a stack's tables are flattened afterwards by the caller), then with ``pairs`` the
+    pair table (the last :data:`rans_common.PAIR_TABLE` entries of ``table``)."""
+    if pairs:
+        body = kernel_table(table[..., :-rc.PAIR_TABLE], coarse_bits)
+        return table if body.shape[-1] == table.shape[-1] - rc.PAIR_TABLE else \
+            jnp.concatenate([body, table[..., -rc.PAIR_TABLE:]], axis=-1)
     if not coarse_bits:
         return table[..., :rc.TABLE_SIZE]
     if coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.TABLE_SIZE + rc.COARSE_SIZE:
@@ -391,10 +417,12 @@ def _check(words, starts, bases, states, raw, table, n, lanes, steps, dtype, car
     if n < 1 or copies * n * rc.RAW_BYTES[dtype] > rc.INT32_MAX or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be >= 1 and its padded tiles and raw bytes must have < 2^31 elements")
     check_lanes(starts, bases, states, lead, t * lanes, lanes)
-    raw_shape = lead + (raw_size(n, lanes, steps, carry) * rc.RAW_BYTES[dtype],)
-    if raw.dtype != jnp.uint8 or raw.shape != raw_shape:
-        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be uint8{list(raw_shape)}")
-    check_table(table, lead)
+    pairs = dtype == rc.PAIRS  # raw: one uint16 per pair
+    raw_dtype = jnp.uint16 if pairs else jnp.uint8
+    raw_shape = lead + (raw_size(n, lanes, steps, carry) * (1 if pairs else rc.RAW_BYTES[dtype]),)
+    if raw.dtype != raw_dtype or raw.shape != raw_shape:
+        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be {jnp.dtype(raw_dtype).name}{list(raw_shape)}")
+    check_table(table, lead, pairs)
     check_words(words, lead)
 
 
@@ -409,8 +437,8 @@ def check_lanes(starts, bases, states, lead, total: int, lanes: int):
                              f"{' or '.join(jnp.dtype(d).name for d in dts)}{list(lead + (size,))}")
 
 
-def check_table(table, lead=()):
-    sizes = (rc.TABLE_SIZE, rc.TABLE_SIZE + rc.COARSE_SIZE)
+def check_table(table, lead=(), pairs: bool = False):
+    sizes = tuple(s + (rc.PAIR_TABLE if pairs else 0) for s in (rc.TABLE_SIZE, rc.TABLE_SIZE + rc.COARSE_SIZE))
     if table.dtype != jnp.uint32 or table.shape[:-1] != lead or table.ndim != len(lead) + 1 \
             or table.shape[-1] not in sizes:
         raise ValueError(f"table={table.dtype}{list(table.shape)} must be uint32{list(lead)}[{sizes[0]}] or "
@@ -464,6 +492,8 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     for arrays, (n, lanes, steps, dtype, carry), tl in zip(tensors, metas, tiles):
         _check(*arrays, n, lanes, steps, dtype, carry)
         check_words(arrays[0], stack_lead(arrays[3]), word_group)
+        if dtype == rc.PAIRS and word_group != 1:
+            raise ValueError(f"{word_group=} must be 1 for pair symbols (a lane may read two words in a step)")
         c, programs = launch_shape(arrays[3], tl, lanes)
         copies.append(c)
         starts.append(starts[-1] + (programs // c * window if window else programs))
@@ -483,11 +513,17 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
         interpret=interpret,
         name=f"rans_float_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
              + (f"_g{word_group}" if word_group > 1 else "") + ("_r1" if raw_early else ""),
-    )(*[flat(a) for arrays in tensors
-        for a in (kernel_words(arrays[0], word_group), *arrays[1:5], kernel_table(arrays[5], coarse_bits))],
+    )(*[flat(a) for arrays, m in zip(tensors, metas)
+        for a in (kernel_words(arrays[0], word_group), *arrays[1:5],
+                  kernel_table(arrays[5], coarse_bits, m[3] == rc.PAIRS))],
       *[tl for tl in tiles if tl is not None], *extra)
-    return [lax.bitcast_convert_type(b, jnp.dtype(m[3])).reshape((window or c, -1) if t[3].ndim == 2 else (-1,))
+    return [lax.bitcast_convert_type(b, value_dtype(m[3])).reshape((window or c, -1) if t[3].ndim == 2 else (-1,))
             for b, m, c, t in zip(outs[:len(metas)], metas, copies, tensors)]
+
+
+def value_dtype(dtype: str):
+    """The values' dtype of a kernel dtype (pair symbols decode bfloat16 values, two per symbol)."""
+    return jnp.bfloat16 if dtype == rc.PAIRS else jnp.dtype(dtype)
 
 
 def rans_float_decode(words, starts, bases, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
@@ -515,12 +551,14 @@ def rans_float_decode(words, starts, bases, states, raw, table, *, n: int, lanes
 
 # ----------------------------------------------------------------------------------------- reference
 def rans_symbols_reference(words, starts, bases, states, table, *, n: int, lanes: int, steps: int,
-                           ends: bool = False):
+                           ends: bool = False, pairs: bool = False):
     """All lanes' decoded symbols (uint32[n], symbol order) in pure jnp: a fori_loop over the steps,
     every lane at once; the exact inverse of ``jcodec.rans.encode``. ``ends``: also return the lanes' end
-    states (uint32[T*L])."""
+    states (uint32[T*L]). ``pairs``: pair symbols (``table`` ends with the pair table); the "symbols" are
+    each pair's exponents in place, ``e1 << 7 | e2 << 23``, escaped pairs' from their 16 bypass bits."""
     last_word = words.shape[0] - 1
     total_lanes = states.shape[0]
+    pair_table = table[-rc.PAIR_TABLE:]
     table = table[:rc.TABLE_SIZE]
 
     def step(k, carry):
@@ -528,9 +566,16 @@ def rans_symbols_reference(words, starts, bases, states, table, *, n: int, lanes
         sym, x = rc.rans_step(x, table[x & rc.SLOT_MASK])
         word = words[jnp.minimum(ptr, last_word)].astype(jnp.uint32)
         x, need = rc.renormalise(x, word)
-        return x, ptr + need.astype(ptr.dtype), out.at[k].set(sym.astype(jnp.uint8))
+        ptr = ptr + need.astype(ptr.dtype)
+        if pairs:
+            esc = sym == rc.ESC
+            payload, escaped = rc.bypass(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
+            x = jnp.where(esc, escaped, x)
+            ptr = ptr + esc.astype(ptr.dtype)
+            return x, ptr, out.at[k].set(jnp.where(esc, rc.exponents_in_place(payload), pair_table[sym]))
+        return x, ptr, out.at[k].set(sym.astype(jnp.uint8))
 
-    out = jnp.zeros((steps, total_lanes), jnp.uint8)
+    out = jnp.zeros((steps, total_lanes), jnp.uint32 if pairs else jnp.uint8)
     start = jnp.repeat(bases.astype(jnp.int32), lanes) + starts.astype(jnp.int32)  # [T*L] each lane's first word
     x, _, out = lax.fori_loop(0, steps, step, (states, start, out))
     tiles = total_lanes // lanes
@@ -543,7 +588,7 @@ def raw_reference(raw, ends, *, n: int, lanes: int, steps: int, dtype: str, carr
     """Every value's raw bits (uint32[n]) from the stored raw bytes and the lanes' end states (the carried
     values of the full tiles; ``jcodec.codecs.join_carry``)."""
     rb = rc.RAW_BYTES[dtype]
-    if rb == 1:
+    if rb in (1, 2):  # (2: pair symbols, raw is uint16)
         r = raw.astype(jnp.uint32)
     else:
         r3 = raw.reshape(-1, 3).astype(jnp.uint32)
@@ -560,10 +605,11 @@ def raw_reference(raw, ends, *, n: int, lanes: int, steps: int, dtype: str, carr
 @functools.partial(jax.jit, static_argnames=["n", "lanes", "steps", "dtype", "carry"])
 def rans_float_reference(words, starts, bases, states, raw, table, *, n: int, lanes: int, steps: int,
                          dtype: str, carry: int = 0) -> jax.Array:
-    """Pure-JAX ``bf16-lossless`` decoder (any backend); bit-exact with the kernel and with NumPy."""
+    """Pure-JAX ``bf16-lossless`` decoder (any backend); bit-exact with the kernel and with NumPy. Pair
+    symbols (``dtype="bfloat16x2"``, ``n`` pairs): bfloat16[2n]."""
     _check(words, starts, bases, states, raw, table, n, lanes, steps, dtype, carry)
     sym, ends = rans_symbols_reference(words, starts, bases, states, table, n=n, lanes=lanes, steps=steps,
-                                       ends=True)
+                                       ends=True, pairs=dtype == rc.PAIRS)
     r = raw_reference(raw, ends, n=n, lanes=lanes, steps=steps, dtype=dtype, carry=carry)
     bits = rc.join_float(sym, r, dtype).astype(rc.BITS_DTYPE[dtype])
-    return lax.bitcast_convert_type(bits, jnp.dtype(dtype))
+    return lax.bitcast_convert_type(bits, value_dtype(dtype)).reshape(-1)

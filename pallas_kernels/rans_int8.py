@@ -169,8 +169,8 @@ def rans_int8_kernel(
 
 def _check(words, starts, bases, states, table, scales, predictors, n, rows, cols, lanes, steps, dtype):
     """The arrays of one tensor, or of a stack of tensors of one meta (a leading axis on every array)."""
-    if dtype not in rc.RAW_BYTES:
-        raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
+    if dtype not in rc.RAW_BYTES or dtype == rc.PAIRS:
+        raise ValueError(f"{dtype=} must be one of {', '.join(d for d in rc.RAW_BYTES if d != rc.PAIRS)}")
     if not (1 <= lanes and 1 <= steps < 1 << 16):
         raise ValueError(f"{lanes=} must be >= 1 and {steps=} must be in [1, 65536)")
     t = max(1, -(-n // (lanes * steps)))

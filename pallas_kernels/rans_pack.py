@@ -95,8 +95,8 @@ def rans_pack_kernel(
 
 def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, steps: int, dtype: str,
                carry: int) -> None:
-    if dtype not in rc.RAW_BYTES:
-        raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
+    if dtype not in rc.RAW_BYTES or dtype == rc.PAIRS:
+        raise ValueError(f"{dtype=} must be one of {', '.join(d for d in rc.RAW_BYTES if d != rc.PAIRS)}")
     if not (1 <= lanes and 1 <= steps < 1 << 16 and 0 <= carry < steps) or not sizes or min(sizes) < 1:
         raise ValueError(f"{lanes=} must be >= 1, {steps=} in [1, 65536), {carry=} in [0, steps) and "
                          f"sizes={sizes!r} >= 1 each")
