@@ -8,10 +8,14 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
   bases    uint32[T]     where each tile's first lane starts in ``words``: lane ``l`` of tile ``t`` starts at
                          ``bases[t] + starts[t*L + l]``
   states   uint32[T*L]   each lane's start state
-  raw      uint8[n*rb]   the raw bytes of value i at ``i*rb .. i*rb+rb-1`` (rb = 1, or 3 for float32)
+  raw      uint8[n*rb]   the raw bytes of value i at ``i*rb .. i*rb+rb-1`` (rb = 1, or 3 for float32); with pair
+                         symbols (dtype "bfloat16x2", n pairs) uint16[n], pair i's two bytes in element i
   table    uint32[4096 + 128]  packed slot table ``cum | symbol << 12 | (freq - 1) << 20``, then the coarse
-                         table of :func:`rans_common.coarse_table` (computed here when only 4096 are given)
-Value ``i`` of the tensor lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``.
+                         table of :func:`rans_common.coarse_table` (computed here when only 4096 are given);
+                         with pair symbols then the pair table, uint32[256]: symbol -> ``e1 << 7 | e2 << 23``
+Value ``i`` of the tensor lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``. Pair
+symbols (``jcodec.codecs.encode_pairs``; dtype "bfloat16x2", ``n`` pairs): read "pair" for "value" throughout; a
+pair decodes to one uint32 (bfloat16 values 2i, 2i+1), and after an ESC symbol a lane reads a second word.
 A stack of ``copies`` tensors of one geometry (layers) has a leading axis on every array, the word streams
 zero-padded to the longest (``jcodec.tensor.stack_layers``); the kernel reads it flattened, copy ``c`` at
 ``c`` times each array's row length. ``tiles`` (int32[R], optional) picks the tiles to decode; a *window*
@@ -79,7 +83,8 @@ def rans_float_kernel(
     # raw bytes: a full tile's lanes carry their last `carry` values in their end state (jcodec.codecs.split_carry);
     # the raw array holds the other steps of every full tile, then the last tile's (value units here)
     full = t < n // tile
-    raw_first = c * (raw_ref.shape[0] // (copies * rb)) + t * ((steps - carry) * lanes) + l
+    per_value = 1 if rb == 2 else rb  # raw_ref elements per value (pair symbols: one uint16 per pair)
+    raw_first = c * (raw_ref.shape[0] // (copies * per_value)) + t * ((steps - carry) * lanes) + l
     # [B] the steps whose values a lane writes in the loop, with raw bytes from `raw` (a full tile's carried
     # steps are written after it, from the end state)
     in_loop = jnp.where(full, steps - carry, steps_with_values(n - first, lanes, steps))

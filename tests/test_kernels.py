@@ -428,6 +428,103 @@ class TestStacksAndTiles(KernelTestBase):
             np.testing.assert_array_equal(bits(emb(tokens)), want[np.asarray(tokens)])
 
 
+class TestPairSymbols(KernelTestBase):
+    """bfloat16 with one symbol per two values (codecs.encode_pairs): escapes read a second word in a step."""
+
+    def check_pairs(self, x, lanes, steps, **blocks):
+        enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=True)
+        want = bits(codecs.decode(enc)).reshape(-1)
+        np.testing.assert_array_equal(want, bits(x).reshape(-1))
+        ct = tensor.from_encoded(enc)
+        args, meta = tensor.kernel_args(ct)
+        assert meta[0] == -(-x.size // 2) and meta[3] == "bfloat16x2"
+        np.testing.assert_array_equal(bits(tensor.decode(ct, backend="reference")).reshape(-1), want)
+        out = rans_float.rans_float_decode_many([args], metas=(meta,), **blocks, interpret=self.INTERPRET)[0]
+        assert out.dtype == jnp.bfloat16 and out.shape == (2 * meta[0],)
+        np.testing.assert_array_equal(bits(out)[:x.size], want)
+        return enc
+
+    @pytest.mark.parametrize("n,lanes,steps", [(1, 32, 8), (3, 32, 8), (1025, 32, 8), (700, 7, 5), (64 * 240, 128, 120)])
+    def test_ragged_sizes_edges_and_escapes(self, n, lanes, steps):
+        rng = np.random.default_rng(n + lanes)
+        x = random_float(rng, (n,), "bfloat16")
+        edges = special_values("bfloat16")
+        x[:min(n, edges.size)] = edges[:min(n, edges.size)]
+        x[n // 2:n // 2 + 40] = random_float(rng, (len(x[n // 2:n // 2 + 40]),), "bfloat16", "bits")
+        self.check_pairs(x, lanes, steps)
+
+    @pytest.mark.parametrize("unroll,num_warps,coarse_bits,prefetch,raw_early", [
+        (1, 1, 5, 0, False), (4, 2, 0, 16, True), (8, 4, 3, 1, False)])
+    def test_block_sizes(self, unroll, num_warps, coarse_bits, prefetch, raw_early):
+        rng = np.random.default_rng(unroll)
+        self.check_pairs(random_float(rng, (3, 700), "bfloat16"), 24, 16, unroll=unroll, num_warps=num_warps,
+                         coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
+
+    @pytest.mark.parametrize("kind", ["bits", "equal"])
+    def test_incompressible_and_all_equal(self, kind):
+        rng = np.random.default_rng(3)
+        x = random_float(rng, (1500,), "bfloat16", "bits") if kind == "bits" else np.full(1501, -2.5, ml_dtypes.bfloat16)
+        enc = self.check_pairs(x, 32, 16)
+        assert (enc.arrays["words"].size == 0) == (kind == "equal")
+
+    def test_with_other_tensors_in_one_launch_and_scan(self):
+        """Pairs, one-exponent bfloat16 and float32 tensors in one launch; stacked pair layers in a scan."""
+        rng = np.random.default_rng(4)
+        xs = [random_float(rng, (33, 71), "bfloat16"), random_float(rng, (500,), "bfloat16"),
+              random_float(rng, (97,), "float32")]
+        encs = [codecs.encode(xs[0], "bf16-lossless", lanes=32, steps=8, pairs=True),
+                codecs.encode(xs[1], "bf16-lossless", lanes=32, steps=16),
+                codecs.encode(xs[2], "bf16-lossless", lanes=32, steps=16)]
+        outs = tensor.materialize_all([tensor.from_encoded(e) for e in encs], backend="pallas",
+                                      interpret=self.INTERPRET)
+        for out, x in zip(outs, xs):
+            np.testing.assert_array_equal(bits(out), bits(x))
+        layers = [random_float(rng, (24, 69), "bfloat16") * (i + 1) for i in range(3)]
+        stacked = tensor.stack_layers([tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=32, steps=8,
+                                                                         pairs=True)) for x in layers])
+
+        @jax.jit
+        def run(st, start):
+            ys = lax.scan(lambda c, ct: (c, tensor.decode(ct, backend="pallas", interpret=self.INTERPRET)), 0, st)[1]
+            return ys, tensor.decode_window([st], start, 2, backend="pallas", interpret=self.INTERPRET)[0]
+
+        ys, window = run(stacked, jnp.int32(1))
+        np.testing.assert_array_equal(bits(ys), bits(np.stack(layers)))
+        np.testing.assert_array_equal(bits(window), bits(np.stack(layers[1:])))
+
+    @pytest.mark.parametrize("shape,lanes,steps", [((37, 41), 32, 8), ((3, 500), 32, 4)])
+    def test_tiles_rows_and_embedding_lookup(self, shape, lanes, steps):
+        rng = np.random.default_rng(shape[0])
+        x = random_float(rng, shape, "bfloat16")
+        ct = tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=True))
+        tile, count = 2 * lanes * steps, ct.meta.tiles
+        assert ct.meta.tile == tile
+        flat = bits(x).reshape(-1)
+        ids = jnp.asarray([count - 1, 0, min(1, count - 1)], jnp.int32)
+        for backend in ("pallas", "reference"):
+            got = bits(tensor.decode_tiles(ct, ids, backend=backend, interpret=self.INTERPRET)).reshape(3, tile)
+            for r, t in enumerate(np.asarray(ids)):
+                part = flat[t * tile:(t + 1) * tile]
+                np.testing.assert_array_equal(got[r, :part.size], part)
+            rows = jax.jit(lambda s: tensor.decode_rows(ct, s, 2, backend=backend, interpret=self.INTERPRET))
+            np.testing.assert_array_equal(bits(rows(jnp.int32(shape[0] - 2))), bits(x[-2:]))
+            tokens = jnp.asarray(rng.integers(0, shape[0], (2, 3)), jnp.int32)
+            emb = jax.jit(lambda t: tensor.take_rows(ct, t, chunk=2, backend=backend, interpret=self.INTERPRET))
+            np.testing.assert_array_equal(bits(emb(tokens)), bits(x[np.asarray(tokens)]))
+
+    def test_refused_options(self):
+        x = random_float(np.random.default_rng(5), (300,), "bfloat16")
+        ct = tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=32, steps=8, pairs=True))
+        args, meta = tensor.kernel_args(ct)
+        with pytest.raises(ValueError, match="word_group=2 must be 1 for pair symbols"):
+            rans_float.rans_float_decode_many([args], metas=(meta,), word_group=2, interpret=self.INTERPRET)
+        with pytest.raises(ValueError, match="raw=uint8"):
+            rans_float.rans_float_decode_many([(*args[:4], args[4].view(jnp.uint8), args[5])], metas=(meta,),
+                                              interpret=self.INTERPRET)
+        assert tensor.pack_groups([tensor.from_encoded(codecs.encode(x, "bf16-lossless", pairs=True),
+                                                       to_device=False)]) == []
+
+
 class TestCoarseTable:
     def test_coarse_lookup_equals_full_table(self):
         from jcodec import rans
