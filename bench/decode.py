@@ -67,14 +67,14 @@ def gaussian(shape, seed):
 
 
 def _encode(job):
-    shape, seed, codec, lanes, steps = job
+    shape, seed, codec, lanes, steps, pairs = job
     x = gaussian(shape, seed)
-    return x, codecs.encode(x, codec, lanes=lanes, steps=steps)
+    return x, codecs.encode(x, codec, lanes=lanes, steps=steps, pairs=pairs)
 
 
-def encode_all(shapes, codec, lanes, steps, seed0=0):
-    """[(x, enc)] for each shape, one process per tensor."""
-    jobs = [(s, seed0 + i, codec, lanes, steps) for i, s in enumerate(shapes)]
+def encode_all(shapes, codec, lanes, steps, seed0=0, pairs=False):
+    """[(x, enc)] for each shape, one process per tensor (``pairs``: bf16-lossless with pair symbols)."""
+    jobs = [(s, seed0 + i, codec, lanes, steps, pairs) for i, s in enumerate(shapes)]
     ctx = multiprocessing.get_context("spawn")  # the parent holds a CUDA context: no fork
     with cf.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
         return list(pool.map(_encode, jobs))
@@ -186,7 +186,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     cts = [tensor.from_encoded(enc) for _ in range(rotate)]
     arrays = [tensor.kernel_args(ct)[0] for ct in cts]
     meta = tensor.kernel_args(cts[0])[1]
-    n = meta[0]
+    n = x.size  # values (meta[0] counts pairs with pair symbols)
     ratio = enc.nbytes / x.nbytes
     log(f"[{label}] bf16-lossless {x.shape}: ratio {ratio:.4f} (file {enc.nbytes} B; device {cts[0].nbytes} B)")
     results = {}
@@ -416,6 +416,10 @@ def main():
     ap.add_argument("--int8-steps", default=str(codecs.DEFAULT_STEPS["int8"]),
                     help="steps per lane to encode the int8 matrix and layer with (comma list)")
     ap.add_argument("--square-steps", default="1024,512,256", help="steps per lane to encode the 4096 x 4096 matrix with")
+    ap.add_argument("--pair-steps", default="", help="also time the matrix and the layer encoded with pair symbols "
+                    "(codecs.encode_pairs) at these steps per lane, e.g. 120")
+    ap.add_argument("--pair-variants", help="variants for the pair-symbol rows, same form (default: the matrix's "
+                    "and the layer's)")
     args = ap.parse_args()
     if args.profile:
         return profile_once(args.steps)
@@ -467,6 +471,19 @@ def main():
                 lv = parse(args.layer_variants, LAYER_VARIANTS, 4, FLOAT_OPTIONS)
                 bench_float_layer(layer, args.rotate, args.reps, lv, skip | ({"separate"} if i else set()),
                                   label=f"layer s{steps}")
+                del layer
+        for steps in [int(v) for v in args.pair_steps.split(",") if v]:
+            (x, enc), = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, steps, pairs=True)
+            if "matrix" not in skip:
+                bench_float_matrix(x, enc, args.rotate, args.reps, parse(args.pair_variants, FLOAT_VARIANTS, 4,
+                                                                         FLOAT_OPTIONS), label=f"matrix pairs s{steps}")
+            del x, enc
+            if "layer" not in skip:
+                layer = encode_all(list(LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=30,
+                                   pairs=True)
+                bench_float_layer(layer, args.rotate, args.reps, parse(args.pair_variants, LAYER_VARIANTS, 4,
+                                                                       FLOAT_OPTIONS),
+                                  skip | {"separate", "ref", "ceiling"}, label=f"layer pairs s{steps}")
                 del layer
         int8_steps = [int(v) for v in args.int8_steps.split(",")]
         for steps in int8_steps if "int8" not in skip else []:
