@@ -21,8 +21,9 @@ from safetensors.numpy import save_file
 
 from jcodec import codecs
 
-FORMAT_VERSION = 2
-READS_VERSIONS = ("1", "2")  # version 1: no carried raw bytes (a record without `carry`)
+FORMAT_VERSION = 3
+# version 1: no carried raw bytes (a record without `carry`); version 2: no pair symbols (no `pairs`)
+READS_VERSIONS = ("1", "2", "3")
 VERSION_KEY = "jcodec.version"
 RECORD_PREFIX = "jcodec.tensor."
 RAW_CRC_PREFIX = "jcodec.crc32."  # a raw tensor's CRC-32, so that every stored byte is checked
@@ -47,6 +48,10 @@ def choose_encoding(array: np.ndarray, codec: str, **opts) -> codecs.EncodedTens
         return None
     if codec == "int8" and not np.all(np.isfinite(np.asarray(array, np.float32))):
         codec = "bf16-lossless"
+    opts = dict(opts)
+    pairs = opts.pop("pairs", False)
+    if pairs and codec == "bf16-lossless" and array.dtype == codecs.FLOAT_DTYPES["bfloat16"][0]:
+        opts["pairs"] = True  # (pair symbols code bfloat16 only: other dtypes keep one exponent a symbol)
     enc = codecs.encode(array, codec, **opts)
     return enc if enc.nbytes < array.nbytes else None
 

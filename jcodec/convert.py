@@ -35,8 +35,9 @@ class ConvertReport:
 
 def convert(src, out, codec: str = "bf16-lossless", *, lanes: int = codecs.DEFAULT_LANES,
             steps: int | None = None, zstd_level: int = 3, shard_bytes: int = 2 << 30,
-            overwrite: bool = False, progress: bool = True) -> ConvertReport:
-    """Encode every tensor of ``src`` (HF folder or .gguf) with ``codec`` into the folder ``out``."""
+            overwrite: bool = False, progress: bool = True, pairs: bool = False) -> ConvertReport:
+    """Encode every tensor of ``src`` (HF folder or .gguf) with ``codec`` into the folder ``out``. ``pairs``:
+    ``bf16-lossless`` codes a bfloat16 tensor's exponents two values a symbol (``codecs.encode_pairs``)."""
     from jcodec.sources import open_source
 
     if codec not in codecs.CODECS:
@@ -45,7 +46,7 @@ def convert(src, out, codec: str = "bf16-lossless", *, lanes: int = codecs.DEFAU
     source = open_source(src)
     names = list(source.tensor_names())
     original = stored = encoded = 0
-    opts = dict(zstd_level=zstd_level) if codec == "zstd" else dict(lanes=lanes, steps=steps)
+    opts = dict(zstd_level=zstd_level) if codec == "zstd" else dict(lanes=lanes, steps=steps, pairs=pairs)
     with CheckpointWriter(out, shard_bytes=shard_bytes, overwrite=overwrite) as writer:
         bar = tqdm(names, desc=f"convert {codec}", unit="tensor", disable=None if progress else True, leave=False)
         for name in bar:

@@ -34,6 +34,21 @@ def test_convert_roundtrip_lossless(tmp_path, hf_folder, small_tensors, codec):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_convert_with_pair_symbols(tmp_path, hf_folder, small_tensors):
+    """--pairs: bfloat16 tensors get pair symbols (format version 3), others keep one exponent a symbol."""
+    out = tmp_path / "pairs.jcodec"
+    convert.convert(hf_folder, out, progress=False, pairs=True, **GEOMETRY)
+    ckpt = Checkpoint(out)
+    kinds = {}
+    for name, ref in small_tensors.items():
+        np.testing.assert_array_equal(bits(ckpt.decode(name)), bits(ref))
+        r = ckpt.record(name)
+        if r is not None:
+            kinds[str(ref.dtype)] = kinds.get(str(ref.dtype), set()) | {r.get("pairs", False)}
+    assert kinds.get("bfloat16") == {True} and all(v == {False} for k, v in kinds.items() if k != "bfloat16"), kinds
+    assert convert.verify(out, hf_folder, progress=False).compared == len(small_tensors)
+
+
 def test_int8_verify_against_source(tmp_path, hf_folder):
     out = tmp_path / "int8"
     convert.convert(hf_folder, out, "int8", progress=False, **GEOMETRY)

@@ -263,7 +263,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 
 # ------------------------------------------------------------------------------------------- compressed
 
-@pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
+@pytest.mark.parametrize("codec", ["bf16-lossless", "bf16-pairs", "int8"])
 def test_compressed_params_decode_inside_the_scan(codec):
     """CompressedTensors stacked per layer and decoded inside the jitted scan give bit-for-bit the logits
     of the same weights decoded up front (bf16-lossless: the original weights themselves)."""
@@ -273,7 +273,9 @@ def test_compressed_params_decode_inside_the_scan(codec):
     rng = np.random.default_rng(0)
     tensors = {n: (rng.normal(0, 0.15, s) if len(s) > 1 else rng.uniform(0.5, 1.5, s)).astype(ml_dtypes.bfloat16)
                for n, s in llama.param_shapes(cfg).items()}
-    enc = {n: codecs.encode(x, codec, lanes=8, steps=64) for n, x in tensors.items() if x.ndim == 2}
+    pairs = codec == "bf16-pairs"  # bf16-lossless with pair symbols
+    codec = "bf16-lossless" if pairs else codec
+    enc = {n: codecs.encode(x, codec, lanes=8, steps=64, pairs=pairs) for n, x in tensors.items() if x.ndim == 2}
     compressed = llama.params_from_tensors(cfg, lambda n: from_encoded(enc[n]) if n in enc else tensors[n])
     decoded = llama.params_from_tensors(cfg, lambda n: codecs.decode(enc[n]) if n in enc else tensors[n])
     assert isinstance(compressed.layers.q_proj, CompressedTensor) and compressed.layers.q_proj.batch_shape == (2,)
