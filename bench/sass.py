@@ -44,10 +44,12 @@ def capture_modules():
     registration.lowering.lower_jaxpr_to_triton_module = keep
 
 
-def lower(kernel: str, variant: list[int], shape: tuple[int, int], steps: int | None = None) -> None:
+def lower(kernel: str, variant: list[int], shape: tuple[int, int], steps: int | None = None,
+          pairs: bool = False) -> None:
     x = (np.random.default_rng(0).standard_normal(shape, np.float32) * 0.02).astype(jnp.bfloat16)
     codec = "bf16-lossless" if kernel == "float" else "int8"
-    args, meta = tensor.kernel_args(tensor.from_encoded(codecs.encode(np.asarray(x), codec, steps=steps)))
+    args, meta = tensor.kernel_args(tensor.from_encoded(codecs.encode(np.asarray(x), codec, steps=steps,
+                                                                      pairs=pairs)))
     if kernel == "float":
         u, w, c, p, g, r = variant
         f = lambda *a: rans_float.rans_float_decode(*a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
@@ -93,6 +95,7 @@ def main():
     ap.add_argument("--variant", help="as bench/decode.py: float 'u,w,c,p[,gG][,rR]', int8 'u,w,c,p[,gG]'")
     ap.add_argument("--shape", default="64,4096", help="rows,cols of the Gaussian tensor encoded")
     ap.add_argument("--steps", type=int, help="steps per lane (default: the encoder's for the codec)")
+    ap.add_argument("--pairs", action="store_true", help="bf16-lossless with pair symbols (a step decodes 2 values)")
     ap.add_argument("--out", default="/tmp/sass")
     a = ap.parse_args()
     try:
@@ -106,7 +109,7 @@ def main():
                                  else (4, INT8_OPTIONS, "8,4,5,0"))
     variant, = parse_variants(a.variant or default, numbers, options)
     capture_modules()
-    lower(a.kernel, variant, tuple(int(s) for s in a.shape.split(",")), a.steps)
+    lower(a.kernel, variant, tuple(int(s) for s in a.shape.split(",")), a.steps, a.pairs)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "k.ttir")
     with open(path, "w") as f:
