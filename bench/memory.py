@@ -20,6 +20,7 @@ import os
 import sys
 
 BITS_PER_VALUE = {"bf16-lossless": 2.65, "int8": 6.6}  # coded bits per value (bench/RESULTS.md)
+# kind "bf16-pairs": bf16-lossless with pair symbols (codecs.encode_pairs), as `jcodec convert --pairs` writes it
 
 
 def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: int | None = None):
@@ -32,15 +33,21 @@ def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: 
     from jcodec.tensor import CompressedTensor, TensorMeta, starts_dtype
 
     n = math.prod(shape)
-    steps = steps or codecs.DEFAULT_STEPS[codec]
-    tiles = -(-n // (lanes * steps))
+    pairs = codec == "bf16-pairs"
+    codec = "bf16-lossless" if pairs else codec
+    steps = steps or (codecs.PAIR_STEPS if pairs else codecs.DEFAULT_STEPS[codec])
+    symbols = -(-n // 2) if pairs else n
+    tiles = -(-symbols // (lanes * steps))
     lead = () if layers is None else (layers,)
     sds = lambda size, dt: jax.ShapeDtypeStruct(lead + (size,), dt)  # noqa: E731
     arrays = dict(words=sds(max(1, math.ceil(n * BITS_PER_VALUE[codec] / 16)), jnp.uint16),
-                  starts=sds(tiles * lanes, starts_dtype(lanes, steps)), bases=sds(tiles, jnp.uint32),
-                  states=sds(tiles * lanes, jnp.uint32),
-                  table=sds(rc.TABLE_SIZE + rc.COARSE_SIZE, jnp.uint32))
-    if codec == "bf16-lossless":
+                  starts=sds(tiles * lanes, starts_dtype(lanes, steps * (2 if pairs else 1))),
+                  bases=sds(tiles, jnp.uint32), states=sds(tiles * lanes, jnp.uint32),
+                  table=sds(rc.TABLE_SIZE + rc.COARSE_SIZE + (rc.PAIR_TABLE if pairs else 0), jnp.uint32))
+    if pairs:
+        arrays["raw"] = sds(codecs.stored_raw_values(symbols, lanes, steps, 1), jnp.uint16)
+        meta = TensorMeta(codec, tuple(shape), "bfloat16", lanes, steps, carry=1, pairs=True)
+    elif codec == "bf16-lossless":
         carry = codecs.carry_values("bfloat16", steps)
         arrays["raw"] = sds(codecs.stored_raw_values(n, lanes, steps, carry), jnp.uint8)
         meta = TensorMeta(codec, tuple(shape), "bfloat16", lanes, steps, carry=carry)
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="llama-3-8b")
-    p.add_argument("--kinds", default="bf16,bf16-lossless,int8")
+    p.add_argument("--kinds", default="bf16,bf16-lossless,int8", help="also bf16-pairs (pair symbols)")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--tokens", default="1,128", help="tokens per step: 1 (a decode step), or a prefill's bucket")
     p.add_argument("--slots", type=int, default=256, help="KV cache slots (prompt + new tokens, bucketed)")
