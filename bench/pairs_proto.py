@@ -1,4 +1,6 @@
-"""Prototype: bf16-lossless with one rANS symbol per PAIR of exponents (a measured decision, not the codec yet).
+"""Prototype: bf16-lossless with one rANS symbol per PAIR of exponents: the experiment that led to the codec's
+pair symbols (``jcodec.codecs.encode_pairs``, session 10; bench/RESULTS.md). Kept for its kernel: the least a
+pair kernel does (one tensor, no carried raw bytes), to compare the production kernel with.
 
 Why. The bf16-lossless kernels run ~43 SASS instructions per decoded value (bench/sass.py, u4 p0), at ~57% of
 issue slots (ncu, bench/results/profile_h100_s5_*): at that rate 1.2 TB/s of output is out of reach. Half the
@@ -6,14 +8,14 @@ per-value work is the rANS step itself (table gathers, state update, renormalisa
 exponent. Coding the exponents of two adjacent values as ONE symbol pays it once per two values, and the two
 values' raw bytes and output bits move as one uint16 load and one uint32 store.
 
-The alphabet: the K most frequent exponent pairs of the tensor (symbol = rank, so rare pairs sit together at
-the end of the slot table), plus ESC = 255 for every other pair. An ESC is followed, in the rANS state, by the
+The alphabet (the codec's): the K most frequent exponent pairs of the tensor (symbol = rank, so rare pairs sit
+together at the end of the slot table), plus ESC = 255 for every other pair. An ESC is followed, in the rANS state, by the
 pair's 16 bits coded as a uniform ("bypass") symbol: the decoder takes the state's low 16 bits as the pair
 ``e1 | e2 << 8`` and shifts a word of its stream in their place. So a lane reads up to two words in one step:
 its renormalisation word, then its bypass word. On Gaussian weights (4096 x 14336, std 0.02) K = 127 costs
 2.554 bits per exponent against 2.550 for single exponents, with an ESC in 0.15% of pairs.
 
-    python -P bench/pairs_proto.py --check              # CPU: encoder <-> NumPy decoder <-> kernel (interpret)
+    python -P bench/pairs_proto.py --check              # CPU: the codec's NumPy decoder <-> kernel (interpret)
     python -P bench/pairs_proto.py --sass --out /tmp/p  # CPU, pip triton: SASS instructions per step
     python3 -P bench/pairs_proto.py --bench --out r.json  # GPU: against the production kernel, side by side
 
@@ -31,7 +33,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -43,125 +44,31 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jcodec import rans
+from jcodec import codecs, rans
 from jcodec.pallas_kernels import rans_common as rc
 
-ESC = 255
+ESC = rans.ESC
 STATE_LOW = rans.STATE_LOW
 
 
-# ------------------------------------------------------------------------------------------------ encoder
-def pair_alphabet(bits: np.ndarray, k: int):
-    """``(symbols uint8[n/2], payload uint16[n/2], pairs uint32[256], freqs)``: each pair's symbol (its rank
-    among the ``k`` most frequent pairs, or ESC), its 16 bits ``e1 | e2 << 8``, the kernel's pair table."""
-    e = ((bits >> 7) & 0xFF).astype(np.int64)
-    e1, e2 = e[0::2], e[1::2]
-    payload = e1 | (e2 << 8)
-    counts = np.bincount(payload, minlength=1 << 16)
-    order = np.argsort(-counts, kind="stable")[:min(k, ESC)]
-    order = order[counts[order] > 0]
-    sym_of = np.full(1 << 16, ESC, np.int64)
-    sym_of[order] = np.arange(order.size)
-    symbols = sym_of[payload].astype(np.uint8)
-    pairs = np.zeros(256, np.uint32)
-    pairs[:order.size] = ((order & 0xFF) << 7) | ((order >> 8) << 23)
-    freqs = rans.normalize_freqs(np.bincount(symbols, minlength=256))
-    return symbols, payload.astype(np.uint16), pairs, freqs
-
-
-def encode(bits: np.ndarray, lanes: int, steps: int, k: int = 127):
-    """Encode bf16 bit patterns (uint16[n], n even). Returns a dict of the arrays above (words without the
-    2 padding words) and the lanes' word counts."""
-    n = bits.size
-    assert n % 2 == 0
-    symbols, payload, pairs, freqs = pair_alphabet(bits, k)
-    m = n // 2
-    t = rans.num_tiles(m, lanes, steps)
-    f64 = freqs.astype(np.uint64)
-    cum = np.concatenate([[0], np.cumsum(f64)[:-1]]).astype(np.uint64)
-    tiled = rans.tile_symbols(symbols, lanes, steps, int(np.argmax(freqs)))
-    pay = np.zeros(t * lanes * steps, np.uint64)
-    pay[:m] = payload
-    pay = pay.reshape(t, steps, lanes)
-    x = np.full(t * lanes, STATE_LOW, np.uint64)
-    emitted = np.empty((steps, 2, t * lanes), np.uint16)  # [k, 0]: renormalisation word, [k, 1]: bypass word
-    emits = np.zeros((steps, 2, t * lanes), bool)
-    lane = np.arange(t * lanes)
-    first = lane // lanes * (lanes * steps) + lane % lanes
-    hi = np.uint64(0xFFFF0000)
-    for j in range(steps - 1, -1, -1):
-        s = tiled[:, j, :].reshape(-1)
-        valid = first + j * lanes < m
-        esc = (s == ESC) & valid
-        emitted[j, 1] = x.astype(np.uint16)  # the bypass: the state's low 16 bits go out, the pair comes in
-        emits[j, 1] = esc
-        x = np.where(esc, (x & hi) | pay[:, j, :].reshape(-1), x)
-        f = f64[s]
-        need = (x >= (f << np.uint64(20))) & valid
-        emitted[j, 0] = x.astype(np.uint16)
-        emits[j, 0] = need
-        x = np.where(need, x >> np.uint64(16), x)
-        q, r = np.divmod(x, f)
-        x = np.where(valid, (q << np.uint64(12)) + r + cum[s], x)
-    # decoder order per lane: step by step, the renormalisation word before the bypass word
-    em = emitted.transpose(2, 0, 1)
-    fl = emits.transpose(2, 0, 1)
-    words = em[fl]
-    counts = fl.reshape(t * lanes, -1).sum(1)
-    table = rans.packed_slot_table(freqs)
-    raw = ((bits >> 8) & 0x80 | bits & 0x7F).astype(np.uint8)
-    return dict(words=words, counts=counts, states=x.astype(np.uint32), raw=raw.view(np.uint16),
-                table=table, pairs=pairs, freqs=freqs, n=n, lanes=lanes, steps=steps)
-
-
-def decode_reference(enc) -> np.ndarray:
-    """NumPy decoder, vectorised over lanes: uint16[n] bf16 bits; raises if a lane misreads its stream."""
-    n, lanes, steps = enc["n"], enc["lanes"], enc["steps"]
-    m = n // 2
-    t = rans.num_tiles(m, lanes, steps)
-    symbol, freq, bias = rans.slot_tables(enc["freqs"])
-    words = np.concatenate([enc["words"], np.zeros(2, np.uint16)]).astype(np.uint32)
-    start = rans.lane_offsets(enc["counts"])
-    ptr = start.copy()
-    x = enc["states"].astype(np.uint32)
-    out = np.zeros((steps, t * lanes), np.uint32)
-    lane = np.arange(t * lanes)
-    first = lane // lanes * (lanes * steps) + lane % lanes
-    for j in range(steps):
-        valid = first + j * lanes < m
-        slot = x & np.uint32(4095)
-        s = symbol[slot]
-        x = np.where(valid, freq[slot] * (x >> np.uint32(12)) + bias[slot], x)
-        need = (x < STATE_LOW) & valid
-        x = np.where(need, (x << np.uint32(16)) | words[ptr], x)
-        ptr += need
-        esc = (s == ESC) & valid
-        pay = x & np.uint32(0xFFFF)
-        x = np.where(esc, (x & np.uint32(0xFFFF0000)) | words[ptr], x)
-        ptr += esc
-        exps = np.where(esc, ((pay & 0xFF) << 7) | ((pay >> 8) << 23), enc["pairs"][s])
-        out[j] = exps
-    if np.any(ptr != start + enc["counts"]) or np.any(x != STATE_LOW):
-        raise ValueError("a lane did not read exactly its stream")
-    exps = out.reshape(steps, t, lanes).transpose(1, 0, 2).reshape(-1)[:m]
-    r = enc["raw"].astype(np.uint32)
-    spread = (r & 0xFF) | ((r & 0xFF00) << 8)
-    both = (spread & 0x007F007F) | ((spread & 0x00800080) << 8) | exps
-    return both.astype(np.uint32).view(np.uint16)
+# ------------------------------------------------------------------------------------------- the arrays
+def encode(bits: np.ndarray, lanes: int, steps: int):
+    """The codec's pair symbols (``jcodec.codecs.encode_pairs``) without carried raw bytes: this kernel reads
+    every pair's raw bytes from ``raw``."""
+    return codecs.encode_pairs(bits.view(jnp.bfloat16), lanes, steps, carry=False)
 
 
 def device_arrays(enc, coarse_bits: int):
-    words = np.concatenate([enc["words"], np.zeros(2, np.uint16)])
-    starts = rans.lane_offsets(enc["counts"]).astype(np.int32)
-    table = enc["table"]
+    """The prototype's layout (module docstring) of an encoded tensor."""
+    a = enc.arrays
+    words = np.concatenate([a["words"], np.zeros(2, np.uint16)])
+    starts = rans.lane_offsets(a["counts"]).astype(np.int32)
+    table = rans.packed_slot_table(a["freqs"])
     if coarse_bits:
         table = np.concatenate([table, rc.coarse_table(table, xp=np, bits=coarse_bits)])
-    return tuple(jnp.asarray(a) for a in (words, starts, enc["states"], enc["raw"], table, enc["pairs"]))
-
-
-def file_bytes(enc) -> int:
-    """Bytes as the file would hold them: words, states, 1-byte counts (<= 2 words a step: steps < 128), raw."""
-    return enc["words"].size * 2 + enc["states"].size * 4 + enc["counts"].size + enc["raw"].size * 2
+    both = a["pairs"].astype(np.uint32)
+    pairs = ((both & 0xFF) << 7) | ((both >> 8) << 23)
+    return tuple(jnp.asarray(v) for v in (words, starts, a["states"], a["raw"].view(np.uint16), table, pairs))
 
 
 # ------------------------------------------------------------------------------------------------- kernel
@@ -265,21 +172,20 @@ def gaussian_bits(shape, seed=0, edge=True) -> np.ndarray:
 
 
 def check(a):
+    """CPU: the prototype kernel (interpret mode) against the codec's NumPy decoder, escapes included."""
     rng = np.random.default_rng(1)
-    for shape, lanes, steps, k in [((37, 130), 32, 8, 40), ((64, 256), 64, 16, 255), ((3, 1000), 32, 24, 15),
-                                   ((1, 2), 32, 8, 127), ((2, 2), 32, 8, 0)]:
+    for shape, lanes, steps in [((37, 130), 32, 8), ((64, 256), 64, 16), ((3, 1000), 32, 24), ((1, 2), 32, 8)]:
         bits = gaussian_bits(shape, seed=int(rng.integers(1 << 30)))
         if shape == (3, 1000):
             bits[1000:2000] = rng.integers(0, 1 << 16, 1000)  # incompressible stretch: many escapes
-        enc = encode(bits, lanes, steps, k)
-        ref = decode_reference(enc)
-        assert np.array_equal(ref, bits), shape
+        enc = encode(bits, lanes, steps)
+        assert np.array_equal(np.asarray(codecs.decode(enc)).view(np.uint16).reshape(-1), bits), shape
         for cb, pf in ((0, 0), (5, 8)):
             got = np.asarray(pairs_decode(*device_arrays(enc, cb), n=bits.size, lanes=lanes, steps=steps,
                                           unroll=4, coarse_bits=cb, prefetch=pf, interpret=True))
             assert np.array_equal(got, bits), (shape, cb)
-        escapes = int(np.sum(pair_alphabet(bits, k)[0] == ESC))
-        print(f"ok {shape} lanes={lanes} steps={steps} k={k} words={enc['words'].size} escaped pairs={escapes}")
+        escapes = int(np.sum(codecs.pair_symbols(bits)[0] == ESC))
+        print(f"ok {shape} lanes={lanes} steps={steps} words={enc.arrays['words'].size} escaped pairs={escapes}")
 
 
 def sass(a):
@@ -309,20 +215,14 @@ def sass(a):
 
 def bench(a):
     """On the GPU: the pair kernel against the production bf16-lossless kernel on the same tensor(s)."""
-    from jcodec import codecs, tensor
+    from jcodec import tensor
     from jcodec.pallas_kernels import rans_float
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import decode as decode_bench
     rows = []
 
     def time_fn(fn, inputs, reps):
-        for inp in inputs:
-            jax.block_until_ready(fn(*inp))
-        runs = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            outs = [fn(*inp) for inp in inputs]
-            jax.block_until_ready(outs)
-            runs.append((time.perf_counter() - t0) / len(inputs))
-        return statistics.median(runs)
+        return decode_bench.time_fn(fn, inputs, reps)[0]
 
     def row(name, s, n, ratio=None):
         rows.append(dict(name=name, ms=s * 1e3, gbs=n * 2 / s / 1e9, ratio=ratio))
@@ -354,8 +254,8 @@ def bench(a):
                 n, enc.nbytes / (2 * n))
         del cts, args
         for steps in [int(s) for s in a.pair_steps.split(",")]:
-            encp = encode(bits, 128, steps, a.k)
-            ratio = file_bytes(encp) / (2 * n)
+            encp = encode(bits, 128, steps)
+            ratio = encp.nbytes / (2 * n)
             dev = [device_arrays(encp, 0) for _ in range(a.rotate)]
             for u, w, cb, pf in variants(a):
                 devc = dev if cb == 0 else [device_arrays(encp, cb) for _ in range(a.rotate)]
@@ -372,7 +272,7 @@ def bench(a):
 def profile(a):
     """One launch of each kernel on the layer-sized tensor, for ncu (-k regex:rans): production u4 p0, then
     the pair kernel for each --variants entry at the first --pair-steps."""
-    from jcodec import codecs, tensor
+    from jcodec import tensor
     from jcodec.pallas_kernels import rans_float
     shape = (4096, 4096 * 2 + 1024 * 2 + 14336 * 3) if a.profile == "layer" else (4096, 14336)
     bits = gaussian_bits(shape, edge=False)
@@ -383,7 +283,7 @@ def profile(a):
                                            carry=meta[4], unroll=u, prefetch=p, raw_early=bool(r))
         print(f"production u{u} p{p} r{r}", np.array_equal(np.asarray(out).view(np.uint16).reshape(-1), bits))
     steps = int(a.pair_steps.split(",")[0])
-    encp = encode(bits, 128, steps, a.k)
+    encp = encode(bits, 128, steps)
     for u, w, cb, pf in variants(a):
         out = pairs_decode(*device_arrays(encp, cb), n=bits.size, lanes=128, steps=steps, unroll=u, num_warps=w,
                            coarse_bits=cb, prefetch=pf)
@@ -408,7 +308,6 @@ def main():
     ap.add_argument("--steps", type=int, default=120, help="pair steps per lane (--sass)")
     ap.add_argument("--pair-steps", default="120,240", help="pair steps per lane (--bench)")
     ap.add_argument("--variants", default="4,4,0;4,4,5;8,4,0", help="'unroll,warps,coarse_bits[,prefetch];...'")
-    ap.add_argument("--k", type=int, default=127, help="pairs in the alphabet (<= 255)")
     ap.add_argument("--rotate", type=int, default=4)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out")
