@@ -306,7 +306,8 @@ class Checkpoint:
                 sl = f.get_slice(k)
                 stored += math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
         dt = codecs.FLOAT_DTYPES.get(rec.get("dtype"), (np.dtype(np.uint8),))[0]
-        return dict(codec=rec.get("codec"), shape=rec.get("shape"), dtype=rec.get("dtype"), stored=stored,
+        codec = rec.get("codec") + ("/pairs" if rec.get("pairs") is True else "")  # pair symbols shown as a kind
+        return dict(codec=codec, shape=rec.get("shape"), dtype=rec.get("dtype"), stored=stored,
                     original=math.prod(rec.get("shape") or [0]) * dt.itemsize)
 
 

@@ -48,10 +48,10 @@ def cmd_info(args) -> int:
     total_o = sum(s["original"] for _, s in rows)
     if not args.totals:
         width = max(len(n) for n, _ in rows)
-        print(f"{'tensor':<{width}}  {'codec':<13} {'dtype':<8} {'shape':<16} {'stored':>10} {'original':>10} {'ratio':>6}")
+        print(f"{'tensor':<{width}}  {'codec':<19} {'dtype':<8} {'shape':<16} {'stored':>10} {'original':>10} {'ratio':>6}")
         for name, s in rows:
             shape = "x".join(map(str, s["shape"])) or "scalar"
-            print(f"{name:<{width}}  {s['codec']:<13} {s['dtype']:<8} {shape:<16} {_size(s['stored']):>10} "
+            print(f"{name:<{width}}  {s['codec']:<19} {s['dtype']:<8} {shape:<16} {_size(s['stored']):>10} "
                   f"{_size(s['original']):>10} {s['stored'] / max(s['original'], 1):>6.3f}")
     by_codec: dict[str, list[int]] = {}
     for _, s in rows:

@@ -45,6 +45,7 @@ def test_convert_with_pair_symbols(tmp_path, hf_folder, small_tensors):
         r = ckpt.record(name)
         if r is not None:
             kinds[str(ref.dtype)] = kinds.get(str(ref.dtype), set()) | {r.get("pairs", False)}
+            assert ckpt.summary(name)["codec"] == ("bf16-lossless/pairs" if r.get("pairs") else "bf16-lossless")
     assert kinds.get("bfloat16") == {True} and all(v == {False} for k, v in kinds.items() if k != "bfloat16"), kinds
     assert convert.verify(out, hf_folder, progress=False).compared == len(small_tensors)
 
