@@ -205,12 +205,17 @@ def _check_backend(ct, backend):
     return backend
 
 
+def kernel_dtype(meta: TensorMeta) -> str:
+    """The kernels' dtype of a bf16-lossless tensor: its dtype, or "bfloat16x2" for pair symbols."""
+    return "bfloat16x2" if meta.pairs else meta.dtype
+
+
 def kernel_args(ct: CompressedTensor):
     """``(arrays, meta tuple)`` as the kernels' ``*_decode_many`` take them (for one tensor or a stack)."""
     m, a = ct.meta, ct.arrays
     if m.codec == "bf16-lossless":  # (pair symbols: the kernels' dtype "bfloat16x2", n counts pairs)
         return (tuple(a[k] for k in ("words", "starts", "bases", "states", "raw", "table")),
-                (m.symbols, m.lanes, m.steps, "bfloat16x2" if m.pairs else m.dtype, m.carry))
+                (m.symbols, m.lanes, m.steps, kernel_dtype(m), m.carry))
     return (tuple(a[k] for k in ("words", "starts", "bases", "states", "table", "scales", "predictors")),
             (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors or (0, 1, 2)))
 
@@ -406,13 +411,16 @@ class PackBuilder:
             values += codecs.stored_raw_values(n, lanes, steps, carry)
             sizes[j] += n
         rb = rans_common.RAW_BYTES[dtype]
+        # raw: bytes, or with pair symbols one uint16 per pair (the kernels' layout; rb = 2 bytes)
+        self.raw_per = 1 if dtype == rans_common.PAIRS else rb
+        raw = np.zeros(values, np.uint16) if dtype == rans_common.PAIRS else np.zeros(values * rb, np.uint8)
+        width = rans_common.TABLE_SIZE + rans_common.COARSE_SIZE + (rans_common.PAIR_TABLE if dtype == rans_common.PAIRS else 0)
         if max(words, values * rb, lanes_at * steps) > PACK_LIMIT or min(sizes) < 1:
             raise ValueError(f"a pack holds < 2^31 words, raw bytes and tile values, and every output >= 1 value "
                              f"(got {words} words, {values} values, outputs {sizes})")
         self.lanes, self.steps, self.dtype, self.carry, self.tile = lanes, steps, dtype, carry, tile
         self.arrays = (np.zeros(max(words, 1), np.uint16), np.zeros(lanes_at, np.uint32),
-                       np.zeros(lanes_at, np.uint32), np.zeros(values * rb, np.uint8),
-                       np.zeros((len(tensors), rans_common.TABLE_SIZE + rans_common.COARSE_SIZE), np.uint32),
+                       np.zeros(lanes_at, np.uint32), raw, np.zeros((len(tensors), width), np.uint32),
                        np.zeros((lanes_at // lanes, rans_pack.INFO), np.int32))
         self.static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, carry=carry)
 
@@ -430,7 +438,7 @@ class PackBuilder:
         tiles = -(-n // self.tile)
         stored = codecs.stored_raw_values(n, self.lanes, self.steps, self.carry)
         if (w.size > end - words_at or starts.size != tiles * self.lanes or bases.size != tiles
-                or raw.size != stored * rans_common.RAW_BYTES[self.dtype]):
+                or raw.size != stored * self.raw_per or table.size != self.arrays[4].shape[1]):
             raise ValueError(f"tensor {i} does not match the pack's layout ({w.size} words for {end - words_at}, "
                              f"{starts.size} lanes for {tiles * self.lanes}, {bases.size} tiles for {tiles}, "
                              f"{raw.size} raw bytes for {n} values)")
@@ -439,8 +447,8 @@ class PackBuilder:
         all_offsets[lanes_at:lanes_at + starts.size] = (np.repeat(bases.astype(np.int64), self.lanes)
                                                         + starts.reshape(-1) + words_at)
         all_states[lanes_at:lanes_at + states.size] = states
-        rb = rans_common.RAW_BYTES[self.dtype]
-        all_raw[values_at * rb:(values_at + stored) * rb] = raw.reshape(-1)
+        per = self.raw_per
+        all_raw[values_at * per:(values_at + stored) * per] = raw.reshape(-1)
         tables[i] = table
         first = np.arange(tiles, dtype=np.int64) * self.tile
         rows = info[lanes_at // self.lanes:lanes_at // self.lanes + tiles]
@@ -460,14 +468,16 @@ def pack_float(cts: list) -> tuple[tuple[np.ndarray, ...], dict]:
     entries = []
     for j, ct in enumerate(cts):
         m = ct.meta
-        if (m.codec, m.lanes, m.steps, m.dtype, m.carry) != ("bf16-lossless", m0.lanes, m0.steps, m0.dtype, m0.carry) \
-                or len(ct.batch_shape) > 1:
+        if (m.codec, m.lanes, m.steps, m.dtype, m.carry, m.pairs) != ("bf16-lossless", m0.lanes, m0.steps, m0.dtype,
+                                                                    m0.carry, m0.pairs) \
+                or len(ct.batch_shape) > 1 or (m.pairs and m.size % 2):
             raise ValueError("pack_float needs bf16-lossless tensors (or stacks of one axis) of one lanes, steps, "
-                             "dtype and carry")
+                             "dtype, carry and symbols (pair-coded ones of even size)")
         copies = ct.batch_shape[0] if ct.batch_shape else 1
         rows = {k: np.asarray(a).reshape(copies, -1) for k, a in ct.arrays.items()}
-        entries += [(j, m.size, {k: r[c] for k, r in rows.items()}) for c in range(copies)]
-    pack = PackBuilder([(j, n, a["words"].size) for j, n, a in entries], m0.lanes, m0.steps, m0.dtype, m0.carry)
+        entries += [(j, m.symbols, {k: r[c] for k, r in rows.items()}) for c in range(copies)]
+    pack = PackBuilder([(j, n, a["words"].size) for j, n, a in entries], m0.lanes, m0.steps, kernel_dtype(m0),
+                       m0.carry)
     for i, (_, _, a) in enumerate(entries):
         pack.add(i, a["words"], a["starts"], a["bases"], a["states"], a["raw"], a["table"])
     return pack.arrays, pack.static
@@ -505,12 +515,12 @@ def fill_packs(items, limit: int = PACK_LIMIT) -> list[tuple]:
 def pack_groups(cts: list, limit: int = PACK_LIMIT) -> list[list[int]]:
     """Indices of ``cts`` grouped into packs: host ``bf16-lossless`` tensors of one geometry, each pack below
     ``limit`` values; tensors that fit no pack (or are on a device) are left out."""
-    items = [(i, (ct.meta.lanes, ct.meta.steps, ct.meta.dtype, ct.meta.carry), _pack_values(ct)) for i, ct in enumerate(cts)
-             if ct.meta.codec == "bf16-lossless" and not ct.meta.pairs and len(ct.batch_shape) <= 1
+    items = [(i, (ct.meta.lanes, ct.meta.steps, kernel_dtype(ct.meta), ct.meta.carry), _pack_values(ct)) for i, ct in enumerate(cts)
+             if ct.meta.codec == "bf16-lossless" and len(ct.batch_shape) <= 1 and not (ct.meta.pairs and ct.meta.size % 2)
              and all(isinstance(a, np.ndarray) for a in ct.arrays.values())]
     return [keys for _, keys in fill_packs(items, limit)]
 
 
 def _pack_values(ct) -> int:
     from jcodec.pallas_kernels import rans_common
-    return ct.meta.size * (ct.batch_shape[0] if ct.batch_shape else 1) * rans_common.RAW_BYTES[ct.meta.dtype]
+    return ct.meta.symbols * (ct.batch_shape[0] if ct.batch_shape else 1) * rans_common.RAW_BYTES[kernel_dtype(ct.meta)]

@@ -9,8 +9,10 @@ Layout read (built on the host by ``jcodec.tensor.pack_float``; T tiles of L lan
   offsets uint32[T*L]   where each lane starts reading in ``words`` (already offset to its tensor's streams)
   states  uint32[T*L]   each lane's start state
   raw     uint8[N*rb]   the stored raw bytes of every tensor, concatenated (N values in all; a full tile's lanes
-                        carry their last ``carry`` values in their end states: ``jcodec.codecs.split_carry``)
-  tables  uint32[K, 4096 (+ 128)]  one packed slot table per tensor (a stack: one per layer)
+                        carry their last ``carry`` values in their end states: ``jcodec.codecs.split_carry``);
+                        pair symbols (dtype "bfloat16x2": read "pair" for "value" throughout): uint16[N]
+  tables  uint32[K, 4096 (+ 128)]  one packed slot table per tensor (a stack: one per layer); pair symbols:
+                        then the pair table, 256 entries
   info    int32[T, 5]   per tile: output index, first value's offset in that output, its first stored raw
                         value's offset in ``raw`` (in values), values in the tile, table index
 Outputs: one flat array per output index, of the sizes given; tile values go to consecutive positions.
@@ -29,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import check_table, kernel_table, lanes_init, lanes_step, load_raw, steps_with_values
+from .rans_float import check_table, kernel_table, lanes_init, lanes_step, load_raw, steps_with_values, value_dtype
 
 INFO = 5  # int32 fields per tile in ``info``
 OUT, OUT_AT, RAW_AT, COUNT, TABLE = range(INFO)
@@ -53,7 +55,10 @@ def rans_pack_kernel(
     l = jnp.where(live, v % lanes, 0)
     out_index, out_at, raw_at, count, table = (info_ref[t * INFO + f] for f in range(INFO))
     lane_state = lanes_init(words_ref, offsets_ref[t * lanes + l].astype(jnp.int32), states_ref[t * lanes + l], 0, 0)
-    table_base = table * (rc.TABLE_SIZE + (rc.TABLE_SIZE >> coarse_bits if coarse_bits else 0))
+    pairs = dtype == rc.PAIRS
+    width = rc.TABLE_SIZE + (rc.TABLE_SIZE >> coarse_bits if coarse_bits else 0) + (rc.PAIR_TABLE if pairs else 0)
+    table_base = table * width
+    pair_base = table_base + width - rc.PAIR_TABLE if pairs else None  # the pair table ends each table
     rb = rc.RAW_BYTES[dtype]
 
     full = count == lanes * steps  # a full tile's lanes carry their last `carry` values' raw bytes
@@ -78,7 +83,7 @@ def rans_pack_kernel(
         next_raws, syms = [], []
         for u in range(unroll):
             k = b * unroll + u
-            sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
+            sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base, pair_base)
             write(k, sym, raws[u], u < left)
             syms.append(sym)
             next_raws.append(read_raw(k + unroll, unroll + u < left))
@@ -95,8 +100,8 @@ def rans_pack_kernel(
 
 def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, steps: int, dtype: str,
                carry: int) -> None:
-    if dtype not in rc.RAW_BYTES or dtype == rc.PAIRS:
-        raise ValueError(f"{dtype=} must be one of {', '.join(d for d in rc.RAW_BYTES if d != rc.PAIRS)}")
+    if dtype not in rc.RAW_BYTES:
+        raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
     if not (1 <= lanes and 1 <= steps < 1 << 16 and 0 <= carry < steps) or not sizes or min(sizes) < 1:
         raise ValueError(f"{lanes=} must be >= 1, {steps=} in [1, 65536), {carry=} in [0, steps) and "
                          f"sizes={sizes!r} >= 1 each")
@@ -109,11 +114,14 @@ def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, ste
             raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(shape)}")
     if words.dtype != jnp.uint16 or words.ndim != 1 or not 1 <= words.size <= rc.INT32_MAX:
         raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16[W], 1 <= W < 2^31")
-    if raw.dtype != jnp.uint8 or raw.ndim != 1 or raw.size % rc.RAW_BYTES[dtype] or raw.size > rc.INT32_MAX:
-        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be uint8[N*{rc.RAW_BYTES[dtype]}] < 2^31 bytes")
+    pairs = dtype == rc.PAIRS  # raw: one uint16 per pair
+    per = 1 if pairs else rc.RAW_BYTES[dtype]
+    if raw.dtype != (jnp.uint16 if pairs else jnp.uint8) or raw.ndim != 1 or raw.size % per or raw.size > rc.INT32_MAX:
+        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be {'uint16[N]' if pairs else f'uint8[N*{per}]'} "
+                         f"< 2^31 elements")
     if tables.ndim != 2:
-        raise ValueError(f"tables={tables.dtype}{list(tables.shape)} must be uint32[K, 4096 or 4224]")
-    check_table(tables, tables.shape[:1])
+        raise ValueError(f"tables={tables.dtype}{list(tables.shape)} must be uint32[K, 4096 or 4224 (+ 256 for pairs)]")
+    check_table(tables, tables.shape[:1], pairs)
     if max(sizes) > rc.INT32_MAX or t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"sizes={sizes!r} and the pack's {t} tiles must stay below 2^31 values")
 
@@ -125,6 +133,7 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
                            num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
                            interpret: bool = False) -> list[jax.Array]:
     """Decode a pack (module docstring) to one flat ``dtype[size]`` array per entry of ``sizes``; bit-exact.
+    Pair symbols (``dtype="bfloat16x2"``, sizes and ``raw`` in pairs): bfloat16[2 * size] per entry.
 
     Block sizes as in ``rans_float.rans_float_decode``. ``info`` is trusted to describe tiles inside the
     arrays (``jcodec.tensor.pack_float`` builds it from validated tensors); stores outside an output are
@@ -144,8 +153,8 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"rans_pack_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}",
-    )(words, offsets, states, raw, kernel_table(tables, coarse_bits).reshape(-1), info.reshape(-1))
-    return [lax.bitcast_convert_type(o, jnp.dtype(dtype)) for o in outs]
+    )(words, offsets, states, raw, kernel_table(tables, coarse_bits, dtype == rc.PAIRS).reshape(-1), info.reshape(-1))
+    return [lax.bitcast_convert_type(o, value_dtype(dtype)).reshape(-1) for o in outs]
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -157,23 +166,31 @@ def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, size
     check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype, carry)
     last_word = words.shape[0] - 1
     t = jnp.arange(states.size, dtype=jnp.int32) // lanes
-    table = tables[:, :rc.TABLE_SIZE]
+    pairs = dtype == rc.PAIRS
+    table, pair_table = tables[:, :rc.TABLE_SIZE], tables[:, -rc.PAIR_TABLE:]
     lane_table = info[t, TABLE]
 
     def step(k, carry):
         x, ptr, out = carry
         sym, x = rc.rans_step(x, table[lane_table, x & rc.SLOT_MASK])
         x, need = rc.renormalise(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
-        return x, ptr + need.astype(ptr.dtype), out.at[k].set(sym.astype(jnp.uint8))
+        ptr = ptr + need.astype(ptr.dtype)
+        if pairs:  # (rans_float.rans_symbols_reference's pair step)
+            esc = sym == rc.ESC
+            payload, escaped = rc.bypass(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
+            x = jnp.where(esc, escaped, x)
+            ptr = ptr + esc.astype(ptr.dtype)
+            sym = jnp.where(esc, rc.exponents_in_place(payload), pair_table[lane_table, sym])
+        return x, ptr, out.at[k].set(sym.astype(out.dtype))
 
     ends, _, sym = lax.fori_loop(0, steps, step, (states, offsets.astype(jnp.int32),
-                                                  jnp.zeros((steps, states.size), jnp.uint8)))
+                                                  jnp.zeros((steps, states.size), jnp.uint32 if pairs else jnp.uint8)))
     k = jnp.arange(steps, dtype=jnp.int32)[:, None]
     pos = k * lanes + (jnp.arange(states.size, dtype=jnp.int32) % lanes)
     ok = pos < info[t, COUNT]                                        # [steps, T*L]
     carried = (info[t, COUNT] == lanes * steps) & (k >= steps - carry)  # raw bits in the lane's end state
     i = jnp.where(ok & ~carried, info[t, RAW_AT] + pos, 0)
-    if rc.RAW_BYTES[dtype] == 1:
+    if rc.RAW_BYTES[dtype] in (1, 2):  # (2: pair symbols, raw is uint16)
         r = raw[i].astype(jnp.uint32)
     else:
         r = raw[3 * i].astype(jnp.uint32) | (raw[3 * i + 1].astype(jnp.uint32) << 8) | (raw[3 * i + 2].astype(jnp.uint32) << 16)
@@ -184,5 +201,5 @@ def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, size
     for j, size in enumerate(sizes):
         at = jnp.where(ok & (info[t, OUT] == j), info[t, OUT_AT] + pos, size)  # size: dropped
         o = jnp.zeros((size,), bits.dtype).at[at.reshape(-1)].set(bits.reshape(-1), mode="drop")
-        outs.append(lax.bitcast_convert_type(o, jnp.dtype(dtype)))
+        outs.append(lax.bitcast_convert_type(o, value_dtype(dtype)).reshape(-1))
     return outs

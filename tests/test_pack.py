@@ -28,35 +28,41 @@ def bits(a) -> np.ndarray:
     return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
-def host_ct(x, lanes, steps):
-    return tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps), to_device=False)
+def host_ct(x, lanes, steps, pairs=False):
+    return tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=pairs),
+                               to_device=False)
 
 
 def make_tensors(dtype, lanes, steps, seed=0):
     """Ragged tensors of one geometry: a partial last tile, a one-tile tensor, a one-row tensor, edge bit
-    patterns, an all-equal tensor, incompressible bits, and a stack of three layers."""
+    patterns, an all-equal tensor, incompressible bits, and a stack of three layers. ``dtype`` "pairs":
+    bfloat16 with pair symbols (sizes even: a pack takes those; a tile holds ``2 * lanes * steps`` values)."""
+    pairs = dtype == "pairs"
+    dtype, even, per = ("bfloat16", 1, 2) if pairs else (dtype, 0, 1)
     rng = np.random.default_rng(seed)
     np_dtype, udt = codecs.FLOAT_DTYPES[dtype][:2]
     with np.errstate(over="ignore"):  # 3e38 is +inf in float16
         edge = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-45, 3.0e38, 1.0], np.float32).astype(np_dtype)
-    xs = [(rng.standard_normal((37, 53)) * 0.02).astype(np_dtype),
-          (rng.standard_normal(lanes * steps - 5) * 0.02).astype(np_dtype),
-          (rng.standard_normal((1, 301)) * 0.02).astype(np_dtype),
-          np.tile(edge, 29),
-          np.full((19, 7), 0.125, np_dtype),
-          rng.integers(0, np.iinfo(udt).max, size=(3 * lanes * steps + 11,), dtype=udt, endpoint=True).view(np_dtype)]
-    cts = [host_ct(x, lanes, steps) for x in xs]
-    layers = [(rng.standard_normal((23, 41)) * 0.02 * (i + 1)).astype(np_dtype) for i in range(3)]
-    cts.append(tensor.stack_layers([host_ct(x, lanes, steps) for x in layers]))
+    xs = [(rng.standard_normal((37, 53 + even)) * 0.02).astype(np_dtype),
+          (rng.standard_normal(per * lanes * steps - 5 - even) * 0.02).astype(np_dtype),
+          (rng.standard_normal((1, 301 + even)) * 0.02).astype(np_dtype),
+          np.tile(edge, 29 + even),
+          np.full((19, 7 + even), 0.125, np_dtype),
+          rng.integers(0, np.iinfo(udt).max, size=(3 * per * lanes * steps + 11 + even,), dtype=udt,
+                       endpoint=True).view(np_dtype)]
+    cts = [host_ct(x, lanes, steps, pairs) for x in xs]
+    layers = [(rng.standard_normal((23, 41 + even)) * 0.02 * (i + 1)).astype(np_dtype) for i in range(3)]
+    cts.append(tensor.stack_layers([host_ct(x, lanes, steps, pairs) for x in layers]))
     return xs + [np.stack(layers)], cts
 
 
 @pytest.mark.parametrize("dtype,lanes,steps,block_lanes", [("bfloat16", 32, 24, 32), ("bfloat16", 24, 16, 64),
-                                                           ("float16", 16, 40, 16), ("float32", 8, 24, 32)])
+                                                           ("float16", 16, 40, 16), ("float32", 8, 24, 32),
+                                                           ("pairs", 32, 12, 32)])
 def test_pack_kernel_and_reference_match_numpy(dtype, lanes, steps, block_lanes):
     xs, cts = make_tensors(dtype, lanes, steps)
     arrays, static = tensor.pack_float(cts)
-    assert static["sizes"] == tuple(x.size for x in xs)
+    assert static["sizes"] == tuple(x.size // (2 if dtype == "pairs" else 1) for x in xs)
     got = rans_pack.rans_float_decode_pack(*arrays, **static, block_lanes=block_lanes, interpret=INTERPRET)
     ref = rans_pack.rans_float_pack_reference(*arrays, **static)
     for x, g, r in zip(xs, got, ref):
@@ -76,8 +82,15 @@ def test_pack_groups_split_at_the_limit_and_skip_what_cannot_pack():
 
 def test_pack_rejects_mixed_geometry():
     _, cts = make_tensors("bfloat16", 16, 8)
+    bf16 = codecs.FLOAT_DTYPES["bfloat16"][0]
     with pytest.raises(ValueError, match="one lanes, steps"):
-        tensor.pack_float([cts[0], host_ct(np.ones(9, codecs.FLOAT_DTYPES["bfloat16"][0]), 32, 8)])
+        tensor.pack_float([cts[0], host_ct(np.ones(9, bf16), 32, 8)])
+    with pytest.raises(ValueError, match="one lanes, steps"):  # pair symbols do not mix with one a value
+        tensor.pack_float([cts[0], host_ct(np.ones(10, bf16), 16, 8, pairs=True)])
+    odd = host_ct(np.ones(9, bf16), 16, 8, pairs=True)  # (its padding value: decoded the general way)
+    assert tensor.pack_groups([odd]) == []
+    with pytest.raises(ValueError, match="even size"):
+        tensor.pack_float([odd])
 
 
 def test_decode_params_equals_leafwise_decode():
@@ -91,7 +104,8 @@ def test_decode_params_equals_leafwise_decode():
     np.testing.assert_array_equal(out["b"]["plain"], np.arange(4.0))
 
 
-def test_load_decoded_gives_the_original_weights(tmp_path):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_load_decoded_gives_the_original_weights(tmp_path, pairs):
     """``decoded`` mode reads each bf16-lossless tensor straight into its pack and decodes the model in one
     launch: every weight is bit for bit the original; tensors that cannot pack (stored raw) load as usual."""
     import json
@@ -112,7 +126,7 @@ def test_load_decoded_gives_the_original_weights(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(hf / "model.safetensors"))
-    convert(str(hf), str(tmp_path / "jc"), "bf16-lossless", progress=False)
+    convert(str(hf), str(tmp_path / "jc"), "bf16-lossless", progress=False, pairs=pairs)
     timings = {}
     params = api.load_decoded(tmp_path / "jc", cfg, jax.numpy.bfloat16, timings=timings)
     assert set(timings) >= {"read_s", "compile_wait_s", "decode_s"}  # something was packed
