@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jcodec import codecs, rans
+from jcodec import codecs, rans, tensor
 from jcodec.pallas_kernels import rans_common as rc
 
 ESC = rans.ESC
@@ -66,8 +66,7 @@ def device_arrays(enc, coarse_bits: int):
     table = rans.packed_slot_table(a["freqs"])
     if coarse_bits:
         table = np.concatenate([table, rc.coarse_table(table, xp=np, bits=coarse_bits)])
-    both = a["pairs"].astype(np.uint32)
-    pairs = ((both & 0xFF) << 7) | ((both >> 8) << 23)
+    pairs = tensor.pair_table(a["pairs"])
     return tuple(jnp.asarray(v) for v in (words, starts, a["states"], a["raw"].view(np.uint16), table, pairs))
 
 
@@ -215,7 +214,6 @@ def sass(a):
 
 def bench(a):
     """On the GPU: the pair kernel against the production bf16-lossless kernel on the same tensor(s)."""
-    from jcodec import tensor
     from jcodec.pallas_kernels import rans_float
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import decode as decode_bench
@@ -272,7 +270,6 @@ def bench(a):
 def profile(a):
     """One launch of each kernel on the layer-sized tensor, for ncu (-k regex:rans): production u4 p0, then
     the pair kernel for each --variants entry at the first --pair-steps."""
-    from jcodec import tensor
     from jcodec.pallas_kernels import rans_float
     shape = (4096, 4096 * 2 + 1024 * 2 + 14336 * 3) if a.profile == "layer" else (4096, 14336)
     bits = gaussian_bits(shape, edge=False)

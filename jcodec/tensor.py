@@ -135,8 +135,7 @@ def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
     host = dict(words=a["words"], starts=starts.astype(starts_dtype(r["lanes"], r["steps"] * per_step)),
                 bases=bases, states=a["states"], table=np.concatenate([slots, rans_common.coarse_table(slots, np)]))
     if r.get("pairs"):
-        both = a["pairs"].astype(np.uint32)
-        host["table"] = np.concatenate([host["table"], ((both & 0xFF) << 7) | ((both >> 8) << 23)])
+        host["table"] = np.concatenate([host["table"], pair_table(a["pairs"])])
         host["raw"] = a["raw"].view(np.uint16)
     elif r["codec"] == "bf16-lossless":
         host["raw"] = a["raw"]
@@ -144,6 +143,13 @@ def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
         host["scales"] = a["scales"]
         host["predictors"] = a["tiles"][:, 2].astype(np.int32)
     return host
+
+
+def pair_table(pairs: np.ndarray) -> np.ndarray:
+    """The file's ``pairs`` (uint16[256], a symbol's ``e1 | e2 << 8``) as the kernels read them: uint32[256]
+    ``e1 << 7 | e2 << 23``, each exponent where the output's bfloat16 pair holds it."""
+    both = np.asarray(pairs).astype(np.uint32)
+    return ((both & 0xFF) << 7) | ((both >> 8) << 23)
 
 
 def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = True) -> CompressedTensor:
