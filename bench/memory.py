@@ -45,8 +45,9 @@ def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: 
                   bases=sds(tiles, jnp.uint32), states=sds(tiles * lanes, jnp.uint32),
                   table=sds(rc.TABLE_SIZE + rc.COARSE_SIZE + (rc.PAIR_TABLE if pairs else 0), jnp.uint32))
     if pairs:
-        arrays["raw"] = sds(codecs.stored_raw_values(symbols, lanes, steps, 1), jnp.uint16)
-        meta = TensorMeta(codec, tuple(shape), "bfloat16", lanes, steps, carry=1, pairs=True)
+        carry = codecs.carry_values("bfloat16", steps, pairs=True)
+        arrays["raw"] = sds(codecs.stored_raw_values(symbols, lanes, steps, carry), jnp.uint16)
+        meta = TensorMeta(codec, tuple(shape), "bfloat16", lanes, steps, carry=carry, pairs=True)
     elif codec == "bf16-lossless":
         carry = codecs.carry_values("bfloat16", steps)
         arrays["raw"] = sds(codecs.stored_raw_values(n, lanes, steps, carry), jnp.uint8)

@@ -198,6 +198,7 @@ def _pack_record(ckpt, name):
     """``(lanes, steps, dtype, carry, n, words)`` of a bf16-lossless tensor from the file's header (pair symbols:
     the kernels' dtype "bfloat16x2" and n in pairs), or None when
     it is of another codec or its record or entries are not as expected (then it is read the general way)."""
+    from jcodec.pallas_kernels.rans_common import PAIRS
     r = ckpt.record(name)
     try:
         if r.get("codec") != "bf16-lossless" or r.get("dtype") not in ("bfloat16", "float16", "float32"):
@@ -208,7 +209,7 @@ def _pack_record(ckpt, name):
         (words,) = ckpt.stored_shape(name, "words")
         n = math.prod(shape)
         if r.get("pairs") is True:  # the pack counts pairs; an odd size (a padding value) is read the general way
-            return (lanes, steps, "bfloat16x2", carry, n // 2, words) if n % 2 == 0 else None
+            return (lanes, steps, PAIRS, carry, n // 2, words) if n % 2 == 0 else None
         return lanes, steps, r["dtype"], carry, n, words
     except Exception:  # noqa: BLE001 - a malformed header is reported by the general path's read
         return None

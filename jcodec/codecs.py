@@ -43,7 +43,7 @@ PREDICTORS = ("none", "left", "up")
 # A lane's end state otherwise carries nothing, and costs ~24 bits of the file; carried, the lane costs
 # ~8.5 bits (16 fewer raw bits, ~0.5 more in words), so shorter lanes (more of them in flight on a GPU)
 # cost less ratio.
-CARRY = {1: 2, 3: 1}  # raw bytes per value -> values carried per lane
+CARRY = {1: 2, 2: 1, 3: 1}  # raw bytes per symbol -> symbols carried per lane (2: a pair of bfloat16 values)
 # Pair symbols (bfloat16, format version 3): one rANS symbol codes the exponents of two adjacent values, so a
 # decoder pays its table gather, state update and renormalisation once per two values, and moves their raw
 # bytes and output bits as one 16- and one 32-bit access. Symbols are the ranks of the tensor's most frequent
@@ -121,14 +121,15 @@ def _tile_crcs(data: np.ndarray, tile_elems: int, tiles: int) -> np.ndarray:
                     dtype=np.uint32)
 
 
-def _rans_arrays(symbols, lanes, steps, start=None):
-    """rANS-code ``symbols`` with a per-tensor table: freqs, states, counts, words and the word bases."""
+def _rans_arrays(symbols, lanes, steps, start=None, bypass=None):
+    """rANS-code ``symbols`` with a per-tensor table: freqs, states, counts, words and the word bases.
+    ``bypass``: the 16 bits coded after each ESC (pair symbols; up to two words a step)."""
     freqs = rans.normalize_freqs(np.bincount(symbols, minlength=rans.ALPHABET))
-    states, counts, words = rans.encode(symbols, freqs, lanes, steps, start)
+    states, counts, words = rans.encode(symbols, freqs, lanes, steps, start, bypass)
     if words.size >= 1 << 32:
         raise ValueError("tensor too large for one stream; split it")
     bases = rans.lane_offsets(counts)[::lanes].astype(np.uint32)
-    return freqs, states, counts.astype(counts_dtype(steps)), words, bases
+    return freqs, states, counts.astype(counts_dtype(steps, 1 if bypass is None else 2)), words, bases
 
 
 def counts_dtype(steps: int, per_step: int = 1):
@@ -165,8 +166,8 @@ def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int | None = 
     return EncodedTensor(record, arrays)
 
 
-def pair_symbols(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """bfloat16 bit patterns (uint16[2m]) -> ``(symbols uint8[m], bits uint16[m], pairs uint16[256], freqs)``.
+def pair_symbols(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """bfloat16 bit patterns (uint16[2m]) -> ``(symbols uint8[m], bits uint16[m], pairs uint16[256])``.
 
     Pair ``j`` is values ``2j, 2j+1``; its 16 bits are ``e1 | e2 << 8`` (their exponents). Symbol ``s`` < ESC
     stands for the pair ``pairs[s]`` (the tensor's most frequent pairs, by rank); ESC for any other, whose
@@ -185,15 +186,15 @@ def pair_symbols(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
         freqs = rans.normalize_freqs(sym_counts)
         size = rans.coded_bits(sym_counts, freqs) + 16 * sym_counts[rans.ESC]
         if best is None or size < best[0]:
-            best = (size, top, freqs)
+            best = (size, top)
         if top.size < k - 1:  # every pair present already has a symbol
             break
-    _, top, freqs = best
+    top = best[1]
     sym_of = np.full(1 << 16, rans.ESC, np.uint8)
     sym_of[top] = np.arange(top.size)
     pairs = np.zeros(rans.ALPHABET, np.uint16)
     pairs[:top.size] = top
-    return sym_of[both], both.astype(np.uint16), pairs, freqs
+    return sym_of[both], both.astype(np.uint16), pairs
 
 
 def encode_pairs(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = PAIR_STEPS, *,
@@ -208,27 +209,25 @@ def encode_pairs(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = PAIR_ST
     m = -(-n // 2)
     bits = np.zeros(2 * m, np.uint16)
     bits[:n] = np.ascontiguousarray(x).reshape(-1).view(np.uint16)
-    symbols, both, pairs, freqs = pair_symbols(bits)
+    symbols, both, pairs = pair_symbols(bits)
     _, raw = split_float(bits, "bfloat16")
-    carry = (1 if steps > 1 else 0) if carry else 0  # a pair's 2 raw bytes ride in each lane's end state
+    carry = carry_values("bfloat16", steps, pairs=True) if carry else 0  # a pair's 2 raw bytes in each end state
     stored, start = split_carry(raw.reshape(m, 2), lanes, steps, carry)
-    states, counts, words = rans.encode(symbols, freqs, lanes, steps, start, bypass=both)
-    if words.size >= 1 << 32:
-        raise ValueError("tensor too large for one stream; split it")
+    freqs, states, counts, words, bases = _rans_arrays(symbols, lanes, steps, start, bypass=both)
     t = rans.num_tiles(m, lanes, steps)
     tiles = np.zeros((t, 3), np.uint32)
-    tiles[:, 0] = rans.lane_offsets(counts)[::lanes]
+    tiles[:, 0] = bases
     tiles[:, 1] = _tile_crcs(bits, 2 * lanes * steps, t)
     record = dict(codec="bf16-lossless", shape=list(x.shape), dtype="bfloat16", lanes=lanes, steps=steps,
                   prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size), carry=carry, pairs=True)
-    arrays = dict(freqs=freqs, states=states, counts=counts.astype(counts_dtype(steps, 2)), words=words,
-                  raw=stored, tiles=tiles, pairs=pairs)
+    arrays = dict(freqs=freqs, states=states, counts=counts, words=words, raw=stored, tiles=tiles, pairs=pairs)
     return EncodedTensor(record, arrays)
 
 
-def carry_values(dtype: str, steps: int) -> int:
-    """Values per lane whose raw bytes ride in its start state (0 for lanes of one or two steps)."""
-    c = CARRY[FLOAT_DTYPES[dtype][2]]
+def carry_values(dtype: str, steps: int, pairs: bool = False) -> int:
+    """Symbols (values, or with ``pairs`` pairs of values) per lane whose raw bytes ride in its start state (0
+    for lanes too short to carry them)."""
+    c = CARRY[2 if pairs else FLOAT_DTYPES[dtype][2]]
     return c if steps > c else 0
 
 
@@ -429,7 +428,7 @@ def validate(enc: EncodedTensor) -> None:
     if r["codec"] == "bf16-lossless":
         rb = 2 if paired else FLOAT_DTYPES[r["dtype"]][2]  # raw bytes per symbol
         carry = r.get("carry", 0)  # absent in version 1: nothing carried
-        most = (1 if steps > 1 else 0) if paired else carry_values(r["dtype"], steps)
+        most = carry_values(r["dtype"], steps, paired)
         _need(carry in (0, most), f"carry={carry!r}, must be 0 or {most} for {r['dtype']}")
         size = stored_raw_values(m, lanes, steps, carry) * rb
         _need(a["raw"].dtype == np.uint8 and a["raw"].shape == (size,), f"raw must be uint8[{size}]")

@@ -213,7 +213,8 @@ def _check_backend(ct, backend):
 
 def kernel_dtype(meta: TensorMeta) -> str:
     """The kernels' dtype of a bf16-lossless tensor: its dtype, or "bfloat16x2" for pair symbols."""
-    return "bfloat16x2" if meta.pairs else meta.dtype
+    from jcodec.pallas_kernels import rans_common
+    return rans_common.PAIRS if meta.pairs else meta.dtype
 
 
 def kernel_args(ct: CompressedTensor):
@@ -417,9 +418,8 @@ class PackBuilder:
             values += codecs.stored_raw_values(n, lanes, steps, carry)
             sizes[j] += n
         rb = rans_common.RAW_BYTES[dtype]
-        # raw: bytes, or with pair symbols one uint16 per pair (the kernels' layout; rb = 2 bytes)
-        self.raw_per = 1 if dtype == rans_common.PAIRS else rb
-        raw = np.zeros(values, np.uint16) if dtype == rans_common.PAIRS else np.zeros(values * rb, np.uint8)
+        raw_dtype, self.raw_per = rans_common.raw_layout(dtype)  # bytes, or with pair symbols one uint16 a pair
+        raw = np.zeros(values * self.raw_per, raw_dtype)
         width = rans_common.TABLE_SIZE + rans_common.COARSE_SIZE + (rans_common.PAIR_TABLE if dtype == rans_common.PAIRS else 0)
         if max(words, values * rb, lanes_at * steps) > PACK_LIMIT or min(sizes) < 1:
             raise ValueError(f"a pack holds < 2^31 words, raw bytes and tile values, and every output >= 1 value "

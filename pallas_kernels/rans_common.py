@@ -72,6 +72,21 @@ def bypass(x, word):
     return x & 0xFFFF, (x & jnp.uint32(0xFFFF0000)) | word
 
 
+def pair_step(sym, x, ptr, word, pair):
+    """The rest of a pair symbol's step, after its renormalisation, in the pure-JAX references:
+    ``(exponents in place, state, read position)``. ``word``: the lane's word at ``ptr``, ``pair``: the pair
+    table's entry for ``sym``; an ESC takes its 16 bits from the state and ``word`` in their place."""
+    esc = sym == ESC
+    payload, escaped = bypass(x, word)
+    return jnp.where(esc, exponents_in_place(payload), pair), jnp.where(esc, escaped, x), ptr + esc.astype(ptr.dtype)
+
+
+def raw_layout(dtype: str):
+    """``(element dtype, elements per symbol)`` of a kernel's ``raw`` array: bytes (``RAW_BYTES`` of them), or
+    with pair symbols one uint16 per pair."""
+    return (jnp.uint16, 1) if dtype == PAIRS else (jnp.uint8, RAW_BYTES[dtype])
+
+
 def renormalise(x, word):
     """``(state, need)``: shift the 16-bit ``word`` (uint32) in where the state fell below 2^16."""
     need = x < STATE_LOW

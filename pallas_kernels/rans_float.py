@@ -83,7 +83,7 @@ def rans_float_kernel(
     # raw bytes: a full tile's lanes carry their last `carry` values in their end state (jcodec.codecs.split_carry);
     # the raw array holds the other steps of every full tile, then the last tile's (value units here)
     full = t < n // tile
-    per_value = 1 if rb == 2 else rb  # raw_ref elements per value (pair symbols: one uint16 per pair)
+    per_value = rc.raw_layout(dtype)[1]  # raw_ref elements per value (pair symbols: one uint16 per pair)
     raw_first = c * (raw_ref.shape[0] // (copies * per_value)) + t * ((steps - carry) * lanes) + l
     # [B] the steps whose values a lane writes in the loop, with raw bytes from `raw` (a full tile's carried
     # steps are written after it, from the end state)
@@ -423,12 +423,11 @@ def _check(words, starts, bases, states, raw, table, n, lanes, steps, dtype, car
     if n < 1 or copies * n * rc.RAW_BYTES[dtype] > rc.INT32_MAX or copies * t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"{n=} must be >= 1 and its padded tiles and raw bytes must have < 2^31 elements")
     check_lanes(starts, bases, states, lead, t * lanes, lanes)
-    pairs = dtype == rc.PAIRS  # raw: one uint16 per pair
-    raw_dtype = jnp.uint16 if pairs else jnp.uint8
-    raw_shape = lead + (raw_size(n, lanes, steps, carry) * (1 if pairs else rc.RAW_BYTES[dtype]),)
+    raw_dtype, per = rc.raw_layout(dtype)  # (pair symbols: one uint16 per pair)
+    raw_shape = lead + (raw_size(n, lanes, steps, carry) * per,)
     if raw.dtype != raw_dtype or raw.shape != raw_shape:
         raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be {jnp.dtype(raw_dtype).name}{list(raw_shape)}")
-    check_table(table, lead, pairs)
+    check_table(table, lead, dtype == rc.PAIRS)
     check_words(words, lead)
 
 
@@ -574,12 +573,9 @@ def rans_symbols_reference(words, starts, bases, states, table, *, n: int, lanes
         x, need = rc.renormalise(x, word)
         ptr = ptr + need.astype(ptr.dtype)
         if pairs:
-            esc = sym == rc.ESC
-            payload, escaped = rc.bypass(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
-            x = jnp.where(esc, escaped, x)
-            ptr = ptr + esc.astype(ptr.dtype)
-            return x, ptr, out.at[k].set(jnp.where(esc, rc.exponents_in_place(payload), pair_table[sym]))
-        return x, ptr, out.at[k].set(sym.astype(jnp.uint8))
+            sym, x, ptr = rc.pair_step(sym, x, ptr, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32),
+                                       pair_table[sym])
+        return x, ptr, out.at[k].set(sym.astype(out.dtype))
 
     out = jnp.zeros((steps, total_lanes), jnp.uint32 if pairs else jnp.uint8)
     start = jnp.repeat(bases.astype(jnp.int32), lanes) + starts.astype(jnp.int32)  # [T*L] each lane's first word

@@ -114,10 +114,10 @@ def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, ste
             raise ValueError(f"{name}={a.dtype}{list(a.shape)} must be {jnp.dtype(dt).name}{list(shape)}")
     if words.dtype != jnp.uint16 or words.ndim != 1 or not 1 <= words.size <= rc.INT32_MAX:
         raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16[W], 1 <= W < 2^31")
-    pairs = dtype == rc.PAIRS  # raw: one uint16 per pair
-    per = 1 if pairs else rc.RAW_BYTES[dtype]
-    if raw.dtype != (jnp.uint16 if pairs else jnp.uint8) or raw.ndim != 1 or raw.size % per or raw.size > rc.INT32_MAX:
-        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be {'uint16[N]' if pairs else f'uint8[N*{per}]'} "
+    pairs = dtype == rc.PAIRS
+    raw_dtype, per = rc.raw_layout(dtype)  # (pair symbols: one uint16 per pair)
+    if raw.dtype != raw_dtype or raw.ndim != 1 or raw.size % per or raw.size > rc.INT32_MAX:
+        raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be {jnp.dtype(raw_dtype).name}[N*{per}] "
                          f"< 2^31 elements")
     if tables.ndim != 2:
         raise ValueError(f"tables={tables.dtype}{list(tables.shape)} must be uint32[K, 4096 or 4224 (+ 256 for pairs)]")
@@ -175,12 +175,9 @@ def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, size
         sym, x = rc.rans_step(x, table[lane_table, x & rc.SLOT_MASK])
         x, need = rc.renormalise(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
         ptr = ptr + need.astype(ptr.dtype)
-        if pairs:  # (rans_float.rans_symbols_reference's pair step)
-            esc = sym == rc.ESC
-            payload, escaped = rc.bypass(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
-            x = jnp.where(esc, escaped, x)
-            ptr = ptr + esc.astype(ptr.dtype)
-            sym = jnp.where(esc, rc.exponents_in_place(payload), pair_table[lane_table, sym])
+        if pairs:
+            sym, x, ptr = rc.pair_step(sym, x, ptr, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32),
+                                       pair_table[lane_table, sym])
         return x, ptr, out.at[k].set(sym.astype(out.dtype))
 
     ends, _, sym = lax.fori_loop(0, steps, step, (states, offsets.astype(jnp.int32),
