@@ -76,9 +76,8 @@ def rans_float_kernel(
     out_first = jnp.where(live, p * tile + j, out_ref.shape[0] + j)
     out_base = o * (out_ref.shape[0] // (window or copies))
     table_base = c * (table_ref.shape[0] // copies)
-    # pair symbols: the pair table follows the slot and coarse tables
-    pair_base = table_base + rc.TABLE_SIZE + (rc.TABLE_SIZE >> coarse_bits if coarse_bits else 0) \
-        if dtype == rc.PAIRS else None
+    # pair symbols: the pair table ends each copy's table (kernel_table)
+    pair_base = table_base + table_ref.shape[0] // copies - rc.PAIR_TABLE if dtype == rc.PAIRS else None
     rb = rc.RAW_BYTES[dtype]
     # raw bytes: a full tile's lanes carry their last `carry` values in their end state (jcodec.codecs.split_carry);
     # the raw array holds the other steps of every full tile, then the last tile's (value units here)
@@ -353,24 +352,21 @@ def lookup(table_ref, x, coarse_bits: int, base=0):
 
 
 def kernel_table(table, coarse_bits: int, pairs: bool = False):
-    """The table the kernels read: the 4096 slot entries, then the coarse table for ``coarse_bits`` (on the
-    last axis of ``table``; a stack's tables are flattened afterwards by the caller), then with ``pairs`` the
-    pair table (the last :data:`rans_common.PAIR_TABLE` entries of ``table``)."""
-    if pairs:
-        body = kernel_table(table[..., :-rc.PAIR_TABLE], coarse_bits)
-        return table if body.shape[-1] == table.shape[-1] - rc.PAIR_TABLE else \
-            jnp.concatenate([body, table[..., -rc.PAIR_TABLE:]], axis=-1)
-    if not coarse_bits:
-        return table[..., :rc.TABLE_SIZE]
-    if coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.TABLE_SIZE + rc.COARSE_SIZE:
-        return table
-    if not 1 <= coarse_bits <= 11:
+    """The table the kernels read (on the last axis of ``table``; a stack's tables are flattened afterwards by
+    the caller): the 4096 slot entries, then the coarse table for ``coarse_bits``, then with ``pairs`` the pair
+    table (the last :data:`rans_common.PAIR_TABLE` entries). The kernels find the pair table at the end of each
+    copy's table and read nothing else past the slot entries with ``coarse_bits=0``, so the device table goes
+    in as it is (no copy on the decode path) unless it lacks the coarse table asked for."""
+    if not 0 <= coarse_bits <= 11:
         raise ValueError(f"{coarse_bits=} must be in [0, 11]")
+    tail = rc.PAIR_TABLE if pairs else 0
+    if not coarse_bits or (coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.TABLE_SIZE + rc.COARSE_SIZE + tail):
+        return table
     fine = table[..., :rc.TABLE_SIZE]
     coarse = functools.partial(rc.coarse_table, xp=jnp, bits=coarse_bits)
     for _ in range(fine.ndim - 1):
         coarse = jax.vmap(coarse)
-    return jnp.concatenate([fine, coarse(fine)], axis=-1)
+    return jnp.concatenate([fine, coarse(fine)] + ([table[..., -tail:]] if tail else []), axis=-1)
 
 
 def launch_shape(states, tiles, lanes: int) -> tuple[int, int]:

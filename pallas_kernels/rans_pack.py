@@ -42,10 +42,10 @@ def rans_pack_kernel(
     offsets_ref,  # [T*L] uint32, whole array
     states_ref,   # [T*L] uint32, whole array
     raw_ref,      # [N*rb] uint8, whole array
-    table_ref,    # [K * (4096 + 4096 >> coarse_bits)] uint32, whole array
+    table_ref,    # [K * width] uint32, whole array (kernel_table's: slot, coarse, pair tables)
     info_ref,     # [T*5] int32, whole array
     *out_refs,    # per output: [size] uint16 | uint32 (the float bits)
-    lanes: int, steps: int, dtype: str, block_lanes: int, unroll: int, coarse_bits: int, carry: int,
+    lanes: int, steps: int, dtype: str, block_lanes: int, unroll: int, coarse_bits: int, carry: int, width: int,
 ):
     """Decode lanes ``program * block_lanes ...`` of the pack (of any of its tensors)."""
     tiles = states_ref.shape[0] // lanes
@@ -56,8 +56,7 @@ def rans_pack_kernel(
     out_index, out_at, raw_at, count, table = (info_ref[t * INFO + f] for f in range(INFO))
     lane_state = lanes_init(words_ref, offsets_ref[t * lanes + l].astype(jnp.int32), states_ref[t * lanes + l], 0, 0)
     pairs = dtype == rc.PAIRS
-    width = rc.TABLE_SIZE + (rc.TABLE_SIZE >> coarse_bits if coarse_bits else 0) + (rc.PAIR_TABLE if pairs else 0)
-    table_base = table * width
+    table_base = table * width  # (width: each table's entries, kernel_table)
     pair_base = table_base + width - rc.PAIR_TABLE if pairs else None  # the pair table ends each table
     rb = rc.RAW_BYTES[dtype]
 
@@ -144,8 +143,9 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
         raise ValueError(f"{block_lanes=} must be a power of two, {unroll=} and {num_warps=} >= 1")
     rc.filter_triton_deprecation()
     unroll = math.gcd(unroll, steps)
+    table = kernel_table(tables, coarse_bits, dtype == rc.PAIRS)
     kernel = functools.partial(rans_pack_kernel, lanes=lanes, steps=steps, dtype=dtype, block_lanes=block_lanes,
-                               unroll=unroll, coarse_bits=coarse_bits, carry=carry)
+                               unroll=unroll, coarse_bits=coarse_bits, carry=carry, width=table.shape[-1])
     outs = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[dtype]) for size in sizes],
@@ -153,7 +153,7 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"rans_pack_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}",
-    )(words, offsets, states, raw, kernel_table(tables, coarse_bits, dtype == rc.PAIRS).reshape(-1), info.reshape(-1))
+    )(words, offsets, states, raw, table.reshape(-1), info.reshape(-1))
     return [lax.bitcast_convert_type(o, value_dtype(dtype)).reshape(-1) for o in outs]
 
 
