@@ -56,7 +56,7 @@ def build_bf16(cfg: llama.LlamaConfig, get) -> llama.Params:
     return llama.params_from_tensors(cfg, get, jnp.bfloat16)
 
 
-def build_codec(codec: str, mode: str):
+def build_codec(codec: str, mode: str, pairs: bool = True):
     """Params for a jcodec ``mode`` (see jcodec.api) of weights encoded with ``codec`` at load time.
     For random weights every layer holds the same values, so one layer is encoded and reused (encoding an
     8B model with the NumPy encoder would take the bench's whole time; speed does not depend on it)."""
@@ -71,7 +71,7 @@ def build_codec(codec: str, mode: str):
             key = re.sub(r"\.layers\.\d+\.", ".layers.*.", name) if getattr(get, "shared_layers", False) else name
             if key not in cache:
                 x = get(name)
-                enc = choose_encoding(x, codec)
+                enc = choose_encoding(x, codec, pairs=pairs)
                 cache[key] = x if enc is None else enc
             v = cache[key]
             if isinstance(v, np.ndarray):
@@ -90,6 +90,7 @@ MODES = {"bf16": build_bf16}
 for _codec, _mode in [("bf16-lossless", "compressed"), ("bf16-lossless", "decoded"), ("bf16-lossless", "offload"),
                       ("int8", "compressed")]:
     MODES[f"{_codec} {_mode}"] = build_codec(_codec, _mode)
+MODES["bf16-lossless no-pairs compressed"] = build_codec("bf16-lossless", "compressed", pairs=False)  # (format v2's)
 
 
 def random_tensors(cfg: llama.LlamaConfig, seed: int = 0):

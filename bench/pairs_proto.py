@@ -70,9 +70,46 @@ def device_arrays(enc, coarse_bits: int):
     return tuple(jnp.asarray(v) for v in (words, starts, a["states"], a["raw"].view(np.uint16), table, pairs))
 
 
+def encode_patched(bits: np.ndarray, lanes: int, steps: int):
+    """The patch variant: ESC is an ordinary symbol of the stream (no bypass bits: a lane reads at most one
+    word a step) and decodes to exponents 0; every escaped pair is listed apart, per tile, as ``pos | P << 16``
+    (``pos`` its place in the tile, ``P = e1 | e2 << 8``), for the kernel to OR in after its tile's loop."""
+    symbols, both, pairs = codecs.pair_symbols(bits)
+    freqs = rans.normalize_freqs(np.bincount(symbols, minlength=rans.ALPHABET))
+    states, counts, words = rans.encode(symbols, freqs, lanes, steps)
+    tile = lanes * steps
+    t = rans.num_tiles(symbols.size, lanes, steps)
+    j = np.flatnonzero(symbols == ESC)
+    exc = (j % tile).astype(np.uint32) | (both[j].astype(np.uint32) << 16)
+    exc_start = np.searchsorted(j // tile, np.arange(t + 1)).astype(np.int32)
+    _, raw = codecs.split_float(bits, "bfloat16")
+    return dict(freqs=freqs, states=states, counts=counts, words=words, pairs=pairs, raw=np.ascontiguousarray(raw).reshape(-1).view(np.uint16),
+                exc=exc, exc_start=exc_start, nbytes=2 * words.size + 4 * states.size + counts.size + raw.size
+                + 4 * exc.size + 4 * t + 2 * 256 + 2 * 256)
+
+
+def device_arrays_patched(e):
+    """words, starts, states, raw, the two-word slot table (entry ``2s``: ``cum | symbol << 12 | (freq - 1) <<
+    20``; ``2s + 1``: the slot's pair exponents in place, 0 for ESC), the patch list and its tile starts."""
+    words = np.concatenate([e["words"], np.zeros(2, np.uint16)])
+    starts = rans.lane_offsets(e["counts"]).astype(np.int32)
+    packed = rans.packed_slot_table(e["freqs"])
+    in_place = tensor.pair_table(e["pairs"])
+    in_place[ESC] = 0
+    table = np.stack([packed, in_place[(packed >> 12) & 0xFF]], axis=1).reshape(-1)
+    exc = e["exc"] if e["exc"].size else np.zeros(1, np.uint32)
+    return tuple(jnp.asarray(v) for v in (words, starts, e["states"], e["raw"], table, exc, e["exc_start"]))
+
+
 # ------------------------------------------------------------------------------------------------- kernel
-def pairs_kernel(words_ref, starts_ref, states_ref, raw_ref, table_ref, pairs_ref, out_ref, sink_ref=None, *, m: int,
-                 lanes: int, steps: int, unroll: int, coarse_bits: int, prefetch: int):
+def pairs_kernel(words_ref, starts_ref, states_ref, raw_ref, table_ref, pairs_ref, *refs, m: int,
+                 lanes: int, steps: int, unroll: int, coarse_bits: int, prefetch: int, patch: bool = False,
+                 interpret: bool = False):
+    """``patch``: ``pairs_ref`` is absent and ``refs`` starts with the patch list and its tile starts
+    (``device_arrays_patched``); the table has two words a slot."""
+    if patch:
+        exc_ref, exc_start_ref, *refs = (pairs_ref, *refs)
+    out_ref, sink_ref = (list(refs) + [None])[:2]
     t = pl.program_id(0)
     l = jnp.arange(lanes, dtype=jnp.int32)
     last = words_ref.shape[0] - 1
@@ -89,7 +126,22 @@ def pairs_kernel(words_ref, starts_ref, states_ref, raw_ref, table_ref, pairs_re
         coarse = table_ref[(slot >> coarse_bits).astype(jnp.int32) + rc.TABLE_SIZE]
         return plgpu.load(table_ref.at[slot.astype(jnp.int32)], mask=coarse == jnp.uint32(rc.MIXED), other=coarse)
 
+    def step_patched(x, ptr, word):  # ESC is an ordinary symbol here: one word at most, no bypass
+        slot = x & rc.SLOT_MASK
+        # one 64-bit gather of the slot's two words ([B, 2], contiguous in its last axis), split in registers
+        i = slot.astype(jnp.int32)[:, None] * 2 + jnp.arange(2, dtype=jnp.int32)[None, :]
+        e, exps = jnp.unstack(table_ref[i], axis=1)
+        x = ((e >> 20) + 1) * (x >> 12) + slot - (e & rc.SLOT_MASK)
+        need = x < STATE_LOW
+        x = jnp.where(need, (x << 16) | word, x)
+        ptr = ptr + need.astype(jnp.int32)
+        word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=need,
+                          other=word.astype(jnp.uint16)).astype(jnp.uint32)
+        return exps, x, ptr, word
+
     def step(x, ptr, word):
+        if patch:
+            return step_patched(x, ptr, word)
         e = lookup(x)
         sym = (e >> 12) & 0xFF
         x = ((e >> 20) + 1) * (x >> 12) + (x & rc.SLOT_MASK) - (e & rc.SLOT_MASK)
@@ -138,25 +190,43 @@ def pairs_kernel(words_ref, starts_ref, states_ref, raw_ref, table_ref, pairs_re
     _, _, _, sink, _, _ = lax.fori_loop(0, steps // unroll, block, (x, ptr, word, jnp.zeros_like(x), raws, left))
     if prefetch:
         plgpu.store(sink_ref.at[t * lanes + l], sink)
+    if patch:  # the tile's escaped pairs: OR their exponents into what the loop wrote (other threads' stores)
+        if not interpret:  # (interpret mode runs a program's lanes as one array: nothing to wait for)
+            plgpu.debug_barrier()
+        lo, hi = exc_start_ref[t], exc_start_ref[t + 1]
+
+        def fix(i, c):
+            k = lo + i * lanes + l
+            ok = k < hi
+            e = plgpu.load(exc_ref.at[jnp.where(ok, k, 0)], mask=ok, other=0)
+            at = jnp.where(ok, t * (lanes * steps) + (e & 0xFFFF).astype(jnp.int32), 0)
+            cur = plgpu.load(out_ref.at[at], mask=ok, other=0)
+            plgpu.store(out_ref.at[at], cur | rc.exponents_in_place(e >> 16), mask=ok)
+            return c
+
+        lax.fori_loop(0, (hi - lo + lanes - 1) // lanes, fix, 0)
 
 
 @functools.partial(jax.jit, static_argnames=["n", "lanes", "steps", "unroll", "num_warps", "coarse_bits",
                                              "prefetch", "interpret"])
-def pairs_decode(words, starts, states, raw, table, pairs, *, n: int, lanes: int, steps: int, unroll: int = 4,
+def pairs_decode(words, starts, states, raw, table, pairs, *extra, n: int, lanes: int, steps: int, unroll: int = 4,
                  num_warps: int = 4, coarse_bits: int = 0, prefetch: int = 0, interpret: bool = False):
+    """``extra``: the patch variant's tile starts (``pairs`` is then its patch list; ``device_arrays_patched``)."""
     m = n // 2
     if steps % unroll:
         raise ValueError(f"{steps=} must be a multiple of {unroll=}")
+    if extra and coarse_bits:
+        raise ValueError("the patch variant reads the two-word slot table only (coarse_bits=0)")
     kernel = functools.partial(pairs_kernel, m=m, lanes=lanes, steps=steps, unroll=unroll, coarse_bits=coarse_bits,
-                               prefetch=prefetch)
+                               prefetch=prefetch, patch=bool(extra), interpret=interpret)
     shapes = [jax.ShapeDtypeStruct((m,), jnp.uint32)]
     if prefetch:
         shapes.append(jax.ShapeDtypeStruct(states.shape, jnp.uint32))
     out = pl.pallas_call(
         kernel, out_shape=shapes, grid=(states.shape[0] // lanes,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
-        name=f"rans_pairs_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}",
-    )(words, starts, states, raw, table, pairs)
+        name=f"rans_pairs_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}" + ("_patch" if extra else ""),
+    )(words, starts, states, raw, table, pairs, *extra)
     return lax.bitcast_convert_type(out[0], jnp.uint16).reshape(-1)
 
 
@@ -183,6 +253,10 @@ def check(a):
             got = np.asarray(pairs_decode(*device_arrays(enc, cb), n=bits.size, lanes=lanes, steps=steps,
                                           unroll=4, coarse_bits=cb, prefetch=pf, interpret=True))
             assert np.array_equal(got, bits), (shape, cb)
+        e = encode_patched(bits, lanes, steps)
+        got = np.asarray(pairs_decode(*device_arrays_patched(e), n=bits.size, lanes=lanes, steps=steps, unroll=4,
+                                      interpret=True))
+        assert np.array_equal(got, bits), (shape, "patch")
         escapes = int(np.sum(codecs.pair_symbols(bits)[0] == ESC))
         print(f"ok {shape} lanes={lanes} steps={steps} words={enc.arrays['words'].size} escaped pairs={escapes}")
 
@@ -195,20 +269,21 @@ def sass(a):
     sass_tool.capture_modules()
     bits = gaussian_bits((256, 4096))
     enc = encode(bits, 128, a.steps)
-    for u, w, cb, pf in variants(a):
-        args = device_arrays(enc, cb)
+    patched = device_arrays_patched(encode_patched(bits, 128, a.steps))
+    for (u, w, cb, pf), patch in [(v, False) for v in variants(a)] + [(v, True) for v in variants(a) if not v[2]]:
+        args = patched if patch else device_arrays(enc, cb)
         f = functools.partial(pairs_decode, n=bits.size, lanes=128, steps=a.steps, unroll=u, num_warps=w,
                               coarse_bits=cb, prefetch=pf)
         jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
         os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, f"p_u{u}_c{cb}_p{pf}.ttir")
+        path = os.path.join(a.out, f"p_u{u}_c{cb}_p{pf}{'_patch' if patch else ''}.ttir")
         with open(path, "w") as fh:
             fh.write(sass_tool.MODULES[-1])
         compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=w, num_stages=1))
         with open(path.replace(".ttir", ".sass"), "w") as fh:
             fh.write(compiled.asm["sass"])
         info = sass_tool.summarise(compiled.asm["sass"], u)
-        print(f"pairs u{u} w{w} c{cb} p{pf}: shared={compiled.metadata.shared} {info} "
+        print(f"pairs u{u} w{w} c{cb} p{pf}{' patch' if patch else ''}: shared={compiled.metadata.shared} {info} "
               f"per_value={info['per_step'] / 2:.1f}")
 
 
@@ -262,6 +337,19 @@ def bench(a):
                 ok = np.array_equal(np.asarray(fn(*devc[0])), bits)
                 row(f"{label}: pairs {steps} steps u{u} w{w} c{cb} p{pf} {'ok' if ok else 'WRONG'}",
                     time_fn(fn, devc, a.reps), n, ratio)
+            del dev
+            enc_patch = encode_patched(bits, 128, steps)
+            ratio = enc_patch["nbytes"] / (2 * n)
+            dev = [device_arrays_patched(enc_patch) for _ in range(a.rotate)]
+            for u, w, cb, pf in variants(a):
+                if cb:
+                    continue
+                fn = jax.jit(functools.partial(pairs_decode, n=n, lanes=128, steps=steps, unroll=u, num_warps=w,
+                                               prefetch=pf))
+                ok = np.array_equal(np.asarray(fn(*dev[0])), bits)
+                row(f"{label}: pairs {steps} steps u{u} w{w} c0 p{pf} PATCH {'ok' if ok else 'WRONG'}",
+                    time_fn(fn, dev, a.reps), n, ratio)
+            del dev
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(dict(rows=rows, device=str(jax.devices()[0]), jax=jax.__version__), fh, indent=1)
@@ -285,6 +373,11 @@ def profile(a):
         out = pairs_decode(*device_arrays(encp, cb), n=bits.size, lanes=128, steps=steps, unroll=u, num_warps=w,
                            coarse_bits=cb, prefetch=pf)
         print(f"pairs {steps} u{u} w{w} c{cb} p{pf}", np.array_equal(np.asarray(out), bits))
+    patched = device_arrays_patched(encode_patched(bits, 128, steps))
+    for u, w, cb, pf in variants(a):
+        if not cb:
+            out = pairs_decode(*patched, n=bits.size, lanes=128, steps=steps, unroll=u, num_warps=w, prefetch=pf)
+            print(f"pairs {steps} u{u} w{w} c0 p{pf} patch", np.array_equal(np.asarray(out), bits))
 
 
 def variants(a):

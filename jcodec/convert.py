@@ -35,9 +35,9 @@ class ConvertReport:
 
 def convert(src, out, codec: str = "bf16-lossless", *, lanes: int = codecs.DEFAULT_LANES,
             steps: int | None = None, zstd_level: int = 3, shard_bytes: int = 2 << 30,
-            overwrite: bool = False, progress: bool = True, pairs: bool = False) -> ConvertReport:
-    """Encode every tensor of ``src`` (HF folder or .gguf) with ``codec`` into the folder ``out``. ``pairs``:
-    ``bf16-lossless`` codes a bfloat16 tensor's exponents two values a symbol (``codecs.encode_pairs``)."""
+            overwrite: bool = False, progress: bool = True, pairs: bool = True) -> ConvertReport:
+    """Encode every tensor of ``src`` (HF folder or .gguf) with ``codec`` into the folder ``out``. ``pairs``
+    (default): ``bf16-lossless`` codes a bfloat16 tensor's exponents two values a symbol (``codecs.encode_pairs``)."""
     from jcodec.sources import open_source
 
     if codec not in codecs.CODECS:

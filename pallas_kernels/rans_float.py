@@ -452,8 +452,14 @@ def check_table(table, lead=(), pairs: bool = False):
 # 388 -> 515 GB/s, bench/RESULTS.md). Several tensors (a layer: ~50 warps per SM) run faster without them
 # (692.6 against 648.9 with raw_early, 604.2 with prefetch 4), and every tensor adds a copy of the step loop
 # to the kernel, so its compile time grows with ``unroll``.
-ONE_TENSOR = dict(unroll=16, prefetch=8, raw_early=True)
-SEVERAL_TENSORS = dict(unroll=4, prefetch=0, raw_early=False)
+ONE_TENSOR = dict(unroll=16, prefetch=8, raw_early=True, coarse_bits=rc.COARSE_BITS)
+SEVERAL_TENSORS = dict(unroll=4, prefetch=0, raw_early=False, coarse_bits=rc.COARSE_BITS)
+# Pair symbols (a launch of pair tensors only; bench/RESULTS.md session 10). One tensor: the full table, words
+# prefetched, raw bytes at the top of 8-step blocks (the matrix 767.9 GB/s, against 729.4 at u4 c0 p0 and 684.8
+# at u4 c5 p0). Several: u4 c5 p0, a layer at 925.1 GB/s compiled in 16 s; u8 c0 p8 r1 decodes it at 984.4
+# but compiles in 76 s, which every model would pay on its first call (pass those options to get them).
+PAIR_ONE_TENSOR = dict(unroll=8, prefetch=8, raw_early=True, coarse_bits=0)
+PAIR_SEVERAL_TENSORS = SEVERAL_TENSORS
 
 
 def launch_options(metas, one: dict, several: dict, **given) -> tuple:
@@ -467,7 +473,7 @@ def launch_options(metas, one: dict, several: dict, **given) -> tuple:
                                              "prefetch", "word_group", "window", "raw_early",
                                              "interpret"])
 def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0,
-                           unroll: int | None = None, num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
+                           unroll: int | None = None, num_warps: int = 4, coarse_bits: int | None = None,
                            prefetch: int | None = None, word_group: int = 1, raw_early: bool | None = None,
                            interpret: bool = False) -> list[jax.Array]:
     """Decode several ``bf16-lossless`` tensors in ONE kernel launch (e.g. all weights of a layer).
@@ -478,15 +484,18 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     None or int32[R], the tiles to decode (of one tensor, not a stack; e.g. the rows of an embedding).
     Returns per tensor the flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``
     (tile ``tiles[r]`` at ``r * L*S``; positions past the tensor's end are unspecified). Block sizes as in
-    :func:`rans_float_decode`; ``unroll``, ``prefetch`` and ``raw_early`` left at None are chosen by the
-    launch (:data:`ONE_TENSOR` or :data:`SEVERAL_TENSORS`): every tensor adds a copy of the step loop to the
+    :func:`rans_float_decode`; ``unroll``, ``prefetch``, ``raw_early`` and ``coarse_bits`` left at None are
+    chosen by the launch (:data:`ONE_TENSOR` or :data:`SEVERAL_TENSORS`; pair tensors only:
+    :data:`PAIR_ONE_TENSOR`, :data:`PAIR_SEVERAL_TENSORS`): every tensor adds a copy of the step loop to the
     kernel (a stack adds one), and a Llama layer's 7 tensors compile in ~12 s at unroll 4, ~40-90 s at 8.
     ``word_group=2`` needs an even word count per copy (as ``jcodec.tensor`` builds them). ``window`` >= 1
     with ``start`` (an int32 scalar, traced welcome; clamped so that the window exists): decode copies
     ``start .. start + window`` of every tensor (each a stack), to ``[window, n]``, reading them in place.
     """
-    unroll, prefetch, raw_early = launch_options(metas, ONE_TENSOR, SEVERAL_TENSORS, unroll=unroll,
-                                                 prefetch=prefetch, raw_early=raw_early)
+    pairs = all(m[3] == rc.PAIRS for m in metas)
+    unroll, prefetch, raw_early, coarse_bits = launch_options(
+        metas, *((PAIR_ONE_TENSOR, PAIR_SEVERAL_TENSORS) if pairs else (ONE_TENSOR, SEVERAL_TENSORS)),
+        unroll=unroll, prefetch=prefetch, raw_early=raw_early, coarse_bits=coarse_bits)
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     extra = check_window([a[3] for a in tensors], tiles, start, window)
     starts, copies = [0], []
@@ -529,7 +538,7 @@ def value_dtype(dtype: str):
 
 def rans_float_decode(words, starts, bases, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
                       carry: int = 0, tiles=None, unroll: int | None = None, num_warps: int = 4,
-                      coarse_bits: int = rc.COARSE_BITS, prefetch: int | None = None, word_group: int = 1,
+                      coarse_bits: int | None = None, prefetch: int | None = None, word_group: int = 1,
                       raw_early: bool | None = None, interpret: bool = False) -> jax.Array:
     """Decode a ``bf16-lossless`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact.
 

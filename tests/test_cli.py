@@ -13,12 +13,18 @@ def run(capsys, *argv):
     return rc, out, err
 
 
-def test_convert_info_verify(tmp_path, hf_folder, capsys):
+@pytest.mark.parametrize("flag", [None, "--no-pairs"])
+def test_convert_info_verify(tmp_path, hf_folder, capsys, flag):
+    """Pair symbols by default for bfloat16 tensors (the float32 one keeps one exponent a symbol); --no-pairs
+    writes none."""
     out = tmp_path / "m.jcodec"
-    rc, text, _ = run(capsys, "convert", hf_folder, out, "--quiet", "--lanes", 16, "--steps", 32)
+    rc, text, _ = run(capsys, "convert", hf_folder, out, "--quiet", "--lanes", 16, "--steps", 32, *filter(None, [flag]))
     assert rc == 0 and "of the source" in text
     rc, text, _ = run(capsys, "info", out)
-    assert rc == 0 and "model.embed_tokens.weight" in text and "bf16-lossless" in text and "total: 5 tensors" in text
+    assert rc == 0 and "model.embed_tokens.weight" in text and "total: 5 tensors" in text
+    codec_of = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("model.")}
+    assert codec_of["model.embed_tokens.weight"] == ("bf16-lossless" if flag else "bf16-lossless/pairs")
+    assert codec_of["model.layers.0.self_attn.q_proj.weight"] == "bf16-lossless"  # float32
     rc, text, _ = run(capsys, "verify", out, "--against", hf_folder, "--quiet")
     assert rc == 0 and "OK" in text and "5 compared" in text
 
