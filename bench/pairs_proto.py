@@ -15,6 +15,12 @@ pair's 16 bits coded as a uniform ("bypass") symbol: the decoder takes the state
 its renormalisation word, then its bypass word. On Gaussian weights (4096 x 14336, std 0.02) K = 127 costs
 2.554 bits per exponent against 2.550 for single exponents, with an ESC in 0.15% of pairs.
 
+The "patch" variant (session 11; ``encode_patched``, rows marked PATCH): ESC is an ordinary symbol (no bypass,
+one word a step at most), each tile's escaped pairs are listed apart and ORed into the output after the tile's
+loop, and the slot table holds two words a slot (entry, exponents) read as one 64-bit gather. A third fewer
+instructions a step, but only +3.4% at u24 (and 0.0006 more of BF16): the pair kernel waits on memory
+latency, not on its instructions (bench/RESULTS.md, session 11). Kept as the measured alternative.
+
     python -P bench/pairs_proto.py --check              # CPU: the codec's NumPy decoder <-> kernel (interpret)
     python -P bench/pairs_proto.py --sass --out /tmp/p  # CPU, pip triton: SASS instructions per step
     python3 -P bench/pairs_proto.py --bench --out r.json  # GPU: against the production kernel, side by side
