@@ -457,7 +457,8 @@ SEVERAL_TENSORS = dict(unroll=4, prefetch=0, raw_early=False, coarse_bits=rc.COA
 # Pair symbols (a launch of pair tensors only; bench/RESULTS.md session 10). One tensor: the full table, words
 # prefetched, raw bytes at the top of 8-step blocks (the matrix 767.9 GB/s, against 729.4 at u4 c0 p0 and 684.8
 # at u4 c5 p0). Several: u4 c5 p0, a layer at 925.1 GB/s compiled in 16 s; u8 c0 p8 r1 decodes it at 984.4
-# but compiles in 76 s, which every model would pay on its first call (pass those options to get them).
+# but compiles in 76 s, which every model would pay on its first call (pass those options to get them). The
+# time is Triton's Coalesce pass (99.7% of it, session 11), which grows with (tensors x unroll)^2.
 PAIR_ONE_TENSOR = dict(unroll=8, prefetch=8, raw_early=True, coarse_bits=0)
 PAIR_SEVERAL_TENSORS = SEVERAL_TENSORS
 
