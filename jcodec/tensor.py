@@ -420,7 +420,7 @@ class PackBuilder:
         rb = rans_common.RAW_BYTES[dtype]
         raw_dtype, self.raw_per = rans_common.raw_layout(dtype)  # bytes, or with pair symbols one uint16 a pair
         raw = np.zeros(values * self.raw_per, raw_dtype)
-        width = rans_common.TABLE_SIZE + rans_common.COARSE_SIZE + (rans_common.PAIR_TABLE if dtype == rans_common.PAIRS else 0)
+        width = rans_common.device_table_size(dtype == rans_common.PAIRS)
         if max(words, values * rb, lanes_at * steps) > PACK_LIMIT or min(sizes) < 1:
             raise ValueError(f"a pack holds < 2^31 words, raw bytes and tile values, and every output >= 1 value "
                              f"(got {words} words, {values} values, outputs {sizes})")

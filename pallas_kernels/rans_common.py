@@ -51,6 +51,12 @@ COARSE_SIZE = TABLE_SIZE >> COARSE_BITS
 MIXED = 0xFFFFFFFF
 
 
+def device_table_size(pairs: bool) -> int:
+    """Entries of a tensor's device table (``jcodec.tensor.host_arrays``): the slot table, the coarse table,
+    then with pair symbols the pair table."""
+    return TABLE_SIZE + COARSE_SIZE + (PAIR_TABLE if pairs else 0)
+
+
 def coarse_table(table, xp=jnp, bits: int = COARSE_BITS):
     """Per bucket of ``2^bits`` slots: the packed entry of its only symbol (every slot of a symbol holds the
     same entry), or :data:`MIXED`. ``table`` is the packed slot table (uint32[4096]); works on NumPy

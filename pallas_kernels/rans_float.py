@@ -359,9 +359,9 @@ def kernel_table(table, coarse_bits: int, pairs: bool = False):
     in as it is (no copy on the decode path) unless it lacks the coarse table asked for."""
     if not 0 <= coarse_bits <= 11:
         raise ValueError(f"{coarse_bits=} must be in [0, 11]")
-    tail = rc.PAIR_TABLE if pairs else 0
-    if not coarse_bits or (coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.TABLE_SIZE + rc.COARSE_SIZE + tail):
+    if not coarse_bits or (coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.device_table_size(pairs)):
         return table
+    tail = rc.PAIR_TABLE if pairs else 0
     fine = table[..., :rc.TABLE_SIZE]
     coarse = functools.partial(rc.coarse_table, xp=jnp, bits=coarse_bits)
     for _ in range(fine.ndim - 1):
