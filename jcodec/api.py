@@ -251,4 +251,8 @@ def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | No
         params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
         params = llama.group_layers(params, layers_per_decode or llama.auto_layer_group(cfg, params))
     from transformers import AutoTokenizer
-    return Model(cfg, params, AutoTokenizer.from_pretrained(folder), dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # transformers raises OSError, ValueError ... on missing or bad tokenizer files
+        raise CheckpointError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    return Model(cfg, params, tokenizer, dtype)

@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers advises at import that it found no torch; jcodec needs none (tokenizers and configs only).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from jcodec.checkpoint import CheckpointError
     expected = (CheckpointError, codecs.FormatError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
                 PermissionError)

@@ -44,6 +44,8 @@ def convert(src, out, codec: str = "bf16-lossless", *, lanes: int = codecs.DEFAU
         raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(codecs.CODECS)}")
     t0 = time.perf_counter()
     source = open_source(src)
+    if not Path(source.path).is_dir():
+        source.tokenizer()  # a GGUF's tokenizer is rebuilt: fail on a bad one before the tensors, not after
     names = list(source.tensor_names())
     original = stored = encoded = 0
     opts = dict(zstd_level=zstd_level) if codec == "zstd" else dict(lanes=lanes, steps=steps, pairs=pairs)

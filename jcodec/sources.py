@@ -101,9 +101,12 @@ class Source:
         return name
 
     def tokenizer(self):
-        """The transformers tokenizer stored with the checkpoint (loaded once)."""
+        """The transformers tokenizer stored with the checkpoint (loaded once); SourceError if it cannot be built."""
         if self._tokenizer is None:
-            self._tokenizer = self._load_tokenizer()
+            try:
+                self._tokenizer = self._load_tokenizer()
+            except Exception as e:  # transformers raises OSError, ValueError, KeyError ... on a bad tokenizer
+                raise SourceError(f"{self.path}: cannot build its tokenizer ({type(e).__name__}: {e})") from None
         return self._tokenizer
 
     def save_tokenizer(self, directory: str) -> None:
@@ -275,9 +278,39 @@ class GGUFSource(Source):
         return w.astype(ml_dtypes.bfloat16)
 
     def _load_tokenizer(self):
-        from transformers import AutoTokenizer
-        folder, file = os.path.split(os.path.abspath(self.path))
-        return AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        return gguf_tokenizer(self._reader.fields)
+
+
+# GGUF's special-token ids, as transformers names the tokens (its get_gguf_tokenizer does the same).
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def gguf_tokenizer(fields):
+    """The fast tokenizer a GGUF file's metadata describes, built by transformers' own GGUF converter.
+
+    ``AutoTokenizer.from_pretrained(gguf_file=...)`` builds the same tokenizer, but goes through transformers'
+    GGUF reader, which imports torch; jcodec does not need torch, so it hands the metadata the ``gguf`` package
+    has already read to the converter itself.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    meta = {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
+    if "tokenizer.ggml.tokens" not in meta:
+        raise ValueError("no tokenizer.ggml.tokens in the metadata")
+    tokenizer_dict, tokenizer_config = (
+        {name: meta[f"tokenizer.{key}"] for key, name in GGUF_TOKENIZER_MAPPING[group].items() if f"tokenizer.{key}" in meta}
+        for group in ("tokenizer", "tokenizer_config"))
+    tokens = tokenizer_dict["tokens"]
+    for name, key in GGUF_SPECIAL_TOKENS.items():
+        if key in meta:
+            tokenizer_config[name] = tokens[meta[key]]
+    backend, extra = convert_gguf_tokenizer(_field_value(fields["general.architecture"]), tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**tokenizer_config, **extra})
 
 
 def open_source(path) -> Source:

@@ -1,4 +1,4 @@
-"""Shared fixtures: small HF-style checkpoints written as real safetensors folders."""
+"""Shared fixtures: small HF-style checkpoints written as real safetensors folders, and tiny GGUF files."""
 import json
 
 import ml_dtypes
@@ -42,3 +42,24 @@ def small_tensors():
 @pytest.fixture
 def hf_folder(tmp_path, small_tensors):
     return write_hf_folder(tmp_path / "src", small_tensors, shards=2)
+
+
+def _write_gguf(path, tokens=None):
+    """A tiny llama GGUF (one layer in its metadata, one F32 tensor), with a byte-level BPE tokenizer when
+    ``tokens`` are given."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in dict(context_length=64, embedding_length=8, feed_forward_length=12, block_count=1).items():
+        getattr(w, f"add_{key}")(value)
+    w.add_head_count(2), w.add_head_count_kv(2), w.add_layer_norm_rms_eps(1e-5)
+    if tokens is not None:
+        w.add_tokenizer_model("gpt2"), w.add_token_list(tokens), w.add_token_merges(["a b"])
+        w.add_bos_token_id(0), w.add_eos_token_id(1)
+    w.add_tensor("token_embd.weight", np.ones((len(tokens or "ab"), 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+@pytest.fixture
+def write_gguf():
+    return _write_gguf

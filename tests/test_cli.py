@@ -29,13 +29,14 @@ def test_convert_info_verify(tmp_path, hf_folder, capsys, flag):
     assert rc == 0 and "OK" in text and "5 compared" in text
 
 
-def test_bad_inputs_one_line_exit_2(tmp_path, hf_folder, capsys):
+def test_bad_inputs_one_line_exit_2(tmp_path, hf_folder, write_gguf, capsys):
     out = tmp_path / "m.jcodec"
     assert run(capsys, "convert", hf_folder, out, "--quiet")[0] == 0
     shard = out / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     cases = [("info", out), ("verify", out), ("convert", tmp_path / "nowhere", tmp_path / "x"),
-             ("convert", hf_folder, out), ("info", tmp_path)]
+             ("convert", hf_folder, out), ("info", tmp_path),
+             ("convert", write_gguf(tmp_path / "no-tokenizer.gguf"), tmp_path / "x")]
     for argv in cases:
         rc, text, err = run(capsys, *argv)
         assert rc == 2, argv

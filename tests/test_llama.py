@@ -3,6 +3,8 @@ and the model sources (HF safetensors folders, the embedded SmolLM2 GGUF)."""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +189,16 @@ def test_source_errors_name_the_file(tmp_path):
         sources.open_source(tmp_path / "absent")
 
 
+def test_gguf_tokenizer_errors_name_the_file(tmp_path, write_gguf):
+    src = sources.open_source(write_gguf(tmp_path / "bare.gguf"))
+    with pytest.raises(sources.SourceError, match=r"bare.gguf: cannot build its tokenizer \(ValueError: no tokenizer"):
+        src.tokenizer()
+    src = sources.open_source(write_gguf(tmp_path / "bpe.gguf", ["<s>", "</s>", "a", "b", "ab"]))
+    tok = src.tokenizer()
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    assert tok("ab", add_special_tokens=False)["input_ids"] == [4]
+
+
 def test_gguf_unpermute_matches_transformers():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
     w = np.random.default_rng(0).normal(size=(3 * 2 * 8, 20)).astype(np.float32)
@@ -220,6 +232,30 @@ def test_smollm2_config_as_transformers_builds_it(smollm2):
     ours.pop("_name_or_path"), theirs.pop("_name_or_path")
     assert ours == theirs
     assert len(src.tensor_names()) == len(llama.param_shapes(llama.LlamaConfig.from_hf(src.config)))
+
+
+def test_smollm2_tokenizer_as_transformers_builds_it(smollm2):
+    """Ours is built from the metadata the gguf package read, theirs by transformers' GGUF reader (needs torch)."""
+    src, _ = smollm2
+    path = sources.default_model_path()
+    theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ours = src.tokenizer()
+    assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
+    for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template", "add_bos_token"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    for text in ("The capital of France is", " émoji 🚀 中文\n\tx", "<|im_start|>user\nhi<|im_end|>"):
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+
+
+def test_smollm2_tokenizer_needs_no_torch(smollm2):
+    """The README's quick start installs no torch: building the GGUF tokenizer must not import it."""
+    code = ("import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+            "from jcodec import sources\n"
+            "src = sources.open_source(sources.default_model_path())\n"
+            "print(src.tokenizer()('The capital of France is')['input_ids'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == str(smollm2[0].tokenizer()("The capital of France is")["input_ids"])
 
 
 def test_smollm2_logits_match_transformers(smollm2):
