@@ -46,6 +46,9 @@ LAYER = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096),
 FLOAT_VARIANTS = "16,4,5,8,r1;16,4,5,0;8,4,5,0;16,4,0,8,r1"
 # one launch for the whole layer: unroll 4 (each tensor adds a copy of the loop; unroll 8 compiles 4x longer)
 LAYER_VARIANTS = "4,4,5,0"
+# pair symbols (the converter's default for bfloat16): rans_float.PAIR_ONE_TENSOR / PAIR_SEVERAL_TENSORS first
+PAIR_VARIANTS = "8,4,0,8,r1"
+PAIR_LAYER_VARIANTS = "4,4,5,0"
 INT8_VARIANTS = "16,4,5,8;8,4,5,0;8,4,0,0"  # unroll, num_warps, coarse_bits, prefetch
 INT8_LAYER_VARIANT = "4,4,5,0"
 # Options after a variant's numbers, as a letter and a value ("4,4,5,0,g2", "16,4,5,8,r1"); absent ones
@@ -416,10 +419,11 @@ def main():
     ap.add_argument("--int8-steps", default=str(codecs.DEFAULT_STEPS["int8"]),
                     help="steps per lane to encode the int8 matrix and layer with (comma list)")
     ap.add_argument("--square-steps", default="1024,512,256", help="steps per lane to encode the 4096 x 4096 matrix with")
-    ap.add_argument("--pair-steps", default="", help="also time the matrix and the layer encoded with pair symbols "
-                    "(codecs.encode_pairs) at these steps per lane, e.g. 120")
-    ap.add_argument("--pair-variants", help="variants for the pair-symbol rows, same form (default: the matrix's "
-                    "and the layer's)")
+    ap.add_argument("--pair-steps", default=str(codecs.PAIR_STEPS), help="time the matrix and the layer encoded "
+                    "with pair symbols (codecs.encode_pairs, the converter's default) at these steps per lane "
+                    "(comma list; '' for none)")
+    ap.add_argument("--pair-variants", help="variants for the pair-symbol rows, same form (default: PAIR_VARIANTS "
+                    "for the matrix, PAIR_LAYER_VARIANTS for the layer)")
     args = ap.parse_args()
     if args.profile:
         return profile_once(args.steps)
@@ -475,13 +479,13 @@ def main():
         for steps in [int(v) for v in args.pair_steps.split(",") if v]:
             (x, enc), = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, steps, pairs=True)
             if "matrix" not in skip:
-                bench_float_matrix(x, enc, args.rotate, args.reps, parse(args.pair_variants, FLOAT_VARIANTS, 4,
+                bench_float_matrix(x, enc, args.rotate, args.reps, parse(args.pair_variants, PAIR_VARIANTS, 4,
                                                                          FLOAT_OPTIONS), label=f"matrix pairs s{steps}")
             del x, enc
             if "layer" not in skip:
                 layer = encode_all(list(LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=30,
                                    pairs=True)
-                bench_float_layer(layer, args.rotate, args.reps, parse(args.pair_variants, LAYER_VARIANTS, 4,
+                bench_float_layer(layer, args.rotate, args.reps, parse(args.pair_variants, PAIR_LAYER_VARIANTS, 4,
                                                                        FLOAT_OPTIONS),
                                   skip | {"separate", "ref", "ceiling"}, label=f"layer pairs s{steps}")
                 del layer
