@@ -34,7 +34,7 @@ import ml_dtypes  # noqa: E402
 
 # the installed package (pip install .); run it with `python -P` from the repository root
 from jcodec import codecs, tensor  # noqa: E402
-from jcodec.pallas_kernels import rans_float, rans_int8  # noqa: E402
+from jcodec.pallas_kernels import rans_float, rans_int8, rans_pack  # noqa: E402
 
 MATRIX = (4096, 14336)
 SQUARE = (4096, 4096)
@@ -243,7 +243,7 @@ def bench_zstd(x, reps):
 
 
 @guarded("bf16-lossless layer")
-def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="layer"):
+def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="layer", pack_variants=()):
     xs = [x for x, _ in layer]
     encs = [e for _, e in layer]
     n_total = sum(x.size for x in xs)
@@ -270,6 +270,8 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
                temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
         log(f"    (first call incl. compile {first:.1f}s)")
+    if pack_variants:
+        bench_pack_layer(xs, encs, rotate, reps, pack_variants, label, ratio)
     if "separate" in skip:
         return
     un, nw, cb, pf, g, r = variants[0]
@@ -292,6 +294,27 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
     ew = jax.jit(lambda *a: [lax_xor(t) for t in a])
     s, _ = time_fn(ew, copies, reps)
     record("bf16-lossless layer", "XLA elementwise pass over the layer (ceiling)", s, n_total)
+
+
+def bench_pack_layer(xs, encs, rotate, reps, variants, label, ratio):
+    """The layer as ONE pack (``rans_pack``): one step loop for all its tensors, a uniform branch per step picks
+    a program's output (decode_many compiles a loop per tensor, so its unroll is held to 4)."""
+    n_total = sum(x.size for x in xs)
+    arrays, static = tensor.pack_float([tensor.from_encoded(e) for e in encs])
+    sets = [tuple(jax.device_put(a) for a in arrays) for _ in range(rotate)]
+    for un, nw, cb, _, _, r in variants:
+        one = jax.jit(lambda *a, un=un, nw=nw, cb=cb, r=r: rans_pack.rans_float_decode_pack(
+            *a, **static, unroll=un, num_warps=nw, coarse_bits=cb, raw_early=bool(r), interpret=INTERPRET))
+        t0 = time.perf_counter()
+        outs = one(*sets[0])
+        jax.block_until_ready(outs)
+        first = time.perf_counter() - t0
+        ok = all(same_bits(o, x) for o, x in zip(outs, xs))
+        del outs
+        s, _ = time_fn(one, sets, reps)
+        record(f"bf16-lossless {label}", f"pallas ONE pack u{un} w{nw} c{cb}{' r1' if r else ''} exact={ok}", s, n_total,
+               ratio=ratio, exact=ok, first_call_s=first)
+        log(f"    (first call incl. compile {first:.1f}s)")
 
 
 @guarded("int8 matrix")
@@ -424,6 +447,8 @@ def main():
                     "(comma list; '' for none)")
     ap.add_argument("--pair-variants", help="variants for the pair-symbol rows, same form (default: PAIR_VARIANTS "
                     "for the matrix, PAIR_LAYER_VARIANTS for the layer)")
+    ap.add_argument("--pack-variants", default="", help="also decode the pair layer as ONE pack (rans_pack) with these "
+                    "variants, same form (p and g ignored; r1: raw_early)")
     args = ap.parse_args()
     if args.profile:
         return profile_once(args.steps)
@@ -487,7 +512,8 @@ def main():
                                    pairs=True)
                 bench_float_layer(layer, args.rotate, args.reps, parse(args.pair_variants, PAIR_LAYER_VARIANTS, 4,
                                                                        FLOAT_OPTIONS),
-                                  skip | {"separate", "ref", "ceiling"}, label=f"layer pairs s{steps}")
+                                  skip | {"separate", "ref", "ceiling"}, label=f"layer pairs s{steps}",
+                                  pack_variants=parse(args.pack_variants, "", 4, FLOAT_OPTIONS) if args.pack_variants else ())
                 del layer
         int8_steps = [int(v) for v in args.int8_steps.split(",")]
         for steps in int8_steps if "int8" not in skip else []:

@@ -46,6 +46,7 @@ def rans_pack_kernel(
     info_ref,     # [T*5] int32, whole array
     *out_refs,    # per output: [size] uint16 | uint32 (the float bits)
     lanes: int, steps: int, dtype: str, block_lanes: int, unroll: int, coarse_bits: int, carry: int, width: int,
+    raw_early: bool = False,
 ):
     """Decode lanes ``program * block_lanes ...`` of the pack (of any of its tensors)."""
     tiles = states_ref.shape[0] // lanes
@@ -67,10 +68,22 @@ def rans_pack_kernel(
     def read_raw(k, ok):  # [B] uint32 raw bits of step k (masked past each tile's values, and where carried)
         return load_raw(raw_ref, raw_at + l + k * lanes, ok, rb)
 
+    # when a program's lanes lie in one tile (block_lanes divides lanes) they share one output: a branch on the
+    # program's output index (uniform, so the warp takes one path) picks the one store, where otherwise every
+    # output gets a masked store and its address arithmetic, every step
+    one_out = len(out_refs) > 1 and lanes % block_lanes == 0
+    program_out = info_ref[(pl.program_id(0) * block_lanes // lanes) * INFO + OUT] if one_out else None
+
     def write(k, sym, raw, ok):
         bits = rc.join_float(sym, raw, dtype)
         pos = l + k * lanes
         for j, out_ref in enumerate(out_refs):
+            if one_out:
+                @pl.when(program_out == j)
+                def _(out_ref=out_ref):
+                    plgpu.store(out_ref.at[jnp.where(ok, out_at + pos, out_ref.shape[0] + v)],
+                                bits.astype(out_ref.dtype), mask=ok)
+                continue
             mine = ok & (out_index == j)
             # a lane that does not write points past the end, at its own address (interpret mode's
             # masked scatter must not see two lanes at one address)
@@ -79,13 +92,16 @@ def rans_pack_kernel(
 
     def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
         lane_state, raws, last, left = carry_in  # left: steps still written in the loop (rans_float's countdown)
-        next_raws, syms = [], []
+        # raw_early: the next block's raw bytes all at the top of the block (as rans_float's raw_early)
+        next_raws = [read_raw((b + 1) * unroll + u, unroll + u < left) for u in range(unroll)] if raw_early else []
+        syms = []
         for u in range(unroll):
             k = b * unroll + u
             sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base, pair_base)
             write(k, sym, raws[u], u < left)
             syms.append(sym)
-            next_raws.append(read_raw(k + unroll, unroll + u < left))
+            if not raw_early:
+                next_raws.append(read_raw(k + unroll, unroll + u < left))
         # the last `carry` symbols
         return lane_state, tuple(next_raws), (last + tuple(syms))[len(syms):], left - unroll
 
@@ -126,10 +142,10 @@ def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, ste
 
 
 @functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "carry", "block_lanes", "unroll",
-                                             "num_warps", "coarse_bits", "interpret"])
+                                             "num_warps", "coarse_bits", "raw_early", "interpret"])
 def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: tuple[int, ...], lanes: int,
                            steps: int, dtype: str, carry: int = 0, block_lanes: int = 128, unroll: int = 4,
-                           num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
+                           num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, raw_early: bool = False,
                            interpret: bool = False) -> list[jax.Array]:
     """Decode a pack (module docstring) to one flat ``dtype[size]`` array per entry of ``sizes``; bit-exact.
     Pair symbols (``dtype="bfloat16x2"``, sizes and ``raw`` in pairs): bfloat16[2 * size] per entry.
@@ -145,14 +161,15 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
     unroll = math.gcd(unroll, steps)
     table = kernel_table(tables, coarse_bits, dtype == rc.PAIRS)
     kernel = functools.partial(rans_pack_kernel, lanes=lanes, steps=steps, dtype=dtype, block_lanes=block_lanes,
-                               unroll=unroll, coarse_bits=coarse_bits, carry=carry, width=table.shape[-1])
+                               unroll=unroll, coarse_bits=coarse_bits, carry=carry, width=table.shape[-1],
+                               raw_early=raw_early)
     outs = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[dtype]) for size in sizes],
         grid=(pl.cdiv(states.size, block_lanes),),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rans_pack_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}",
+        name=f"rans_pack_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}{'_r1' if raw_early else ''}",
     )(words, offsets, states, raw, table.reshape(-1), info.reshape(-1))
     return [lax.bitcast_convert_type(o, value_dtype(dtype)).reshape(-1) for o in outs]
 

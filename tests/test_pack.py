@@ -56,16 +56,19 @@ def make_tensors(dtype, lanes, steps, seed=0):
     return xs + [np.stack(layers)], cts
 
 
-@pytest.mark.parametrize("dtype,lanes,steps,block_lanes,coarse_bits", [
-    ("bfloat16", 32, 24, 32, 5), ("bfloat16", 24, 16, 64, 0), ("float16", 16, 40, 16, 5), ("float32", 8, 24, 32, 3),
-    ("pairs", 32, 12, 32, 5), ("pairs", 16, 8, 16, 0), ("pairs", 8, 24, 32, 3)])
-def test_pack_kernel_and_reference_match_numpy(dtype, lanes, steps, block_lanes, coarse_bits):
-    """(coarse_bits: the device tables hold the coarse table for 5; 0 reads past it, 3 builds its own.)"""
+@pytest.mark.parametrize("dtype,lanes,steps,block_lanes,coarse_bits,opts", [
+    ("bfloat16", 32, 24, 32, 5, {}), ("bfloat16", 24, 16, 64, 0, {}), ("float16", 16, 40, 16, 5, {}),
+    ("float32", 8, 24, 32, 3, {}), ("pairs", 32, 12, 32, 5, {}), ("pairs", 16, 8, 16, 0, {}),
+    ("pairs", 8, 24, 32, 3, {}), ("pairs", 32, 12, 16, 0, dict(unroll=4, raw_early=True)),
+    ("bfloat16", 16, 24, 32, 5, dict(unroll=8, raw_early=True))])
+def test_pack_kernel_and_reference_match_numpy(dtype, lanes, steps, block_lanes, coarse_bits, opts):
+    """(coarse_bits: the device tables hold the coarse table for 5; 0 reads past it, 3 builds its own.
+    block_lanes dividing lanes: one output per program, picked by a branch; larger: a masked store per output.)"""
     xs, cts = make_tensors(dtype, lanes, steps)
     arrays, static = tensor.pack_float(cts)
     assert static["sizes"] == tuple(x.size // (2 if dtype == "pairs" else 1) for x in xs)
     got = rans_pack.rans_float_decode_pack(*arrays, **static, block_lanes=block_lanes, coarse_bits=coarse_bits,
-                                           interpret=INTERPRET)
+                                           interpret=INTERPRET, **opts)
     ref = rans_pack.rans_float_pack_reference(*arrays, **static)
     for x, g, r in zip(xs, got, ref):
         np.testing.assert_array_equal(bits(g), bits(x).reshape(-1))
