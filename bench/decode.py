@@ -302,9 +302,9 @@ def bench_pack_layer(xs, encs, rotate, reps, variants, label, ratio):
     n_total = sum(x.size for x in xs)
     arrays, static = tensor.pack_float([tensor.from_encoded(e) for e in encs])
     sets = [tuple(jax.device_put(a) for a in arrays) for _ in range(rotate)]
-    for un, nw, cb, _, _, r in variants:
-        one = jax.jit(lambda *a, un=un, nw=nw, cb=cb, r=r: rans_pack.rans_float_decode_pack(
-            *a, **static, unroll=un, num_warps=nw, coarse_bits=cb, raw_early=bool(r), interpret=INTERPRET))
+    for un, nw, cb, pf, _, r in variants:
+        one = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, r=r: rans_pack.rans_float_decode_pack(
+            *a, **static, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, raw_early=bool(r), interpret=INTERPRET))
         t0 = time.perf_counter()
         outs = one(*sets[0])
         jax.block_until_ready(outs)
@@ -312,7 +312,7 @@ def bench_pack_layer(xs, encs, rotate, reps, variants, label, ratio):
         ok = all(same_bits(o, x) for o, x in zip(outs, xs))
         del outs
         s, _ = time_fn(one, sets, reps)
-        record(f"bf16-lossless {label}", f"pallas ONE pack u{un} w{nw} c{cb}{' r1' if r else ''} exact={ok}", s, n_total,
+        record(f"bf16-lossless {label}", f"pallas ONE pack u{un} w{nw} c{cb} p{pf}{' r1' if r else ''} exact={ok}", s, n_total,
                ratio=ratio, exact=ok, first_call_s=first)
         log(f"    (first call incl. compile {first:.1f}s)")
 
@@ -448,7 +448,7 @@ def main():
     ap.add_argument("--pair-variants", help="variants for the pair-symbol rows, same form (default: PAIR_VARIANTS "
                     "for the matrix, PAIR_LAYER_VARIANTS for the layer)")
     ap.add_argument("--pack-variants", default="", help="also decode the pair layer as ONE pack (rans_pack) with these "
-                    "variants, same form (p and g ignored; r1: raw_early)")
+                    "variants, same form (g ignored)")
     args = ap.parse_args()
     if args.profile:
         return profile_once(args.steps)

@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import check_table, kernel_table, lanes_init, lanes_step, load_raw, steps_with_values, value_dtype
+from .rans_float import (SECTOR_WORDS, check_table, kernel_table, lanes_fold, lanes_init, lanes_step, lanes_touch, load_raw,
+                         steps_with_values, value_dtype)
 
 INFO = 5  # int32 fields per tile in ``info``
 OUT, OUT_AT, RAW_AT, COUNT, TABLE = range(INFO)
@@ -44,18 +45,23 @@ def rans_pack_kernel(
     raw_ref,      # [N*rb] uint8, whole array
     table_ref,    # [K * width] uint32, whole array (kernel_table's: slot, coarse, pair tables)
     info_ref,     # [T*5] int32, whole array
-    *out_refs,    # per output: [size] uint16 | uint32 (the float bits)
+    *out_refs,    # per output: [size] uint16 | uint32 (the float bits); then, with prefetch, the sink:
+                  # [programs * block_lanes] uint32, what the prefetching loads read (never used)
     lanes: int, steps: int, dtype: str, block_lanes: int, unroll: int, coarse_bits: int, carry: int, width: int,
-    raw_early: bool = False,
+    raw_early: bool = False, prefetch: int = 0,
 ):
-    """Decode lanes ``program * block_lanes ...`` of the pack (of any of its tensors)."""
+    """Decode lanes ``program * block_lanes ...`` of the pack (of any of its tensors). ``raw_early`` and
+    ``prefetch`` as in ``rans_float``."""
+    if prefetch:
+        *out_refs, sink_ref = out_refs
     tiles = states_ref.shape[0] // lanes
     v = pl.program_id(0) * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)  # [B] lane of the pack
     live = v < tiles * lanes
     t = jnp.where(live, v // lanes, 0)
     l = jnp.where(live, v % lanes, 0)
     out_index, out_at, raw_at, count, table = (info_ref[t * INFO + f] for f in range(INFO))
-    lane_state = lanes_init(words_ref, offsets_ref[t * lanes + l].astype(jnp.int32), states_ref[t * lanes + l], 0, 0)
+    lane_state = lanes_init(words_ref, offsets_ref[t * lanes + l].astype(jnp.int32), states_ref[t * lanes + l], 0,
+                            prefetch)
     pairs = dtype == rc.PAIRS
     table_base = table * width  # (width: each table's entries, kernel_table)
     pair_base = table_base + width - rc.PAIR_TABLE if pairs else None  # the pair table ends each table
@@ -92,6 +98,7 @@ def rans_pack_kernel(
 
     def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
         lane_state, raws, last, left = carry_in  # left: steps still written in the loop (rans_float's countdown)
+        touched = lanes_touch(words_ref, lane_state, prefetch)
         # raw_early: the next block's raw bytes all at the top of the block (as rans_float's raw_early)
         next_raws = [read_raw((b + 1) * unroll + u, unroll + u < left) for u in range(unroll)] if raw_early else []
         syms = []
@@ -103,7 +110,7 @@ def rans_pack_kernel(
             if not raw_early:
                 next_raws.append(read_raw(k + unroll, unroll + u < left))
         # the last `carry` symbols
-        return lane_state, tuple(next_raws), (last + tuple(syms))[len(syms):], left - unroll
+        return lanes_fold(lane_state, touched), tuple(next_raws), (last + tuple(syms))[len(syms):], left - unroll
 
     last = tuple(jnp.zeros_like(l, dtype=jnp.uint32) for _ in range(carry))
     left = jnp.where(live, in_loop, 0)
@@ -111,6 +118,9 @@ def rans_pack_kernel(
                                            (lane_state, tuple(read_raw(u, u < left) for u in range(unroll)), last, left))
     for j, sym in enumerate(last):  # a full tile's carried steps: raw bits from the end state
         write(steps - carry + j, sym, rc.carried_raw(lane_state[0], j, rb), live & full)
+    if prefetch:
+        plgpu.store(sink_ref.at[pl.program_id(0) * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)],
+                    lane_state[3])
 
 
 def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, steps: int, dtype: str,
@@ -142,11 +152,11 @@ def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, ste
 
 
 @functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "carry", "block_lanes", "unroll",
-                                             "num_warps", "coarse_bits", "raw_early", "interpret"])
+                                             "num_warps", "coarse_bits", "raw_early", "prefetch", "interpret"])
 def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: tuple[int, ...], lanes: int,
                            steps: int, dtype: str, carry: int = 0, block_lanes: int = 128, unroll: int = 4,
                            num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, raw_early: bool = False,
-                           interpret: bool = False) -> list[jax.Array]:
+                           prefetch: int = 0, interpret: bool = False) -> list[jax.Array]:
     """Decode a pack (module docstring) to one flat ``dtype[size]`` array per entry of ``sizes``; bit-exact.
     Pair symbols (``dtype="bfloat16x2"``, sizes and ``raw`` in pairs): bfloat16[2 * size] per entry.
 
@@ -157,20 +167,25 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
     check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype, carry)
     if block_lanes < 1 or block_lanes & (block_lanes - 1) or unroll < 1 or num_warps < 1:
         raise ValueError(f"{block_lanes=} must be a power of two, {unroll=} and {num_warps=} >= 1")
+    if not 0 <= prefetch <= SECTOR_WORDS:
+        raise ValueError(f"{prefetch=} must be in [0, {SECTOR_WORDS}] words (0: no prefetch)")
     rc.filter_triton_deprecation()
     unroll = math.gcd(unroll, steps)
     table = kernel_table(tables, coarse_bits, dtype == rc.PAIRS)
     kernel = functools.partial(rans_pack_kernel, lanes=lanes, steps=steps, dtype=dtype, block_lanes=block_lanes,
                                unroll=unroll, coarse_bits=coarse_bits, carry=carry, width=table.shape[-1],
-                               raw_early=raw_early)
+                               raw_early=raw_early, prefetch=prefetch)
+    programs = pl.cdiv(states.size, block_lanes)
+    sink = [jax.ShapeDtypeStruct((programs * block_lanes,), jnp.uint32)] if prefetch else []
     outs = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[dtype]) for size in sizes],
-        grid=(pl.cdiv(states.size, block_lanes),),
+        out_shape=[jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[dtype]) for size in sizes] + sink,
+        grid=(programs,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rans_pack_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}{'_r1' if raw_early else ''}",
+        name=f"rans_pack_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}{'_r1' if raw_early else ''}",
     )(words, offsets, states, raw, table.reshape(-1), info.reshape(-1))
+    outs = outs[:len(sizes)]
     return [lax.bitcast_convert_type(o, value_dtype(dtype)).reshape(-1) for o in outs]
 
 

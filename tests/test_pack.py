@@ -60,7 +60,8 @@ def make_tensors(dtype, lanes, steps, seed=0):
     ("bfloat16", 32, 24, 32, 5, {}), ("bfloat16", 24, 16, 64, 0, {}), ("float16", 16, 40, 16, 5, {}),
     ("float32", 8, 24, 32, 3, {}), ("pairs", 32, 12, 32, 5, {}), ("pairs", 16, 8, 16, 0, {}),
     ("pairs", 8, 24, 32, 3, {}), ("pairs", 32, 12, 16, 0, dict(unroll=4, raw_early=True)),
-    ("bfloat16", 16, 24, 32, 5, dict(unroll=8, raw_early=True))])
+    ("bfloat16", 16, 24, 32, 5, dict(unroll=8, raw_early=True, prefetch=8)),
+    ("pairs", 16, 24, 16, 0, dict(unroll=8, raw_early=True, prefetch=8))])
 def test_pack_kernel_and_reference_match_numpy(dtype, lanes, steps, block_lanes, coarse_bits, opts):
     """(coarse_bits: the device tables hold the coarse table for 5; 0 reads past it, 3 builds its own.
     block_lanes dividing lanes: one output per program, picked by a branch; larger: a masked store per output.)"""
