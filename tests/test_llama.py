@@ -253,7 +253,7 @@ def test_smollm2_tokenizer_needs_no_torch(smollm2):
             "from jcodec import sources\n"
             "src = sources.open_source(sources.default_model_path())\n"
             "print(src.tokenizer()('The capital of France is')['input_ids'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == str(smollm2[0].tokenizer()("The capital of France is")["input_ids"])
 
