@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -303,6 +304,7 @@ def bench_pack_layer(xs, encs, rotate, reps, variants, label, ratio):
     arrays, static = tensor.pack_float([tensor.from_encoded(e) for e in encs])
     sets = [tuple(jax.device_put(a) for a in arrays) for _ in range(rotate)]
     for un, nw, cb, pf, _, r in variants:
+        un = math.gcd(un, static["steps"])  # what the kernel runs (a block of steps divides the lane's steps)
         one = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, r=r: rans_pack.rans_float_decode_pack(
             *a, **static, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, raw_early=bool(r), interpret=INTERPRET))
         t0 = time.perf_counter()
