@@ -123,6 +123,14 @@ def same_bits(out, want) -> bool:
     return out.shape == want.shape and np.array_equal(out.view(u), want.view(u))
 
 
+def first_call_exact(fn, args, xs) -> tuple[float, bool]:
+    """Seconds of ``fn(*args)``'s first call (compile included) and whether its outputs are ``xs``, bit for bit."""
+    t0 = time.perf_counter()
+    outs = fn(*args)
+    jax.block_until_ready(outs)
+    return time.perf_counter() - t0, all(same_bits(o, x) for o, x in zip(outs, xs))
+
+
 def guarded(label):
     def wrap(f):
         def run(*a, **k):
@@ -260,12 +268,7 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
         one = jax.jit(lambda *ts, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode_many(
             list(ts), metas=metas, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
             word_group=g, raw_early=bool(r), interpret=INTERPRET))
-        t0 = time.perf_counter()
-        outs = one(*sets[0])
-        jax.block_until_ready(outs)
-        first = time.perf_counter() - t0
-        ok = all(same_bits(o, x) for o, x in zip(outs, xs))
-        del outs
+        first, ok = first_call_exact(one, sets[0], xs)
         s, _ = time_fn(one, sets, reps)
         record(f"bf16-lossless {label}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}",
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
@@ -307,12 +310,7 @@ def bench_pack_layer(xs, encs, rotate, reps, variants, label, ratio):
         un = math.gcd(un, static["steps"])  # what the kernel runs (a block of steps divides the lane's steps)
         one = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, r=r: rans_pack.rans_float_decode_pack(
             *a, **static, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, raw_early=bool(r), interpret=INTERPRET))
-        t0 = time.perf_counter()
-        outs = one(*sets[0])
-        jax.block_until_ready(outs)
-        first = time.perf_counter() - t0
-        ok = all(same_bits(o, x) for o, x in zip(outs, xs))
-        del outs
+        first, ok = first_call_exact(one, sets[0], xs)
         s, _ = time_fn(one, sets, reps)
         record(f"bf16-lossless {label}", f"pallas ONE pack u{un} w{nw} c{cb} p{pf}{' r1' if r else ''} exact={ok}", s, n_total,
                ratio=ratio, exact=ok, first_call_s=first)
