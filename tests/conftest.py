@@ -44,6 +44,21 @@ def hf_folder(tmp_path, small_tensors):
     return write_hf_folder(tmp_path / "src", small_tensors, shards=2)
 
 
+TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 16,
+              "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    """A tiny Llama checkpoint (every tensor the model needs, bfloat16), with no tokenizer."""
+    from jcodec.models import llama
+    cfg = llama.LlamaConfig.from_hf(TINY_LLAMA)
+    rng = np.random.default_rng(0)
+    tensors = {n: rng.normal(0, 0.02, s).astype(BF16) for n, s in llama.param_shapes(cfg).items()}
+    return write_hf_folder(tmp_path / "llama", tensors, TINY_LLAMA)
+
+
 def _write_gguf(path, tokens=None):
     """A tiny llama GGUF (one layer in its metadata, one F32 tensor), with a byte-level BPE tokenizer when
     ``tokens`` are given."""

@@ -47,6 +47,15 @@ def test_bad_inputs_one_line_exit_2(tmp_path, hf_folder, write_gguf, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_unreadable_tokenizer_is_one_line(tmp_path, llama_folder, capsys):
+    out = tmp_path / "m.jcodec"
+    assert run(capsys, "convert", llama_folder, out, "--quiet")[0] == 0
+    (out / "tokenizer.json").write_text("{ not json")
+    rc, _, err = run(capsys, "generate", out, "hi", "--max-new-tokens", 1)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"jcodec: error: {out}: cannot load its tokenizer"), err
+
+
 def test_flipped_payload_byte_is_reported(tmp_path, hf_folder, capsys):
     out = tmp_path / "m.jcodec"
     run(capsys, "convert", hf_folder, out, "--quiet", "--lanes", 16, "--steps", 32)
