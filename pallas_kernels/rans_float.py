@@ -95,9 +95,24 @@ def rans_float_kernel(
         bits = rc.join_float(sym, raw, dtype).astype(out_ref.dtype)
         plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits, mask=mask)
 
-    def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
-        # left: [B] the steps a lane still writes in the loop, from this block's first (counted down: its masks
-        # are one 32-bit compare each, where `k < in_loop` compared against the loop's widened 64-bit counter)
+    lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
+                                   read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
+                                   coarse_bits=coarse_bits, table_base=table_base, pair_base=pair_base,
+                                   prefetch=prefetch, raw_early=raw_early)
+    if prefetch:
+        plgpu.store(sink_ref.at[program * block_lanes + j], lane_state[3])
+
+
+def decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full, read_raw, write, *, steps: int,
+                      unroll: int, carry: int, rb: int, coarse_bits: int, table_base, pair_base, prefetch: int,
+                      raw_early: bool):
+    """The step loop of the float and pack kernels: every lane's ``steps`` steps, in blocks of ``unroll``; returns
+    the end lane state. ``in_loop``: [B] the steps a ``live`` lane writes in the loop; then the last ``carry``
+    steps of a lane in a ``full`` tile are written with raw bits from its end state. ``read_raw(k, ok)`` gives
+    step ``k``'s raw bits, ``write(k, sym, raw, ok)`` stores step ``k``'s values; raw bytes are loaded ``unroll``
+    steps before they are used."""
+
+    def block(b, carry_in):
         lane_state, raws, last, left = carry_in
         touched = lanes_touch(words_ref, lane_state, prefetch)
         # raw_early: the next block's raw bytes all at the top (the loop head waits for every load still in
@@ -114,14 +129,15 @@ def rans_float_kernel(
         # the last `carry` symbols, kept for the carried steps (register renaming, no work)
         return lanes_fold(lane_state, touched), tuple(next_raws), (last + tuple(syms))[len(syms):], left - unroll
 
+    # left: [B] the steps a lane still writes in the loop, from this block's first (counted down: its masks are one
+    # 32-bit compare each, where `k < in_loop` compared against the loop's widened 64-bit counter)
     left = jnp.where(live, in_loop, 0)
     raws = tuple(read_raw(u, u < left) for u in range(unroll))
-    last = tuple(jnp.zeros_like(l, dtype=jnp.uint32) for _ in range(carry))
+    last = tuple(jnp.zeros_like(left, dtype=jnp.uint32) for _ in range(carry))
     lane_state, _, last, _ = lax.fori_loop(0, steps // unroll, block, (lane_state, raws, last, left))
     for i, sym in enumerate(last):  # a full tile's carried steps: raw bits from the end state
         write(steps - carry + i, sym, rc.carried_raw(lane_state[0], i, rb), live & full)
-    if prefetch:
-        plgpu.store(sink_ref.at[program * block_lanes + j], lane_state[3])
+    return lane_state
 
 
 # Word prefetch. A lane reads its words one at a time, ~0.16 (exponents) to ~0.4 (int8 residuals) per step,

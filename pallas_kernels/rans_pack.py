@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import (SECTOR_WORDS, check_table, kernel_table, lanes_fold, lanes_init, lanes_step, lanes_touch, load_raw,
+from .rans_float import (SECTOR_WORDS, check_table, decode_lane_steps, kernel_table, lanes_init, load_raw,
                          steps_with_values, value_dtype)
 
 INFO = 5  # int32 fields per tile in ``info``
@@ -96,28 +96,10 @@ def rans_pack_kernel(
             plgpu.store(out_ref.at[jnp.where(mine, out_at + pos, out_ref.shape[0] + v)],
                         bits.astype(out_ref.dtype), mask=mine)
 
-    def block(b, carry_in):  # `unroll` steps; raw bytes are loaded `unroll` steps before they are used
-        lane_state, raws, last, left = carry_in  # left: steps still written in the loop (rans_float's countdown)
-        touched = lanes_touch(words_ref, lane_state, prefetch)
-        # raw_early: the next block's raw bytes all at the top of the block (as rans_float's raw_early)
-        next_raws = [read_raw((b + 1) * unroll + u, unroll + u < left) for u in range(unroll)] if raw_early else []
-        syms = []
-        for u in range(unroll):
-            k = b * unroll + u
-            sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base, pair_base)
-            write(k, sym, raws[u], u < left)
-            syms.append(sym)
-            if not raw_early:
-                next_raws.append(read_raw(k + unroll, unroll + u < left))
-        # the last `carry` symbols
-        return lanes_fold(lane_state, touched), tuple(next_raws), (last + tuple(syms))[len(syms):], left - unroll
-
-    last = tuple(jnp.zeros_like(l, dtype=jnp.uint32) for _ in range(carry))
-    left = jnp.where(live, in_loop, 0)
-    lane_state, _, last, _ = lax.fori_loop(0, steps // unroll, block,
-                                           (lane_state, tuple(read_raw(u, u < left) for u in range(unroll)), last, left))
-    for j, sym in enumerate(last):  # a full tile's carried steps: raw bits from the end state
-        write(steps - carry + j, sym, rc.carried_raw(lane_state[0], j, rb), live & full)
+    lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
+                                   read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
+                                   coarse_bits=coarse_bits, table_base=table_base, pair_base=pair_base,
+                                   prefetch=prefetch, raw_early=raw_early)
     if prefetch:
         plgpu.store(sink_ref.at[pl.program_id(0) * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)],
                     lane_state[3])
