@@ -35,7 +35,7 @@ import ml_dtypes  # noqa: E402
 
 # the installed package (pip install .); run it with `python -P` from the repository root
 from jcodec import codecs, tensor  # noqa: E402
-from jcodec.pallas_kernels import rans_float, rans_int8, rans_pack  # noqa: E402
+from jcodec.pallas_kernels import rans_common as rc, rans_float, rans_int8, rans_pack  # noqa: E402
 
 MATRIX = (4096, 14336)
 SQUARE = (4096, 4096)
@@ -55,7 +55,9 @@ INT8_LAYER_VARIANT = "4,4,5,0"
 # Options after a variant's numbers, as a letter and a value ("4,4,5,0,g2", "16,4,5,8,r1"); absent ones
 # take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for
 # bf16-lossless), r raw_early (bf16-lossless: 1 loads a block's raw bytes at the top of the block before).
-FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1, "r": 0}, {"g": 2}
+# gG: word_group G; rR: raw_early; s1: the device tables in the symbol layout (rans_common.symbol_table),
+# converted before the timed calls
+FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1, "r": 0, "s": 0}, {"g": 2, "s": 0}
 
 ROWS: list[dict] = []
 INTERPRET = jax.default_backend() != "gpu"  # on CPU (a dry run of this script) the kernels are interpreted
@@ -160,6 +162,14 @@ def parse_variants(spec: str, numbers: int, options: dict) -> list[tuple[int, ..
     return out
 
 
+def symbol_tables(arrays, at: int, pairs: bool, on: int):
+    """``arrays`` (a kernel's arguments) with the table at index ``at`` in the symbol layout when ``on``."""
+    if not on:
+        return arrays
+    table = rc.symbol_device_table(np.asarray(arrays[at]), pairs, np)
+    return (*arrays[:at], jax.device_put(table), *arrays[at + 1:])
+
+
 def opts_name(defaults: dict, **opts) -> str:
     """The non-default options of a variant for its row name, e.g. ' g2 h1' ('' when all are default)."""
     return "".join(f" {k}{v}" for k, v in opts.items() if v != defaults[k])
@@ -203,22 +213,23 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     log(f"[{label}] bf16-lossless {x.shape}: ratio {ratio:.4f} (file {enc.nbytes} B; device {cts[0].nbytes} B)")
     results = {}
     for v in variants:
-        un, nw, cb, pf, g, r = v
+        un, nw, cb, pf, g, r, sy = v
+        timed = [symbol_tables(a, 5, meta[3] == rc.PAIRS, sy) for a in arrays]
         fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode(
             *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], unroll=un, num_warps=nw,
             coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET))
         try:
             t0 = time.perf_counter()
-            ok = same_bits(fn(*arrays[0]), x)
+            ok = same_bits(fn(*timed[0]), x)
             first = time.perf_counter() - t0
         except Exception:  # noqa: BLE001
             log(f"  variant {v} failed: {traceback.format_exc()[-1500:]}")
             continue
-        s, runs = time_fn(fn, arrays, reps)
+        s, runs = time_fn(fn, timed, reps)
         results[v] = s
-        record(f"bf16-lossless {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}", s, n,
+        record(f"bf16-lossless {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r, s=sy)} exact={ok}", s, n,
                ratio=ratio, exact=ok, spread_ms=[min(runs) * 1e3, max(runs) * 1e3], first_call_s=first,
-               temp_bytes=temp_bytes(lambda *a: fn(*a), *arrays[0]) if v == variants[0] else None)
+               temp_bytes=temp_bytes(lambda *a: fn(*a), *timed[0]) if v == variants[0] else None)
     return results, arrays, meta, ratio
 
 
@@ -264,21 +275,22 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
     metas = tuple(m for _, m in args)
     log(f"[{label}] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
     for v in variants:
-        un, nw, cb, pf, g, r = v
+        un, nw, cb, pf, g, r, sy = v
+        timed = [tuple(symbol_tables(a, 5, m[3] == rc.PAIRS, sy) for a, m in zip(st, metas)) for st in sets]
         one = jax.jit(lambda *ts, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode_many(
             list(ts), metas=metas, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
             word_group=g, raw_early=bool(r), interpret=INTERPRET))
-        first, ok = first_call_exact(one, sets[0], xs)
-        s, _ = time_fn(one, sets, reps)
-        record(f"bf16-lossless {label}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)} exact={ok}",
+        first, ok = first_call_exact(one, timed[0], xs)
+        s, _ = time_fn(one, timed, reps)
+        record(f"bf16-lossless {label}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r, s=sy)} exact={ok}",
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
-               temp_bytes=temp_bytes(one, *sets[0]) if v == variants[0] else None)
+               temp_bytes=temp_bytes(one, *timed[0]) if v == variants[0] else None)
         log(f"    (first call incl. compile {first:.1f}s)")
     if pack_variants:
         bench_pack_layer(xs, encs, rotate, reps, pack_variants, label, ratio)
     if "separate" in skip:
         return
-    un, nw, cb, pf, g, r = variants[0]
+    un, nw, cb, pf, g, r, _ = variants[0]
     sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4],
                                                             unroll=un, num_warps=nw, coarse_bits=cb,
                                                             prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
@@ -306,13 +318,14 @@ def bench_pack_layer(xs, encs, rotate, reps, variants, label, ratio):
     n_total = sum(x.size for x in xs)
     arrays, static = tensor.pack_float([tensor.from_encoded(e) for e in encs])
     sets = [tuple(jax.device_put(a) for a in arrays) for _ in range(rotate)]
-    for un, nw, cb, pf, _, r in variants:
+    for un, nw, cb, pf, _, r, sy in variants:
+        timed = [symbol_tables(a, 4, static["dtype"] == rc.PAIRS, sy) for a in sets]
         un = math.gcd(un, static["steps"])  # what the kernel runs (a block of steps divides the lane's steps)
         one = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, r=r: rans_pack.rans_float_decode_pack(
             *a, **static, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, raw_early=bool(r), interpret=INTERPRET))
-        first, ok = first_call_exact(one, sets[0], xs)
-        s, _ = time_fn(one, sets, reps)
-        record(f"bf16-lossless {label}", f"pallas ONE pack u{un} w{nw} c{cb} p{pf}{' r1' if r else ''} exact={ok}", s, n_total,
+        first, ok = first_call_exact(one, timed[0], xs)
+        s, _ = time_fn(one, timed, reps)
+        record(f"bf16-lossless {label}", f"pallas ONE pack u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, r=r, s=sy)} exact={ok}", s, n_total,
                ratio=ratio, exact=ok, first_call_s=first)
         log(f"    (first call incl. compile {first:.1f}s)")
 
@@ -326,16 +339,17 @@ def bench_int8(shape, rotate, reps, variants, label, steps):
     ratio = enc.nbytes / x.nbytes
     log(f"[{label}] int8 {shape}: ratio {ratio:.4f} predictors {np.bincount(enc.arrays['tiles'][:, 2], minlength=3)}")
     best = None
-    for un, nw, cb, pf, g in variants:
+    for un, nw, cb, pf, g, sy in variants:
+        timed = [symbol_tables(a, 4, False, sy) for a in arrays]
         fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g: rans_int8.rans_int8_decode(
             *a, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3], steps=meta[4], dtype=meta[5],
             predictors_used=meta[6], unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g,
             interpret=INTERPRET))
-        ok = same_bits(fn(*arrays[0]), want)
-        s, _ = time_fn(fn, arrays, reps)
-        record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g)} exact={ok}", s, meta[0],
-               ratio=ratio, exact=ok, temp_bytes=temp_bytes(fn, *arrays[0]) if best is None else None)
-        best = min(best or (s, un, nw, cb, pf, g), (s, un, nw, cb, pf, g))
+        ok = same_bits(fn(*timed[0]), want)
+        s, _ = time_fn(fn, timed, reps)
+        record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g, s=sy)} exact={ok}", s, meta[0],
+               ratio=ratio, exact=ok, temp_bytes=temp_bytes(fn, *timed[0]) if best is None else None)
+        best = min(best or (s, un, nw, cb, pf, g, sy), (s, un, nw, cb, pf, g, sy))
     ref = jax.jit(lambda *a: rans_int8.rans_int8_reference(*a, n=meta[0], rows=meta[1], cols=meta[2],
                                                            lanes=meta[3], steps=meta[4], dtype=meta[5]))
     ok = same_bits(ref(*arrays[0]), want)
@@ -361,7 +375,8 @@ def bench_int8_layer(rotate, reps, variant, steps):
         args = [tensor.kernel_args(tensor.from_encoded(e)) for e in encs]
         sets.append(tuple(a for a, _ in args))
     metas = tuple(m for _, m in args)
-    un, nw, cb, pf, g = variant
+    un, nw, cb, pf, g, sy = variant
+    sets = [tuple(symbol_tables(a, 4, False, sy) for a in st) for st in sets]
     log(f"[layer s{steps}] int8: ratio {ratio:.4f}")
     one = jax.jit(lambda *ts: rans_int8.rans_int8_decode_many(list(ts), metas=metas, unroll=un, num_warps=nw,
                                                               coarse_bits=cb, prefetch=pf, word_group=g,
@@ -370,7 +385,7 @@ def bench_int8_layer(rotate, reps, variant, steps):
     ok = all(same_bits(o, w) for o, w in zip(one(*sets[0]), wants))
     log(f"    (first call incl. compile and check {time.perf_counter() - t0:.1f}s)")
     s, _ = time_fn(one, sets, reps)
-    record(f"int8 layer s{steps}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g)} exact={ok}", s, n_total,
+    record(f"int8 layer s{steps}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g, s=sy)} exact={ok}", s, n_total,
            ratio=ratio, exact=ok,
            temp_bytes=temp_bytes(one, *sets[0]))
 
@@ -406,14 +421,23 @@ def bits_of(a):
     return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
-def profile_once(steps):
-    """Encode the matrix, decode it a few times: a target for ``ncu -k regex:rans``."""
-    x, enc = encode_all([MATRIX], "bf16-lossless", codecs.DEFAULT_LANES, steps)[0]
+def profile_once(steps, codec="bf16-lossless", pairs=False):
+    """Encode the matrix, decode it once: a target for ``ncu -k regex:rans`` (PROFILE_VARIANT: the kernel's
+    variant, in the form of ``--variants`` or, for int8, ``--int8-variants``)."""
+    x, enc = encode_all([MATRIX], codec, codecs.DEFAULT_LANES, steps, pairs=pairs)[0]
     args, meta = tensor.kernel_args(tensor.from_encoded(enc))
-    (un, nw, cb, pf, g, r), = parse_variants(os.environ.get("PROFILE_VARIANT", "16,4,5,8,r1"), 4, FLOAT_OPTIONS)
-    out = rans_float.rans_float_decode(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
-                                       unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
-                                       word_group=g, raw_early=bool(r), interpret=INTERPRET)
+    if codec == "int8":
+        (un, nw, cb, pf, g, sy), = parse_variants(os.environ.get("PROFILE_VARIANT", "16,4,5,8"), 4, INT8_OPTIONS)
+        out = rans_int8.rans_int8_decode(*symbol_tables(args, 4, False, sy), n=meta[0], rows=meta[1], cols=meta[2],
+                                         lanes=meta[3], steps=meta[4], dtype=meta[5], predictors_used=meta[6],
+                                         unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g,
+                                         interpret=INTERPRET)
+        log("profile run exact:", same_bits(out, codecs.decode(enc)))
+        return
+    (un, nw, cb, pf, g, r, sy), = parse_variants(os.environ.get("PROFILE_VARIANT", "16,4,5,8,r1"), 4, FLOAT_OPTIONS)
+    out = rans_float.rans_float_decode(*symbol_tables(args, 5, pairs, sy), n=meta[0], lanes=meta[1], steps=meta[2],
+                                       dtype=meta[3], carry=meta[4], unroll=un, num_warps=nw, coarse_bits=cb,
+                                       prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
     log("profile run exact:", same_bits(out, x))
 
 
@@ -422,6 +446,8 @@ def main():
     ap.add_argument("--out", help="write all rows as JSON here")
     ap.add_argument("--quick", action="store_true", help="the 4096 x 14336 matrix only")
     ap.add_argument("--profile", action="store_true", help="one kernel launch on the matrix (for ncu)")
+    ap.add_argument("--profile-codec", default="bf16-lossless", choices=["bf16-lossless", "pairs", "int8"],
+                    help="the matrix --profile decodes (pairs: bf16-lossless with pair symbols; give --steps)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rotate", type=int, default=3, help="input copies a timed run cycles through")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a dry run of this script on CPU")
@@ -451,7 +477,9 @@ def main():
                     "variants, same form (g ignored)")
     args = ap.parse_args()
     if args.profile:
-        return profile_once(args.steps)
+        codec = "int8" if args.profile_codec == "int8" else "bf16-lossless"
+        steps = codecs.DEFAULT_STEPS["int8"] if codec == "int8" and args.steps == codecs.DEFAULT_STEPS["bf16-lossless"] else args.steps
+        return profile_once(steps, codec, pairs=args.profile_codec == "pairs")
     skip = set(filter(None, args.skip.split(",")))
     if args.small:
         global MATRIX, SQUARE, LAYER, SMOL_LAYER

@@ -3,7 +3,8 @@
 # generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py), each under its own time limit (0 skips a part).
 # Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
 #   TEST_S=240 BITWISE_S=0 DECODE_S=300 PROFILE_S=0 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
-# PROFILE_VARIANT picks the kernel variant ncu profiles, PROFILE_ARGS adds decode.py flags (--steps N) (bench/decode.py --profile; bench/stalls.py reads it)
+# PROFILE_VARIANT picks the kernel variant ncu profiles, PROFILE_ARGS adds decode.py flags (--steps N, --profile-codec
+# int8) (bench/decode.py --profile; bench/stalls.py reads it), PROFILE_SECTIONS replaces ncu's section flags
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
@@ -28,12 +29,12 @@ if [ "${DECODE_S:-0}" != 0 ]; then
       | tee $OUT/decode.log | tail -40; echo "[decode: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${PROFILE_S:-0}" != 0 ]; then  # ncu: where the matrix kernel's warps stall, per SASS instruction
-  timeout ${PROFILE_S} ncu --section SourceCounters --section WarpStateStats --section SchedulerStats \
-      --section Occupancy --section LaunchStats --section SpeedOfLight -k regex:rans -c 1 --import-source no -f \
+  timeout ${PROFILE_S} ncu ${PROFILE_SECTIONS:---section SourceCounters --section WarpStateStats --section SchedulerStats \
+      --section Occupancy --section LaunchStats --section SpeedOfLight} -k regex:rans -c 1 --import-source no -f \
       -o $OUT/profile python3 -P bench/decode.py --profile ${PROFILE_ARGS:-} > $OUT/profile.log 2>&1; echo "[profile: exit $?]"
   ncu -i $OUT/profile.ncu-rep --page details > $OUT/profile_details.txt 2>&1
   ncu -i $OUT/profile.ncu-rep --page source --csv --print-source sass > $OUT/profile_sass.csv 2>&1
-  grep -E "Warp Cycles Per Issued|Achieved Occupancy|Issued Ipc|Duration|Registers Per" $OUT/profile_details.txt
+  grep -E "Warp Cycles Per Issued|Achieved Occupancy|Issued Ipc|Duration|Registers Per|L1/TEX Cache Throughput|L1/TEX Hit|Mem Pipes Busy|Compute \(SM\) Throughput" $OUT/profile_details.txt
   python3 bench/stalls.py $OUT/profile_sass.csv | tail -40
 fi
 if [ "${GEN_S:-0}" != 0 ]; then

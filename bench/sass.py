@@ -51,12 +51,14 @@ def lower(kernel: str, variant: list[int], shape: tuple[int, int], steps: int | 
     args, meta = tensor.kernel_args(tensor.from_encoded(codecs.encode(np.asarray(x), codec, steps=steps,
                                                                       pairs=pairs)))
     if kernel == "float":
-        u, w, c, p, g, r = variant
+        u, w, c, p, g, r, sy = variant
+        args = symbol_tables(args, 5, pairs, sy)
         f = lambda *a: rans_float.rans_float_decode(*a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
                                                     unroll=u, num_warps=w, coarse_bits=c,
                                                     prefetch=p, word_group=g, raw_early=bool(r))
     else:
-        u, w, c, p, g = variant
+        u, w, c, p, g, sy = variant
+        args = symbol_tables(args, 4, False, sy)
         f = lambda *a: rans_int8.rans_int8_decode(*a, **dict(zip(("n", "rows", "cols", "lanes", "steps", "dtype"),
                                                                  meta)), predictors_used=meta[6], unroll=u,
                                                   num_warps=w, coarse_bits=c,
@@ -92,7 +94,7 @@ def summarise(sass: str, unroll: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", choices=("float", "int8"), default="float")
-    ap.add_argument("--variant", help="as bench/decode.py: float 'u,w,c,p[,gG][,rR]', int8 'u,w,c,p[,gG]'")
+    ap.add_argument("--variant", help="as bench/decode.py: float 'u,w,c,p[,gG][,rR][,s1]', int8 'u,w,c,p[,gG][,s1]'")
     ap.add_argument("--shape", default="64,4096", help="rows,cols of the Gaussian tensor encoded")
     ap.add_argument("--steps", type=int, help="steps per lane (default: the encoder's for the codec)")
     ap.add_argument("--pairs", action="store_true", help="bf16-lossless with pair symbols (a step decodes 2 values)")
@@ -104,7 +106,8 @@ def main():
     except ImportError:
         sys.exit("bench/sass.py needs the triton package (pip install triton==3.6.0): it is not a jcodec dependency")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from decode import FLOAT_OPTIONS, INT8_OPTIONS, parse_variants
+    global symbol_tables
+    from decode import FLOAT_OPTIONS, INT8_OPTIONS, parse_variants, symbol_tables
     numbers, options, default = ((4, FLOAT_OPTIONS, "16,4,5,8,r1") if a.kernel == "float"
                                  else (4, INT8_OPTIONS, "8,4,5,0"))
     variant, = parse_variants(a.variant or default, numbers, options)

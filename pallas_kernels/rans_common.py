@@ -30,13 +30,15 @@ PAIR_TABLE = 256  # pair symbols: entries after the slot (and coarse) table, ``e
 INT32_MAX = (1 << 31) - 1
 
 
-def rans_step(x, entry):
+def rans_step(x, entry, sym=None):
     """One decode step before renormalisation: ``(symbol, next state)``.
 
-    ``x`` uint32 states, ``entry`` the packed table entries at ``x & 4095`` (uint32). The next state is
+    ``x`` uint32 states, ``entry`` the packed table entries at ``x & 4095`` (uint32), or with ``sym`` given
+    (the symbol layout's lookup) ``cum | (freq - 1) << 20``. The next state is
     ``freq * (x >> 12) + (x & 4095) - cum``; it needs a word when it falls below 2^16.
     """
-    sym = (entry >> 12) & 0xFF
+    if sym is None:
+        sym = (entry >> 12) & 0xFF
     freq = (entry >> 20) + 1
     x = freq * (x >> PROB_BITS) + (x & SLOT_MASK) - (entry & SLOT_MASK)
     return sym, x
@@ -49,6 +51,59 @@ def rans_step(x, entry):
 COARSE_BITS = 5
 COARSE_SIZE = TABLE_SIZE >> COARSE_BITS
 MIXED = 0xFFFFFFFF
+
+
+# Lookup by symbol: the packed table's 16 KiB split in two. A warp's 32 slots gather from a slot -> symbol
+# table of uint8s packed four to a uint32 (4 KiB, 32 lines: ~20 distinct lines for 32 random slots, against
+# ~29 of the packed table's 128), then each lane's symbol gathers ``cum | (freq - 1) << 20`` from a 256-entry
+# symbol table, where the frequent symbols (most lanes') share a few lines. For alphabets too wide for the
+# coarse table (int8 residuals, exponent pairs), whose every step is a full-table gather. A table of this
+# layout is told by its width (:data:`SYMBOL_WIDTHS`); the kernels then ignore ``coarse_bits``.
+SYMBOL_SLOTS = TABLE_SIZE // 4
+SYMBOLS = 256
+SYMBOL_WIDTHS = (SYMBOL_SLOTS + SYMBOLS, SYMBOL_SLOTS + SYMBOLS + PAIR_TABLE)
+BY_SYMBOL = -1  # the kernels' coarse_bits for a table of this layout
+
+
+def symbol_table(table, xp=jnp):
+    """The packed slot table (uint32[4096]) in the symbol layout, uint32[1280]: the slots' symbols four to a
+    word (slot ``s`` in byte ``s & 3`` of word ``s >> 2``), then per symbol ``cum | (freq - 1) << 20`` (0 for
+    symbols with no slot). Works on NumPy (``xp=np``) and JAX arrays."""
+    sym = (table >> 12) & 0xFF
+    quads = sym.reshape(-1, 4).astype(xp.uint32)
+    slots = quads[:, 0] | (quads[:, 1] << 8) | (quads[:, 2] << 16) | (quads[:, 3] << 24)
+    info_of_slot = table & xp.uint32(~(0xFF << 12) & 0xFFFFFFFF)
+    if xp is jnp:
+        info = jnp.zeros(SYMBOLS, jnp.uint32).at[sym].set(info_of_slot)  # every slot of a symbol holds one value
+    else:
+        info = xp.zeros(SYMBOLS, xp.uint32)
+        info[sym] = info_of_slot
+    return xp.concatenate([slots, info]).astype(xp.uint32)
+
+
+def symbol_device_table(table, pairs: bool, xp=jnp):
+    """A device table of the packed layout (``[..., 4096 (+ 128) (+ 256)]``: slot, coarse, pair tables) in the
+    symbol layout, ``[..., 1280 (+ 256)]``, the pair table kept at the end."""
+    rows = table.reshape(-1, table.shape[-1])
+    out = xp.stack([symbol_table(r[:TABLE_SIZE], xp) for r in rows])
+    if pairs:
+        out = xp.concatenate([out, rows[:, -PAIR_TABLE:]], axis=1)
+    return out.reshape(table.shape[:-1] + (out.shape[-1],))
+
+
+def symbol_lookup(table, slot, base=0):
+    """``(entry, symbol)`` of ``slot`` (uint32) from a table of the symbol layout starting at ``base`` in
+    ``table`` (a kernel's Ref or an array: both gather with ``[]``), as :func:`rans_step` takes them; the
+    entry is ``cum | (freq - 1) << 20``."""
+    word = table[(slot >> 2).astype(jnp.int32) + base]
+    sym = (word >> ((slot & 3) << 3)) & 0xFF
+    return table[sym.astype(jnp.int32) + (base + SYMBOL_SLOTS)], sym
+
+
+def lookup_bits(width: int, coarse_bits: int) -> int:
+    """The lookup a kernel compiles for a table ``width`` entries wide: :data:`BY_SYMBOL` for the symbol
+    layout, else ``coarse_bits``."""
+    return BY_SYMBOL if width in SYMBOL_WIDTHS else coarse_bits
 
 
 def device_table_size(pairs: bool) -> int:

@@ -65,6 +65,7 @@ def rans_float_kernel(
     tile = lanes * steps
     tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
     o, c, p, t = program_tile(program, tiles, copies, tiles_ref, start_ref, window, static_one_copy=True)
+    coarse_bits = rc.lookup_bits(table_ref.shape[0] // copies, coarse_bits)
     j = jnp.arange(block_lanes, dtype=jnp.int32)
     live = j < lanes
     l = jnp.where(live, j, 0)  # padding lanes decode lane 0 again and write nowhere
@@ -324,7 +325,7 @@ def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0,
     x, ptr, word, sink = lane_state
     shift = group_shift(words_ref)
     last = words_ref.shape[0] - 1
-    sym, x = rc.rans_step(x, lookup(table_ref, x, coarse_bits, table_base))
+    sym, x = rc.rans_step(x, *lookup(table_ref, x, coarse_bits, table_base))
     if pair_base is not None:
         x, need = rc.renormalise(x, word)
         esc = sym == rc.ESC
@@ -356,15 +357,19 @@ def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0,
 
 
 def lookup(table_ref, x, coarse_bits: int, base=0):
-    """Packed table entries of the lanes' slots ``x & 4095`` (of the table at ``base``): from the coarse table
-    where the bucket holds one symbol, else (a masked gather, so only those lanes touch the 16 KiB table)
-    from the full table."""
+    """``(entry, symbol or None)`` of the lanes' slots ``x & 4095`` (of the table at ``base``), as
+    ``rans_common.rans_step`` takes them: from the symbol layout (``coarse_bits`` :data:`rans_common.BY_SYMBOL`);
+    else the packed entry from the coarse table where the bucket holds one symbol, else (a masked gather, so
+    only those lanes touch the 16 KiB table) from the full table."""
     slot = x & rc.SLOT_MASK
+    if coarse_bits == rc.BY_SYMBOL:
+        return rc.symbol_lookup(table_ref, slot, base)
     if not coarse_bits:
-        return table_ref[slot.astype(jnp.int32) + base]
+        return table_ref[slot.astype(jnp.int32) + base], None
     coarse = table_ref[(slot >> coarse_bits).astype(jnp.int32) + (rc.TABLE_SIZE + base)]
     # the full table's entry where the bucket is MIXED, else the coarse entry (one masked load)
-    return plgpu.load(table_ref.at[slot.astype(jnp.int32) + base], mask=coarse == jnp.uint32(rc.MIXED), other=coarse)
+    return plgpu.load(table_ref.at[slot.astype(jnp.int32) + base], mask=coarse == jnp.uint32(rc.MIXED),
+                      other=coarse), None
 
 
 def kernel_table(table, coarse_bits: int, pairs: bool = False):
@@ -375,7 +380,8 @@ def kernel_table(table, coarse_bits: int, pairs: bool = False):
     in as it is (no copy on the decode path) unless it lacks the coarse table asked for."""
     if not 0 <= coarse_bits <= 11:
         raise ValueError(f"{coarse_bits=} must be in [0, 11]")
-    if not coarse_bits or (coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.device_table_size(pairs)):
+    if (not coarse_bits or table.shape[-1] in rc.SYMBOL_WIDTHS
+            or (coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.device_table_size(pairs))):
         return table
     tail = rc.PAIR_TABLE if pairs else 0
     fine = table[..., :rc.TABLE_SIZE]
@@ -455,11 +461,14 @@ def check_lanes(starts, bases, states, lead, total: int, lanes: int):
 
 
 def check_table(table, lead=(), pairs: bool = False):
-    sizes = tuple(s + (rc.PAIR_TABLE if pairs else 0) for s in (rc.TABLE_SIZE, rc.TABLE_SIZE + rc.COARSE_SIZE))
+    """A table of the packed layout (4096 slots, optionally then the coarse table) or of the symbol layout
+    (``rans_common.symbol_table``), then with ``pairs`` the pair table."""
+    sizes = tuple(s + (rc.PAIR_TABLE if pairs else 0)
+                  for s in (rc.TABLE_SIZE, rc.TABLE_SIZE + rc.COARSE_SIZE, rc.SYMBOL_WIDTHS[0]))
     if table.dtype != jnp.uint32 or table.shape[:-1] != lead or table.ndim != len(lead) + 1 \
             or table.shape[-1] not in sizes:
-        raise ValueError(f"table={table.dtype}{list(table.shape)} must be uint32{list(lead)}[{sizes[0]}] or "
-                         f"uint32{list(lead)}[{sizes[1]}]")
+        raise ValueError(f"table={table.dtype}{list(table.shape)} must be uint32{list(lead)}[N], N one of "
+                         f"{', '.join(map(str, sizes))}")
 
 
 # Launch options by launch. ONE tensor (a matrix, a head chunk's tiles) gives too few lanes to hide memory
@@ -586,11 +595,14 @@ def rans_symbols_reference(words, starts, bases, states, table, *, n: int, lanes
     last_word = words.shape[0] - 1
     total_lanes = states.shape[0]
     pair_table = table[-rc.PAIR_TABLE:]
-    table = table[:rc.TABLE_SIZE]
+    if table.shape[-1] in rc.SYMBOL_WIDTHS:
+        entry = functools.partial(rc.symbol_lookup, table)
+    else:
+        entry = lambda slot: (table[slot], None)
 
     def step(k, carry):
         x, ptr, out = carry
-        sym, x = rc.rans_step(x, table[x & rc.SLOT_MASK])
+        sym, x = rc.rans_step(x, *entry(x & rc.SLOT_MASK))
         word = words[jnp.minimum(ptr, last_word)].astype(jnp.uint32)
         x, need = rc.renormalise(x, word)
         ptr = ptr + need.astype(ptr.dtype)

@@ -81,6 +81,7 @@ def rans_int8_kernel(
     lane_state = tile_lanes_init(words_ref, starts_ref, bases_ref, states_ref, c * tiles + t, lanes, live,
                                  c * (words_ref.shape[0] // copies), prefetch)
     table_base = c * (table_ref.shape[0] // copies)
+    coarse_bits = rc.lookup_bits(table_ref.shape[0] // copies, coarse_bits)
     first = t * tile + j  # [B] each lane's value at step 0, in its copy
     # where it goes; padding lanes (j >= L) point past the tile, where nothing is written (interpret mode's
     # masked scatter must not see a padding lane and a live lane at one address)

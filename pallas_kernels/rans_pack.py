@@ -64,6 +64,7 @@ def rans_pack_kernel(
                             prefetch)
     pairs = dtype == rc.PAIRS
     table_base = table * width  # (width: each table's entries, kernel_table)
+    coarse_bits = rc.lookup_bits(width, coarse_bits)
     pair_base = table_base + width - rc.PAIR_TABLE if pairs else None  # the pair table ends each table
     rb = rc.RAW_BYTES[dtype]
 
@@ -127,7 +128,7 @@ def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, ste
         raise ValueError(f"raw={raw.dtype}{list(raw.shape)} must be {jnp.dtype(raw_dtype).name}[N*{per}] "
                          f"< 2^31 elements")
     if tables.ndim != 2:
-        raise ValueError(f"tables={tables.dtype}{list(tables.shape)} must be uint32[K, 4096 or 4224 (+ 256 for pairs)]")
+        raise ValueError(f"tables={tables.dtype}{list(tables.shape)} must be uint32[K, N] (rans_float.check_table)")
     check_table(tables, tables.shape[:1], pairs)
     if max(sizes) > rc.INT32_MAX or t * lanes * steps > rc.INT32_MAX:
         raise ValueError(f"sizes={sizes!r} and the pack's {t} tiles must stay below 2^31 values")
@@ -181,12 +182,16 @@ def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, size
     last_word = words.shape[0] - 1
     t = jnp.arange(states.size, dtype=jnp.int32) // lanes
     pairs = dtype == rc.PAIRS
-    table, pair_table = tables[:, :rc.TABLE_SIZE], tables[:, -rc.PAIR_TABLE:]
+    pair_table = tables[:, -rc.PAIR_TABLE:]
     lane_table = info[t, TABLE]
+    if tables.shape[1] in rc.SYMBOL_WIDTHS:  # the symbol layout, read from the flat tables as the kernel does
+        entry = lambda slot: rc.symbol_lookup(tables.reshape(-1), slot, lane_table * tables.shape[1])
+    else:
+        entry = lambda slot: (tables[lane_table, slot], None)
 
     def step(k, carry):
         x, ptr, out = carry
-        sym, x = rc.rans_step(x, table[lane_table, x & rc.SLOT_MASK])
+        sym, x = rc.rans_step(x, *entry(x & rc.SLOT_MASK))
         x, need = rc.renormalise(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
         ptr = ptr + need.astype(ptr.dtype)
         if pairs:

@@ -561,3 +561,78 @@ class TestErrors(KernelTestBase):
         args8, kw8 = device_args(tensor.from_encoded(x8))
         with pytest.raises(ValueError, match="word_group"):
             rans_int8.rans_int8_decode(args8[0][:-1], *args8[1:], **kw8, word_group=2, interpret=True)
+
+
+class TestSymbolLayout(KernelTestBase):
+    """The device table in the symbol layout (``rans_common.symbol_table``): every kernel and reference reads
+    it and decodes the same bits as from the packed table."""
+
+    def test_symbol_lookup_equals_packed_table(self):
+        from jcodec import rans
+        from jcodec.pallas_kernels import rans_common as rc
+
+        rng = np.random.default_rng(12)
+        slot = np.arange(4096, dtype=np.uint32)
+        for k in [1, 2, 255, 256] + [int(rng.integers(1, 256)) for _ in range(16)]:
+            counts = np.zeros(256, np.int64)
+            counts[rng.choice(256, k, replace=False)] = rng.integers(1, 10 ** int(rng.integers(1, 6)), k)
+            table = rans.packed_slot_table(rans.normalize_freqs(counts))
+            sym = rc.symbol_table(table, np)
+            assert sym.shape == (rc.SYMBOL_WIDTHS[0],) and sym.dtype == np.uint32
+            np.testing.assert_array_equal(np.asarray(rc.symbol_table(jnp.asarray(table))), sym)
+            info, s = rc.symbol_lookup(jnp.asarray(sym), jnp.asarray(slot))
+            np.testing.assert_array_equal(np.asarray(info | (s << 12)), table)
+
+    @staticmethod
+    def by_symbol(args, at: int, pairs: bool = False):
+        from jcodec.pallas_kernels import rans_common as rc
+
+        table = rc.symbol_device_table(np.asarray(args[at]), pairs, np)
+        return (*args[:at], jnp.asarray(table), *args[at + 1:])
+
+    @pytest.mark.parametrize("dtype", FLOATS)
+    def test_float(self, dtype):
+        rng = np.random.default_rng(7)
+        x = random_float(rng, (1000,), dtype)
+        x[:special_values(dtype).size] = special_values(dtype)
+        x[500:540] = random_float(rng, (40,), dtype, "bits")
+        enc = codecs.encode(x, "bf16-lossless", lanes=32, steps=9)
+        args, kw = device_args(tensor.from_encoded(enc))
+        args = self.by_symbol(args, 5)
+        np.testing.assert_array_equal(bits(rans_float.rans_float_reference(*args, **kw)), bits(x))
+        for blocks in (dict(unroll=4, coarse_bits=5), dict(unroll=3, prefetch=8, raw_early=True)):
+            out = rans_float.rans_float_decode(*args, **kw, **blocks, interpret=self.INTERPRET)
+            np.testing.assert_array_equal(bits(out), bits(x))
+
+    def test_pairs_stack_and_window(self):
+        rng = np.random.default_rng(8)
+        layers = [random_float(rng, (701,), "bfloat16") * (i + 1) for i in range(3)]
+        layers[1][100:140] = random_float(rng, (40,), "bfloat16", "bits")  # escapes
+        st = tensor.stack_layers([tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=32, steps=8, pairs=True))
+                                  for x in layers])
+        args, meta = tensor.kernel_args(st)
+        args = self.by_symbol(args, 5, pairs=True)
+        np.testing.assert_array_equal(bits(rans_float.rans_float_reference(*(a[1] for a in args), n=meta[0],
+                                                                           lanes=meta[1], steps=meta[2], dtype=meta[3],
+                                                                           carry=meta[4]))[:701], bits(layers[1]))
+        for kw in (dict(), dict(window=2, start=jnp.int32(1))):
+            out = rans_float.rans_float_decode_many([args], metas=(meta,), **kw, interpret=self.INTERPRET)[0]
+            want = np.stack(layers[kw.get("window") and 1:])
+            np.testing.assert_array_equal(bits(out)[:, :701], bits(want))
+
+    def test_int8_every_predictor(self):
+        rng = np.random.default_rng(4)
+        x = rng.standard_normal((96, 64))
+        x[32:64] = np.cumsum(x[32:64], axis=1)
+        x[64:] = np.cumsum(x[64:], axis=0)
+        x = (x * 0.02).astype(ml_dtypes.bfloat16)
+        enc = codecs.encode(x, "int8", lanes=32, steps=16)
+        want = bits(codecs.decode(enc)).reshape(-1)
+        ct = tensor.from_encoded(enc)
+        args, kw = device_args(ct)
+        args = self.by_symbol(args, 4)
+        np.testing.assert_array_equal(bits(rans_int8.rans_int8_reference(*args, **kw)), want)
+        for blocks in (dict(unroll=4, coarse_bits=5), dict(unroll=16, prefetch=8)):
+            out = rans_int8.rans_int8_decode(*args, **kw, predictors_used=ct.meta.predictors, **blocks,
+                                             interpret=self.INTERPRET)
+            np.testing.assert_array_equal(bits(out), want)
