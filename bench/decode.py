@@ -471,8 +471,10 @@ def main():
     ap.add_argument("--pair-steps", default=str(codecs.PAIR_STEPS), help="time the matrix and the layer encoded "
                     "with pair symbols (codecs.encode_pairs, the converter's default) at these steps per lane "
                     "(comma list; '' for none)")
-    ap.add_argument("--pair-variants", help="variants for the pair-symbol rows, same form (default: PAIR_VARIANTS "
-                    "for the matrix, PAIR_LAYER_VARIANTS for the layer)")
+    ap.add_argument("--pair-variants", help="variants for the pair-symbol matrix rows, same form (default: "
+                    "PAIR_VARIANTS; also the layer's when --pair-layer-variants is not given)")
+    ap.add_argument("--pair-layer-variants", help="variants for the pair-symbol layer rows, same form (default: "
+                    "PAIR_LAYER_VARIANTS)")
     ap.add_argument("--pack-variants", default="", help="also decode the pair layer as ONE pack (rans_pack) with these "
                     "variants, same form (g ignored)")
     args = ap.parse_args()
@@ -538,8 +540,8 @@ def main():
             if "layer" not in skip:
                 layer = encode_all(list(LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=30,
                                    pairs=True)
-                bench_float_layer(layer, args.rotate, args.reps, parse(args.pair_variants, PAIR_LAYER_VARIANTS, 4,
-                                                                       FLOAT_OPTIONS),
+                bench_float_layer(layer, args.rotate, args.reps, parse(args.pair_layer_variants or args.pair_variants,
+                                                                       PAIR_LAYER_VARIANTS, 4, FLOAT_OPTIONS),
                                   skip | {"separate", "ref", "ceiling"}, label=f"layer pairs s{steps}",
                                   pack_variants=parse(args.pack_variants, "", 4, FLOAT_OPTIONS) if args.pack_variants else ())
                 del layer
