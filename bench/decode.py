@@ -50,13 +50,13 @@ LAYER_VARIANTS = "4,4,5,0"
 # pair symbols (the converter's default for bfloat16): rans_float.PAIR_ONE_TENSOR / PAIR_SEVERAL_TENSORS first
 PAIR_VARIANTS = "8,4,0,8,r1"
 PAIR_LAYER_VARIANTS = "4,4,5,0"
-INT8_VARIANTS = "16,4,5,8;8,4,5,0;8,4,0,0"  # unroll, num_warps, coarse_bits, prefetch
-INT8_LAYER_VARIANT = "4,4,5,0"
+INT8_VARIANTS = "16,4,0,8;16,4,5,8"  # unroll, num_warps, coarse_bits, prefetch (the launch's default first)
+INT8_LAYER_VARIANT = "4,4,0,0,s1;4,4,5,0"
 # Options after a variant's numbers, as a letter and a value ("4,4,5,0,g2", "16,4,5,8,r1"); absent ones
 # take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for
 # bf16-lossless), r raw_early (bf16-lossless: 1 loads a block's raw bytes at the top of the block before).
-# gG: word_group G; rR: raw_early; s1: the device tables in the symbol layout (rans_common.symbol_table),
-# converted before the timed calls
+# gG: word_group G; rR: raw_early; s1: the lookup by symbol (coarse_bits rans_common.BY_SYMBOL, the c field
+# ignored; tables that lack the symbol tables get them before the timed calls)
 FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1, "r": 0, "s": 0}, {"g": 2, "s": 0}
 
 ROWS: list[dict] = []
@@ -163,10 +163,11 @@ def parse_variants(spec: str, numbers: int, options: dict) -> list[tuple[int, ..
 
 
 def symbol_tables(arrays, at: int, pairs: bool, on: int):
-    """``arrays`` (a kernel's arguments) with the table at index ``at`` in the symbol layout when ``on``."""
-    if not on:
+    """``arrays`` (a kernel's arguments) with the table at index ``at`` holding the symbol tables when ``on``
+    (so that the kernel's table argument needs no building inside the timed call)."""
+    if not on or arrays[at].shape[-1] == rc.device_table_size(pairs, by_symbol=True):
         return arrays
-    table = rc.symbol_device_table(np.asarray(arrays[at]), pairs, np)
+    table = rc.with_symbol_table(np.asarray(arrays[at]), pairs, np)
     return (*arrays[:at], jax.device_put(table), *arrays[at + 1:])
 
 
@@ -214,6 +215,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     results = {}
     for v in variants:
         un, nw, cb, pf, g, r, sy = v
+        cb = rc.BY_SYMBOL if sy else cb
         timed = [symbol_tables(a, 5, meta[3] == rc.PAIRS, sy) for a in arrays]
         fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode(
             *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], unroll=un, num_warps=nw,
@@ -276,6 +278,7 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
     log(f"[{label}] bf16-lossless, {len(xs)} tensors, {n_total} weights: ratio {ratio:.4f}")
     for v in variants:
         un, nw, cb, pf, g, r, sy = v
+        cb = rc.BY_SYMBOL if sy else cb
         timed = [tuple(symbol_tables(a, 5, m[3] == rc.PAIRS, sy) for a, m in zip(st, metas)) for st in sets]
         one = jax.jit(lambda *ts, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode_many(
             list(ts), metas=metas, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
@@ -319,6 +322,7 @@ def bench_pack_layer(xs, encs, rotate, reps, variants, label, ratio):
     arrays, static = tensor.pack_float([tensor.from_encoded(e) for e in encs])
     sets = [tuple(jax.device_put(a) for a in arrays) for _ in range(rotate)]
     for un, nw, cb, pf, _, r, sy in variants:
+        cb = rc.BY_SYMBOL if sy else cb
         timed = [symbol_tables(a, 4, static["dtype"] == rc.PAIRS, sy) for a in sets]
         un = math.gcd(un, static["steps"])  # what the kernel runs (a block of steps divides the lane's steps)
         one = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, r=r: rans_pack.rans_float_decode_pack(
@@ -340,6 +344,7 @@ def bench_int8(shape, rotate, reps, variants, label, steps):
     log(f"[{label}] int8 {shape}: ratio {ratio:.4f} predictors {np.bincount(enc.arrays['tiles'][:, 2], minlength=3)}")
     best = None
     for un, nw, cb, pf, g, sy in variants:
+        cb = rc.BY_SYMBOL if sy else cb
         timed = [symbol_tables(a, 4, False, sy) for a in arrays]
         fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g: rans_int8.rans_int8_decode(
             *a, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3], steps=meta[4], dtype=meta[5],
@@ -376,6 +381,7 @@ def bench_int8_layer(rotate, reps, variant, steps):
         sets.append(tuple(a for a, _ in args))
     metas = tuple(m for _, m in args)
     un, nw, cb, pf, g, sy = variant
+    cb = rc.BY_SYMBOL if sy else cb
     sets = [tuple(symbol_tables(a, 4, False, sy) for a in st) for st in sets]
     log(f"[layer s{steps}] int8: ratio {ratio:.4f}")
     one = jax.jit(lambda *ts: rans_int8.rans_int8_decode_many(list(ts), metas=metas, unroll=un, num_warps=nw,
@@ -427,7 +433,8 @@ def profile_once(steps, codec="bf16-lossless", pairs=False):
     x, enc = encode_all([MATRIX], codec, codecs.DEFAULT_LANES, steps, pairs=pairs)[0]
     args, meta = tensor.kernel_args(tensor.from_encoded(enc))
     if codec == "int8":
-        (un, nw, cb, pf, g, sy), = parse_variants(os.environ.get("PROFILE_VARIANT", "16,4,5,8"), 4, INT8_OPTIONS)
+        (un, nw, cb, pf, g, sy), = parse_variants(os.environ.get("PROFILE_VARIANT", "16,4,0,8"), 4, INT8_OPTIONS)
+        cb = rc.BY_SYMBOL if sy else cb
         out = rans_int8.rans_int8_decode(*symbol_tables(args, 4, False, sy), n=meta[0], rows=meta[1], cols=meta[2],
                                          lanes=meta[3], steps=meta[4], dtype=meta[5], predictors_used=meta[6],
                                          unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g,
@@ -435,6 +442,7 @@ def profile_once(steps, codec="bf16-lossless", pairs=False):
         log("profile run exact:", same_bits(out, codecs.decode(enc)))
         return
     (un, nw, cb, pf, g, r, sy), = parse_variants(os.environ.get("PROFILE_VARIANT", "16,4,5,8,r1"), 4, FLOAT_OPTIONS)
+    cb = rc.BY_SYMBOL if sy else cb
     out = rans_float.rans_float_decode(*symbol_tables(args, 5, pairs, sy), n=meta[0], lanes=meta[1], steps=meta[2],
                                        dtype=meta[3], carry=meta[4], unroll=un, num_warps=nw, coarse_bits=cb,
                                        prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)

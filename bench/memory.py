@@ -43,7 +43,7 @@ def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: 
     arrays = dict(words=sds(max(1, math.ceil(n * BITS_PER_VALUE[codec] / 16)), jnp.uint16),
                   starts=sds(tiles * lanes, starts_dtype(lanes, steps * (2 if pairs else 1))),
                   bases=sds(tiles, jnp.uint32), states=sds(tiles * lanes, jnp.uint32),
-                  table=sds(rc.device_table_size(pairs), jnp.uint32))
+                  table=sds(rc.device_table_size(pairs, by_symbol=codec == "int8"), jnp.uint32))
     if pairs:
         carry = codecs.carry_values("bfloat16", steps, pairs=True)
         arrays["raw"] = sds(codecs.stored_raw_values(symbols, lanes, steps, carry), jnp.uint16)

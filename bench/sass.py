@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax._src.pallas.triton import pallas_call_registration as registration
 
 from jcodec import codecs, tensor
-from jcodec.pallas_kernels import rans_float, rans_int8
+from jcodec.pallas_kernels import rans_common as rc, rans_float, rans_int8
 
 MODULES: list[str] = []
 
@@ -52,13 +52,13 @@ def lower(kernel: str, variant: list[int], shape: tuple[int, int], steps: int | 
                                                                       pairs=pairs)))
     if kernel == "float":
         u, w, c, p, g, r, sy = variant
-        args = symbol_tables(args, 5, pairs, sy)
+        args, c = symbol_tables(args, 5, pairs, sy), rc.BY_SYMBOL if sy else c
         f = lambda *a: rans_float.rans_float_decode(*a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
                                                     unroll=u, num_warps=w, coarse_bits=c,
                                                     prefetch=p, word_group=g, raw_early=bool(r))
     else:
         u, w, c, p, g, sy = variant
-        args = symbol_tables(args, 4, False, sy)
+        args, c = symbol_tables(args, 4, False, sy), rc.BY_SYMBOL if sy else c
         f = lambda *a: rans_int8.rans_int8_decode(*a, **dict(zip(("n", "rows", "cols", "lanes", "steps", "dtype"),
                                                                  meta)), predictors_used=meta[6], unroll=u,
                                                   num_warps=w, coarse_bits=c,

@@ -26,7 +26,8 @@ from jcodec import codecs, rans
 #   states  uint32[T*L]   each lane's start state
 #   table   uint32[4096+128]  packed slot table: cum | symbol << 12 | (freq - 1) << 20, then the kernels'
 #                         coarse table (one entry per 32 slots; pallas_kernels/rans_common.py); with pair
-#                         symbols then 256 more: each symbol's two exponents in place, e1 << 7 | e2 << 23
+#                         symbols then 256 more: each symbol's two exponents in place, e1 << 7 | e2 << 23;
+#                         int8: uint32[4096+1280], the slot table then the symbol tables (rans_common.symbol_table)
 #   raw     uint8[m*rb]   bf16-lossless: the raw sign+mantissa bytes stored (all but those the lanes of full tiles
 #                         carry in their states: `codecs.split_carry`); with pair symbols uint16[m], a pair's two
 #                         bytes in one element
@@ -133,7 +134,9 @@ def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
     starts = rans.lane_offsets(a["counts"]) - np.repeat(bases.astype(np.int64), r["lanes"])
     per_step = 2 if r.get("pairs") else 1
     host = dict(words=a["words"], starts=starts.astype(starts_dtype(r["lanes"], r["steps"] * per_step)),
-                bases=bases, states=a["states"], table=np.concatenate([slots, rans_common.coarse_table(slots, np)]))
+                bases=bases, states=a["states"],
+                table=np.concatenate([slots, rans_common.symbol_table(slots, np) if r["codec"] == "int8"
+                                      else rans_common.coarse_table(slots, np)]))
     if r.get("pairs"):
         host["table"] = np.concatenate([host["table"], pair_table(a["pairs"])])
         host["raw"] = a["raw"].view(np.uint16)

@@ -53,16 +53,17 @@ COARSE_SIZE = TABLE_SIZE >> COARSE_BITS
 MIXED = 0xFFFFFFFF
 
 
-# Lookup by symbol: the packed table's 16 KiB split in two. A warp's 32 slots gather from a slot -> symbol
-# table of uint8s packed four to a uint32 (4 KiB, 32 lines: ~20 distinct lines for 32 random slots, against
-# ~29 of the packed table's 128), then each lane's symbol gathers ``cum | (freq - 1) << 20`` from a 256-entry
-# symbol table, where the frequent symbols (most lanes') share a few lines. For alphabets too wide for the
-# coarse table (int8 residuals, exponent pairs), whose every step is a full-table gather. A table of this
-# layout is told by its width (:data:`SYMBOL_WIDTHS`); the kernels then ignore ``coarse_bits``.
+# Lookup by symbol (``coarse_bits`` = :data:`BY_SYMBOL`): the packed table's 16 KiB split in two, after the
+# slot table. A warp's 32 slots gather from a slot -> symbol table of uint8s packed four to a uint32 (4 KiB, 32
+# lines: ~20 distinct lines for 32 random slots, against ~29 of the packed table's 128), then each lane's symbol
+# gathers ``cum | (freq - 1) << 20`` from a 256-entry table where the frequent symbols share a few lines. Two
+# dependent loads a step, but fewer L1 wavefronts: int8's layer launch, with ~50 warps per SM, decodes 12-14%
+# faster (H100, bench/RESULTS.md session 13); its lone matrix, latency-bound at 13 warps per SM, is fastest with
+# the full table's one load; exponents (one a symbol, or pairs) are faster with the packed lookups.
 SYMBOL_SLOTS = TABLE_SIZE // 4
 SYMBOLS = 256
-SYMBOL_WIDTHS = (SYMBOL_SLOTS + SYMBOLS, SYMBOL_SLOTS + SYMBOLS + PAIR_TABLE)
-BY_SYMBOL = -1  # the kernels' coarse_bits for a table of this layout
+SYMBOL_TABLE = SYMBOL_SLOTS + SYMBOLS
+BY_SYMBOL = -1
 
 
 def symbol_table(table, xp=jnp):
@@ -81,35 +82,36 @@ def symbol_table(table, xp=jnp):
     return xp.concatenate([slots, info]).astype(xp.uint32)
 
 
-def symbol_device_table(table, pairs: bool, xp=jnp):
-    """A device table of the packed layout (``[..., 4096 (+ 128) (+ 256)]``: slot, coarse, pair tables) in the
-    symbol layout, ``[..., 1280 (+ 256)]``, the pair table kept at the end."""
+def with_symbol_table(table, pairs: bool = False, xp=jnp):
+    """A device table (``[..., 4096 (+ 128) (+ 256)]``: slot, coarse and pair tables) with the symbol tables
+    after its slot table in place of the coarse table: ``[..., 4096 + 1280 (+ 256)]``."""
     rows = table.reshape(-1, table.shape[-1])
-    out = xp.stack([symbol_table(r[:TABLE_SIZE], xp) for r in rows])
+    parts = [rows[:, :TABLE_SIZE], xp.stack([symbol_table(r[:TABLE_SIZE], xp) for r in rows])]
     if pairs:
-        out = xp.concatenate([out, rows[:, -PAIR_TABLE:]], axis=1)
+        parts.append(rows[:, -PAIR_TABLE:])
+    out = xp.concatenate(parts, axis=1)
     return out.reshape(table.shape[:-1] + (out.shape[-1],))
 
 
 def symbol_lookup(table, slot, base=0):
-    """``(entry, symbol)`` of ``slot`` (uint32) from a table of the symbol layout starting at ``base`` in
-    ``table`` (a kernel's Ref or an array: both gather with ``[]``), as :func:`rans_step` takes them; the
-    entry is ``cum | (freq - 1) << 20``."""
-    word = table[(slot >> 2).astype(jnp.int32) + base]
+    """``(entry, symbol)`` of ``slot`` (uint32), as :func:`rans_step` takes them (the entry
+    ``cum | (freq - 1) << 20``), from the symbol tables of the device table that starts at ``base`` in ``table``
+    (a kernel's Ref or an array: both gather with ``[]``)."""
+    word = table[(slot >> 2).astype(jnp.int32) + (base + TABLE_SIZE)]
     sym = (word >> ((slot & 3) << 3)) & 0xFF
-    return table[sym.astype(jnp.int32) + (base + SYMBOL_SLOTS)], sym
+    return table[sym.astype(jnp.int32) + (base + TABLE_SIZE + SYMBOL_SLOTS)], sym
 
 
-def lookup_bits(width: int, coarse_bits: int) -> int:
-    """The lookup a kernel compiles for a table ``width`` entries wide: :data:`BY_SYMBOL` for the symbol
-    layout, else ``coarse_bits``."""
-    return BY_SYMBOL if width in SYMBOL_WIDTHS else coarse_bits
+def lookup_name(coarse_bits: int) -> str:
+    """The lookup in a kernel's name (``c5``, ``c0``, ``sym``): the name is a symbol of the compiled module,
+    where a ``-`` is not allowed."""
+    return "sym" if coarse_bits == BY_SYMBOL else f"c{coarse_bits}"
 
 
-def device_table_size(pairs: bool) -> int:
-    """Entries of a tensor's device table (``jcodec.tensor.host_arrays``): the slot table, the coarse table,
-    then with pair symbols the pair table."""
-    return TABLE_SIZE + COARSE_SIZE + (PAIR_TABLE if pairs else 0)
+def device_table_size(pairs: bool = False, by_symbol: bool = False) -> int:
+    """Entries of a tensor's device table (``jcodec.tensor.host_arrays``): the slot table, then the coarse
+    table (bf16-lossless) or the symbol tables (``by_symbol``: int8), then with pair symbols the pair table."""
+    return TABLE_SIZE + (SYMBOL_TABLE if by_symbol else COARSE_SIZE) + (PAIR_TABLE if pairs else 0)
 
 
 def coarse_table(table, xp=jnp, bits: int = COARSE_BITS):

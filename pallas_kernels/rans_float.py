@@ -65,7 +65,6 @@ def rans_float_kernel(
     tile = lanes * steps
     tiles = states_ref.shape[0] // (copies * lanes)  # T, the tiles of one copy
     o, c, p, t = program_tile(program, tiles, copies, tiles_ref, start_ref, window, static_one_copy=True)
-    coarse_bits = rc.lookup_bits(table_ref.shape[0] // copies, coarse_bits)
     j = jnp.arange(block_lanes, dtype=jnp.int32)
     live = j < lanes
     l = jnp.where(live, j, 0)  # padding lanes decode lane 0 again and write nowhere
@@ -358,9 +357,9 @@ def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0,
 
 def lookup(table_ref, x, coarse_bits: int, base=0):
     """``(entry, symbol or None)`` of the lanes' slots ``x & 4095`` (of the table at ``base``), as
-    ``rans_common.rans_step`` takes them: from the symbol layout (``coarse_bits`` :data:`rans_common.BY_SYMBOL`);
-    else the packed entry from the coarse table where the bucket holds one symbol, else (a masked gather, so
-    only those lanes touch the 16 KiB table) from the full table."""
+    ``rans_common.rans_step`` takes them: from the symbol tables (``coarse_bits`` :data:`rans_common.BY_SYMBOL`);
+    else the packed entry from the full table (0), or from the coarse table where the bucket holds one symbol,
+    else (a masked gather, so only those lanes touch the 16 KiB table) from the full table."""
     slot = x & rc.SLOT_MASK
     if coarse_bits == rc.BY_SYMBOL:
         return rc.symbol_lookup(table_ref, slot, base)
@@ -378,10 +377,16 @@ def kernel_table(table, coarse_bits: int, pairs: bool = False):
     table (the last :data:`rans_common.PAIR_TABLE` entries). The kernels find the pair table at the end of each
     copy's table and read nothing else past the slot entries with ``coarse_bits=0``, so the device table goes
     in as it is (no copy on the decode path) unless it lacks the coarse table asked for."""
-    if not 0 <= coarse_bits <= 11:
-        raise ValueError(f"{coarse_bits=} must be in [0, 11]")
-    if (not coarse_bits or table.shape[-1] in rc.SYMBOL_WIDTHS
-            or (coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.device_table_size(pairs))):
+    if not (0 <= coarse_bits <= 11 or coarse_bits == rc.BY_SYMBOL):
+        raise ValueError(f"{coarse_bits=} must be in [0, 11] or {rc.BY_SYMBOL} (rans_common.BY_SYMBOL)")
+    if coarse_bits == rc.BY_SYMBOL:
+        if table.shape[-1] == rc.device_table_size(pairs, by_symbol=True):
+            return table
+        with_symbols = functools.partial(rc.with_symbol_table, pairs=pairs)
+        for _ in range(table.ndim - 1):
+            with_symbols = jax.vmap(with_symbols)
+        return with_symbols(table)
+    if not coarse_bits or (coarse_bits == rc.COARSE_BITS and table.shape[-1] == rc.device_table_size(pairs)):
         return table
     tail = rc.PAIR_TABLE if pairs else 0
     fine = table[..., :rc.TABLE_SIZE]
@@ -461,10 +466,9 @@ def check_lanes(starts, bases, states, lead, total: int, lanes: int):
 
 
 def check_table(table, lead=(), pairs: bool = False):
-    """A table of the packed layout (4096 slots, optionally then the coarse table) or of the symbol layout
-    (``rans_common.symbol_table``), then with ``pairs`` the pair table."""
-    sizes = tuple(s + (rc.PAIR_TABLE if pairs else 0)
-                  for s in (rc.TABLE_SIZE, rc.TABLE_SIZE + rc.COARSE_SIZE, rc.SYMBOL_WIDTHS[0]))
+    """The 4096 slot entries, optionally then the coarse table or the symbol tables, then with ``pairs`` the
+    pair table."""
+    sizes = tuple(rc.TABLE_SIZE + s + (rc.PAIR_TABLE if pairs else 0) for s in (0, rc.COARSE_SIZE, rc.SYMBOL_TABLE))
     if table.dtype != jnp.uint32 or table.shape[:-1] != lead or table.ndim != len(lead) + 1 \
             or table.shape[-1] not in sizes:
         raise ValueError(f"table={table.dtype}{list(table.shape)} must be uint32{list(lead)}[N], N one of "
@@ -547,7 +551,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
         grid=(starts[-1],),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rans_float_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
+        name=f"rans_float_u{unroll}_w{num_warps}_{rc.lookup_name(coarse_bits)}_p{prefetch}"
              + (f"_g{word_group}" if word_group > 1 else "") + ("_r1" if raw_early else ""),
     )(*[flat(a) for arrays, m in zip(tensors, metas)
         for a in (kernel_words(arrays[0], word_group), *arrays[1:5],
@@ -595,14 +599,11 @@ def rans_symbols_reference(words, starts, bases, states, table, *, n: int, lanes
     last_word = words.shape[0] - 1
     total_lanes = states.shape[0]
     pair_table = table[-rc.PAIR_TABLE:]
-    if table.shape[-1] in rc.SYMBOL_WIDTHS:
-        entry = functools.partial(rc.symbol_lookup, table)
-    else:
-        entry = lambda slot: (table[slot], None)
+    table = table[:rc.TABLE_SIZE]
 
     def step(k, carry):
         x, ptr, out = carry
-        sym, x = rc.rans_step(x, *entry(x & rc.SLOT_MASK))
+        sym, x = rc.rans_step(x, table[x & rc.SLOT_MASK])
         word = words[jnp.minimum(ptr, last_word)].astype(jnp.uint32)
         x, need = rc.renormalise(x, word)
         ptr = ptr + need.astype(ptr.dtype)

@@ -6,8 +6,9 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
   starts      uint16|uint32[T*L]  where each lane starts reading, in words from its tile's base
   bases       uint32[T]     where each tile's first lane starts in ``words`` (``rans_float``'s layout notes)
   states      uint32[T*L]   each lane's start state
-  table       uint32[4096 + 128]  packed slot table ``cum | symbol << 12 | (freq - 1) << 20``, then the
-                            coarse table (``rans_float.lookup``; computed here when only 4096 are given)
+  table       uint32[4096 + 1280]  packed slot table ``cum | symbol << 12 | (freq - 1) << 20``, then the
+                            symbol tables (``rans_common.symbol_table``; ``rans_float.lookup`` says which
+                            lookup reads what; built here when a lookup's table is missing)
   scales      float32[rows] the per-row (output channel) scale
   predictors  int32[T]      per tile: 0 none, 1 left, 2 up (``jcodec.codecs._predict``)
 Value ``i`` (row ``i // cols``) lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``.
@@ -81,7 +82,6 @@ def rans_int8_kernel(
     lane_state = tile_lanes_init(words_ref, starts_ref, bases_ref, states_ref, c * tiles + t, lanes, live,
                                  c * (words_ref.shape[0] // copies), prefetch)
     table_base = c * (table_ref.shape[0] // copies)
-    coarse_bits = rc.lookup_bits(table_ref.shape[0] // copies, coarse_bits)
     first = t * tile + j  # [B] each lane's value at step 0, in its copy
     # where it goes; padding lanes (j >= L) point past the tile, where nothing is written (interpret mode's
     # masked scatter must not see a padding lane and a live lane at one address)
@@ -216,17 +216,20 @@ def check_predictors(predictors) -> tuple[int, ...]:
 
 # Launch options by launch, as rans_float's: ONE tensor hides memory latency with longer blocks and the word
 # prefetch (4096 x 14336 on the H100: 325.0 -> 429.4 GB/s, bench/RESULTS.md); several keep unroll 4 (compile
-# time: every tensor and every predictor a tensor uses adds a copy of the step loop).
-ONE_TENSOR = dict(unroll=16, prefetch=8)
-SEVERAL_TENSORS = dict(unroll=4, prefetch=0)
+# time: every tensor and every predictor a tensor uses adds a copy of the step loop). The lookup (session 13,
+# side by side on one H100): ONE tensor, 13 warps per SM, waits on each step's chain of loads, and the full
+# table's one load beats the coarse table's two (matrix 534-540 GB/s against 473-482); several, ~50 warps per
+# SM, are bound by L1 wavefronts, and the symbol tables' fewer lines win (layer 615-619 against 546-551, the
+# full table 487).
+ONE_TENSOR = dict(unroll=16, prefetch=8, coarse_bits=0)
+SEVERAL_TENSORS = dict(unroll=4, prefetch=0, coarse_bits=rc.BY_SYMBOL)
 
 
 @functools.partial(jax.jit, static_argnames=["metas", "unroll", "num_warps", "coarse_bits", "prefetch",
                                              "word_group", "window", "interpret"])
 def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int = 0, unroll: int | None = None,
-                          num_warps: int = 4,
-                          coarse_bits: int = rc.COARSE_BITS, prefetch: int | None = None, word_group: int = 2,
-                          interpret: bool = False) -> list[jax.Array]:
+                          num_warps: int = 4, coarse_bits: int | None = None, prefetch: int | None = None,
+                          word_group: int = 2, interpret: bool = False) -> list[jax.Array]:
     """Decode several ``int8`` tensors in ONE kernel launch (e.g. all weights of a layer).
 
     ``tensors``: a sequence of ``(words, starts, bases, states, table, scales, predictors)``, each the arrays of
@@ -235,10 +238,11 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
     predictor ids its tiles may hold (the kernel compiles a loop for each; the `up` ring is allocated only
     when 2 is among them). ``tiles``, ``start`` and ``window``: as in ``rans_float.rans_float_decode_many``.
     Returns per tensor the flat decoded values: ``[n]``, ``[copies, n]``, ``[window, n]`` or ``[R * L*S]``. Options as in
-    :func:`rans_int8_decode`; ``unroll`` and ``prefetch`` left at None from :data:`ONE_TENSOR` or
+    :func:`rans_int8_decode`; ``unroll``, ``prefetch`` and ``coarse_bits`` left at None from :data:`ONE_TENSOR` or
     :data:`SEVERAL_TENSORS`.
     """
-    unroll, prefetch = launch_options(metas, ONE_TENSOR, SEVERAL_TENSORS, unroll=unroll, prefetch=prefetch)
+    unroll, prefetch, coarse_bits = launch_options(metas, ONE_TENSOR, SEVERAL_TENSORS, unroll=unroll,
+                                                   prefetch=prefetch, coarse_bits=coarse_bits)
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     extra = check_window([a[3] for a in tensors], tiles, start, window)
     metas = tuple(m[:6] + (check_predictors(m[6]),) for m in metas)
@@ -265,7 +269,7 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
         grid=(starts[-1],),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rans_int8_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}"
+        name=f"rans_int8_u{unroll}_w{num_warps}_{rc.lookup_name(coarse_bits)}_p{prefetch}"
              + (f"_g{word_group}" if word_group > 1 else ""),
     )(*[flat(a) for arrays in tensors for a in (kernel_words(arrays[0], word_group), *arrays[1:4],
                                                 kernel_table(arrays[4], coarse_bits), *arrays[5:])],
@@ -276,15 +280,16 @@ def rans_int8_decode_many(tensors, *, metas, tiles=None, start=None, window: int
 
 def rans_int8_decode(words, starts, bases, states, table, scales, predictors, *, n: int, rows: int, cols: int,
                      lanes: int, steps: int, dtype: str, predictors_used=(0, 1, 2), tiles=None,
-                     unroll: int | None = None, num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS,
+                     unroll: int | None = None, num_warps: int = 4, coarse_bits: int | None = None,
                      prefetch: int | None = None, word_group: int = 2,
                      interpret: bool = False) -> jax.Array:
     """Decode an ``int8`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact with NumPy.
 
     One program per tile; ``predictors_used``: the predictor ids the tiles may hold; ``tiles``: decode only
     those (see ``rans_int8_decode_many``); ``unroll`` steps per loop iteration (also how far ahead scales
-    are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program, ``coarse_bits``,
-    ``prefetch`` and ``word_group`` as in ``rans_float.rans_float_decode`` (``word_group`` defaults to 2
+    are read; reduced to a divisor of ``steps``), ``num_warps`` warps per program, ``coarse_bits`` (also
+    ``rans_common.BY_SYMBOL``: the symbol tables), ``prefetch`` and ``word_group`` as in
+    ``rans_float.rans_float_decode`` (``word_group`` defaults to 2
     here: int8 residuals need ~0.41 words per step, and reading them in pairs took an 8B layer from 420.6
     to 618.6 GB/s on the H100; exponents need ~0.16, and pairs slowed bf16-lossless, 659.5 -> 531.7).
     """

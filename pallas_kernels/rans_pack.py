@@ -64,7 +64,6 @@ def rans_pack_kernel(
                             prefetch)
     pairs = dtype == rc.PAIRS
     table_base = table * width  # (width: each table's entries, kernel_table)
-    coarse_bits = rc.lookup_bits(width, coarse_bits)
     pair_base = table_base + width - rc.PAIR_TABLE if pairs else None  # the pair table ends each table
     rb = rc.RAW_BYTES[dtype]
 
@@ -166,7 +165,7 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
         grid=(programs,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rans_pack_b{block_lanes}_u{unroll}_w{num_warps}_c{coarse_bits}_p{prefetch}{'_r1' if raw_early else ''}",
+        name=f"rans_pack_b{block_lanes}_u{unroll}_w{num_warps}_{rc.lookup_name(coarse_bits)}_p{prefetch}{'_r1' if raw_early else ''}",
     )(words, offsets, states, raw, table.reshape(-1), info.reshape(-1))
     outs = outs[:len(sizes)]
     return [lax.bitcast_convert_type(o, value_dtype(dtype)).reshape(-1) for o in outs]
@@ -182,16 +181,12 @@ def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, size
     last_word = words.shape[0] - 1
     t = jnp.arange(states.size, dtype=jnp.int32) // lanes
     pairs = dtype == rc.PAIRS
-    pair_table = tables[:, -rc.PAIR_TABLE:]
+    table, pair_table = tables[:, :rc.TABLE_SIZE], tables[:, -rc.PAIR_TABLE:]
     lane_table = info[t, TABLE]
-    if tables.shape[1] in rc.SYMBOL_WIDTHS:  # the symbol layout, read from the flat tables as the kernel does
-        entry = lambda slot: rc.symbol_lookup(tables.reshape(-1), slot, lane_table * tables.shape[1])
-    else:
-        entry = lambda slot: (tables[lane_table, slot], None)
 
     def step(k, carry):
         x, ptr, out = carry
-        sym, x = rc.rans_step(x, *entry(x & rc.SLOT_MASK))
+        sym, x = rc.rans_step(x, table[lane_table, x & rc.SLOT_MASK])
         x, need = rc.renormalise(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
         ptr = ptr + need.astype(ptr.dtype)
         if pairs:

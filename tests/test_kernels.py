@@ -564,8 +564,8 @@ class TestErrors(KernelTestBase):
 
 
 class TestSymbolLayout(KernelTestBase):
-    """The device table in the symbol layout (``rans_common.symbol_table``): every kernel and reference reads
-    it and decodes the same bits as from the packed table."""
+    """The lookup by symbol (``coarse_bits=rans_common.BY_SYMBOL``): the symbol tables after the slot table
+    (int8's device tables hold them; the float kernels build them when asked) decode the same bits."""
 
     def test_symbol_lookup_equals_packed_table(self):
         from jcodec import rans
@@ -578,49 +578,47 @@ class TestSymbolLayout(KernelTestBase):
             counts[rng.choice(256, k, replace=False)] = rng.integers(1, 10 ** int(rng.integers(1, 6)), k)
             table = rans.packed_slot_table(rans.normalize_freqs(counts))
             sym = rc.symbol_table(table, np)
-            assert sym.shape == (rc.SYMBOL_WIDTHS[0],) and sym.dtype == np.uint32
+            assert sym.shape == (rc.SYMBOL_TABLE,) and sym.dtype == np.uint32
             np.testing.assert_array_equal(np.asarray(rc.symbol_table(jnp.asarray(table))), sym)
-            info, s = rc.symbol_lookup(jnp.asarray(sym), jnp.asarray(slot))
+            device = rc.with_symbol_table(np.concatenate([table, rc.coarse_table(table, np)])[None], xp=np)[0]
+            assert device.shape == (rc.device_table_size(by_symbol=True),)
+            info, s = rc.symbol_lookup(jnp.asarray(device), jnp.asarray(slot))
             np.testing.assert_array_equal(np.asarray(info | (s << 12)), table)
-
-    @staticmethod
-    def by_symbol(args, at: int, pairs: bool = False):
-        from jcodec.pallas_kernels import rans_common as rc
-
-        table = rc.symbol_device_table(np.asarray(args[at]), pairs, np)
-        return (*args[:at], jnp.asarray(table), *args[at + 1:])
 
     @pytest.mark.parametrize("dtype", FLOATS)
     def test_float(self, dtype):
+        from jcodec.pallas_kernels import rans_common as rc
+
         rng = np.random.default_rng(7)
         x = random_float(rng, (1000,), dtype)
         x[:special_values(dtype).size] = special_values(dtype)
         x[500:540] = random_float(rng, (40,), dtype, "bits")
         enc = codecs.encode(x, "bf16-lossless", lanes=32, steps=9)
         args, kw = device_args(tensor.from_encoded(enc))
-        args = self.by_symbol(args, 5)
-        np.testing.assert_array_equal(bits(rans_float.rans_float_reference(*args, **kw)), bits(x))
-        for blocks in (dict(unroll=4, coarse_bits=5), dict(unroll=3, prefetch=8, raw_early=True)):
-            out = rans_float.rans_float_decode(*args, **kw, **blocks, interpret=self.INTERPRET)
+        given = (*args[:5], jnp.asarray(rc.with_symbol_table(np.asarray(args[5]), xp=np)))
+        for arrays, blocks in ((args, dict(unroll=4)), (given, dict(unroll=3, prefetch=8, raw_early=True))):
+            out = rans_float.rans_float_decode(*arrays, **kw, coarse_bits=rc.BY_SYMBOL, **blocks,
+                                               interpret=self.INTERPRET)
             np.testing.assert_array_equal(bits(out), bits(x))
 
     def test_pairs_stack_and_window(self):
+        from jcodec.pallas_kernels import rans_common as rc
+
         rng = np.random.default_rng(8)
         layers = [random_float(rng, (701,), "bfloat16") * (i + 1) for i in range(3)]
         layers[1][100:140] = random_float(rng, (40,), "bfloat16", "bits")  # escapes
         st = tensor.stack_layers([tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=32, steps=8, pairs=True))
                                   for x in layers])
         args, meta = tensor.kernel_args(st)
-        args = self.by_symbol(args, 5, pairs=True)
-        np.testing.assert_array_equal(bits(rans_float.rans_float_reference(*(a[1] for a in args), n=meta[0],
-                                                                           lanes=meta[1], steps=meta[2], dtype=meta[3],
-                                                                           carry=meta[4]))[:701], bits(layers[1]))
         for kw in (dict(), dict(window=2, start=jnp.int32(1))):
-            out = rans_float.rans_float_decode_many([args], metas=(meta,), **kw, interpret=self.INTERPRET)[0]
-            want = np.stack(layers[kw.get("window") and 1:])
+            out = rans_float.rans_float_decode_many([args], metas=(meta,), coarse_bits=rc.BY_SYMBOL, **kw,
+                                                    interpret=self.INTERPRET)[0]
+            want = np.stack(layers[1:] if kw else layers)
             np.testing.assert_array_equal(bits(out)[:, :701], bits(want))
 
-    def test_int8_every_predictor(self):
+    def test_int8_every_predictor_every_lookup(self):
+        from jcodec.pallas_kernels import rans_common as rc
+
         rng = np.random.default_rng(4)
         x = rng.standard_normal((96, 64))
         x[32:64] = np.cumsum(x[32:64], axis=1)
@@ -630,9 +628,9 @@ class TestSymbolLayout(KernelTestBase):
         want = bits(codecs.decode(enc)).reshape(-1)
         ct = tensor.from_encoded(enc)
         args, kw = device_args(ct)
-        args = self.by_symbol(args, 4)
-        np.testing.assert_array_equal(bits(rans_int8.rans_int8_reference(*args, **kw)), want)
-        for blocks in (dict(unroll=4, coarse_bits=5), dict(unroll=16, prefetch=8)):
-            out = rans_int8.rans_int8_decode(*args, **kw, predictors_used=ct.meta.predictors, **blocks,
-                                             interpret=self.INTERPRET)
-            np.testing.assert_array_equal(bits(out), want)
+        assert args[4].shape == (rc.device_table_size(by_symbol=True),)
+        for coarse_bits in (rc.BY_SYMBOL, 0, 5):
+            for blocks in (dict(unroll=4), dict(unroll=16, prefetch=8)):
+                out = rans_int8.rans_int8_decode(*args, **kw, predictors_used=ct.meta.predictors, coarse_bits=coarse_bits,
+                                                 **blocks, interpret=self.INTERPRET)
+                np.testing.assert_array_equal(bits(out), want)

@@ -62,17 +62,17 @@ def make_tensors(dtype, lanes, steps, seed=0):
     ("pairs", 8, 24, 32, 3, {}), ("pairs", 32, 12, 16, 0, dict(unroll=4, raw_early=True)),
     ("bfloat16", 16, 24, 32, 5, dict(unroll=8, raw_early=True, prefetch=8)),
     ("pairs", 16, 24, 16, 0, dict(unroll=8, raw_early=True, prefetch=8)),
-    ("pairs", 16, 24, 16, 0, dict(unroll=8, raw_early=True, prefetch=8, by_symbol=True)),
-    ("float32", 8, 24, 32, 5, dict(by_symbol=True))])
+    ("pairs", 16, 24, 16, rc.BY_SYMBOL, dict(unroll=8, raw_early=True, prefetch=8, given=True)),
+    ("float32", 8, 24, 32, rc.BY_SYMBOL, {})])
 def test_pack_kernel_and_reference_match_numpy(dtype, lanes, steps, block_lanes, coarse_bits, opts):
     """(coarse_bits: the device tables hold the coarse table for 5; 0 reads past it, 3 builds its own.
     block_lanes dividing lanes: one output per program, picked by a branch; larger: a masked store per output.
-    by_symbol: the tables in the symbol layout, rans_common.symbol_table.)"""
+    BY_SYMBOL: the lookup by symbol, from tables that hold the symbol tables (given) or built by the kernel's caller.)"""
     xs, cts = make_tensors(dtype, lanes, steps)
     arrays, static = tensor.pack_float(cts)
     opts = dict(opts)
-    if opts.pop("by_symbol", False):
-        arrays = (*arrays[:4], rc.symbol_device_table(arrays[4], dtype == "pairs", np), arrays[5])
+    if opts.pop("given", False):
+        arrays = (*arrays[:4], rc.with_symbol_table(arrays[4], dtype == "pairs", np), arrays[5])
     assert static["sizes"] == tuple(x.size // (2 if dtype == "pairs" else 1) for x in xs)
     got = rans_pack.rans_float_decode_pack(*arrays, **static, block_lanes=block_lanes, coarse_bits=coarse_bits,
                                            interpret=INTERPRET, **opts)
