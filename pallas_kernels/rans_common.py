@@ -57,9 +57,9 @@ MIXED = 0xFFFFFFFF
 # slot table. A warp's 32 slots gather from a slot -> symbol table of uint8s packed four to a uint32 (4 KiB, 32
 # lines: ~20 distinct lines for 32 random slots, against ~29 of the packed table's 128), then each lane's symbol
 # gathers ``cum | (freq - 1) << 20`` from a 256-entry table where the frequent symbols share a few lines. Two
-# dependent loads a step, but fewer L1 wavefronts: int8's layer launch, with ~50 warps per SM, decodes 12-14%
-# faster (H100, bench/RESULTS.md session 13); its lone matrix, latency-bound at 13 warps per SM, is fastest with
-# the full table's one load; exponents (one a symbol, or pairs) are faster with the packed lookups.
+# dependent loads a step over fewer cache lines: int8's layer launch (~50 warps per SM) decodes 12-14% faster
+# with it (H100, bench/RESULTS.md session 13); int8's lone matrix, latency-bound at 13 warps per SM, is fastest
+# with the full table's one load; exponents (one a symbol, or pairs) are faster with the packed lookups.
 SYMBOL_SLOTS = TABLE_SIZE // 4
 SYMBOLS = 256
 SYMBOL_TABLE = SYMBOL_SLOTS + SYMBOLS

@@ -217,10 +217,10 @@ def check_predictors(predictors) -> tuple[int, ...]:
 # Launch options by launch, as rans_float's: ONE tensor hides memory latency with longer blocks and the word
 # prefetch (4096 x 14336 on the H100: 325.0 -> 429.4 GB/s, bench/RESULTS.md); several keep unroll 4 (compile
 # time: every tensor and every predictor a tensor uses adds a copy of the step loop). The lookup (session 13,
-# side by side on one H100): ONE tensor, 13 warps per SM, waits on each step's chain of loads, and the full
-# table's one load beats the coarse table's two (matrix 534-540 GB/s against 473-482); several, ~50 warps per
-# SM, are bound by L1 wavefronts, and the symbol tables' fewer lines win (layer 615-619 against 546-551, the
-# full table 487).
+# side by side on one H100): ONE tensor, 13 warps per SM, waits on each step's chain of loads (ncu), and the
+# full table's one load beats the coarse table's two (matrix 534-540 GB/s against 473-482); for several, ~50
+# warps per SM, the symbol tables, two loads over fewer cache lines, win (layer 615-619 against 546-551 with
+# the coarse table and 487 with the full one; not profiled).
 ONE_TENSOR = dict(unroll=16, prefetch=8, coarse_bits=0)
 SEVERAL_TENSORS = dict(unroll=4, prefetch=0, coarse_bits=rc.BY_SYMBOL)
 
