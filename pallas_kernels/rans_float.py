@@ -376,7 +376,9 @@ def kernel_table(table, coarse_bits: int, pairs: bool = False):
     the caller): the 4096 slot entries, then the coarse table for ``coarse_bits``, then with ``pairs`` the pair
     table (the last :data:`rans_common.PAIR_TABLE` entries). The kernels find the pair table at the end of each
     copy's table and read nothing else past the slot entries with ``coarse_bits=0``, so the device table goes
-    in as it is (no copy on the decode path) unless it lacks the coarse table asked for."""
+    in as it is (no copy on the decode path) unless it lacks the coarse table asked for, or the symbol tables
+    for ``coarse_bits`` :data:`rans_common.BY_SYMBOL` (int8's device tables hold those; bf16-lossless's the
+    coarse table)."""
     if not (0 <= coarse_bits <= 11 or coarse_bits == rc.BY_SYMBOL):
         raise ValueError(f"{coarse_bits=} must be in [0, 11] or {rc.BY_SYMBOL} (rans_common.BY_SYMBOL)")
     if coarse_bits == rc.BY_SYMBOL:
