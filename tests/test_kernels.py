@@ -75,6 +75,14 @@ def smooth(rng, shape, predictor) -> np.ndarray:
     return 0.02 * np.cumsum(np.cumsum(rng.standard_normal(shape), axis=0), axis=0)
 
 
+def three_predictors() -> np.ndarray:
+    """bfloat16[96, 64] whose int8 tiles (32 lanes x 16 steps) choose each of the three predictors."""
+    x = np.random.default_rng(4).standard_normal((96, 64))
+    x[32:64] = np.cumsum(x[32:64], axis=1)
+    x[64:] = np.cumsum(x[64:], axis=0)
+    return (x * 0.02).astype(ml_dtypes.bfloat16)
+
+
 class KernelTestBase:
     """Every kernel call passes ``interpret=self.INTERPRET``."""
 
@@ -218,11 +226,7 @@ class TestInt8Kernel(KernelTestBase):
                         .astype(ml_dtypes.bfloat16), lanes, steps, predictors=predictor)
 
     def test_mixed_predictors(self):
-        rng = np.random.default_rng(4)
-        x = rng.standard_normal((96, 64))
-        x[32:64] = np.cumsum(x[32:64], axis=1)
-        x[64:] = np.cumsum(x[64:], axis=0)
-        x = (x * 0.02).astype(ml_dtypes.bfloat16)
+        x = three_predictors()
         enc = codecs.encode(x, "int8", lanes=32, steps=16)
         assert set(enc.arrays["tiles"][:, 2].tolist()) == {0, 1, 2}
         self.check_int8(x, 32, 16)
@@ -619,18 +623,9 @@ class TestSymbolLayout(KernelTestBase):
     def test_int8_every_predictor_every_lookup(self):
         from jcodec.pallas_kernels import rans_common as rc
 
-        rng = np.random.default_rng(4)
-        x = rng.standard_normal((96, 64))
-        x[32:64] = np.cumsum(x[32:64], axis=1)
-        x[64:] = np.cumsum(x[64:], axis=0)
-        x = (x * 0.02).astype(ml_dtypes.bfloat16)
-        enc = codecs.encode(x, "int8", lanes=32, steps=16)
-        want = bits(codecs.decode(enc)).reshape(-1)
-        ct = tensor.from_encoded(enc)
-        args, kw = device_args(ct)
-        assert args[4].shape == (rc.device_table_size(by_symbol=True),)
+        x = three_predictors()
+        args, _ = device_args(tensor.from_encoded(codecs.encode(x, "int8", lanes=32, steps=16)))
+        assert args[4].shape == (rc.device_table_size(by_symbol=True),)  # int8's device table holds them
         for coarse_bits in (rc.BY_SYMBOL, 0, 5):
             for blocks in (dict(unroll=4), dict(unroll=16, prefetch=8)):
-                out = rans_int8.rans_int8_decode(*args, **kw, predictors_used=ct.meta.predictors, coarse_bits=coarse_bits,
-                                                 **blocks, interpret=self.INTERPRET)
-                np.testing.assert_array_equal(bits(out), want)
+                self.check_int8(x, 32, 16, coarse_bits=coarse_bits, **blocks)
