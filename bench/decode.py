@@ -427,26 +427,37 @@ def bits_of(a):
     return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
-def profile_once(steps, codec="bf16-lossless", pairs=False):
-    """Encode the matrix, decode it once: a target for ``ncu -k regex:rans`` (PROFILE_VARIANT: the kernel's
-    variant, in the form of ``--variants`` or, for int8, ``--int8-variants``)."""
-    x, enc = encode_all([MATRIX], codec, codecs.DEFAULT_LANES, steps, pairs=pairs)[0]
-    args, meta = tensor.kernel_args(tensor.from_encoded(enc))
+def profile_once(steps, codec="bf16-lossless", pairs=False, layer=False):
+    """Encode the matrix (``layer``: the 7 tensors of a layer), decode it in one launch, once: a target for
+    ``ncu -k regex:rans``. PROFILE_VARIANT: the kernel's variant, in the form of ``--variants`` or, for int8,
+    ``--int8-variants`` (default: the launch's defaults, as decode.py's default rows)."""
+    encoded = encode_all(list(LAYER.values()) if layer else [MATRIX], codec, codecs.DEFAULT_LANES, steps, pairs=pairs)
+    arrays, metas = zip(*(tensor.kernel_args(tensor.from_encoded(e)) for _, e in encoded))
+    default = (INT8_LAYER_VARIANT if layer else INT8_VARIANTS) if codec == "int8" else (
+        (PAIR_LAYER_VARIANTS if layer else PAIR_VARIANTS) if pairs else (LAYER_VARIANTS if layer else FLOAT_VARIANTS))
+    spec = os.environ.get("PROFILE_VARIANT") or default.split(";")[0]
     if codec == "int8":
-        (un, nw, cb, pf, g, sy), = parse_variants(os.environ.get("PROFILE_VARIANT", "16,4,0,8"), 4, INT8_OPTIONS)
-        cb = rc.BY_SYMBOL if sy else cb
-        out = rans_int8.rans_int8_decode(*symbol_tables(args, 4, False, sy), n=meta[0], rows=meta[1], cols=meta[2],
-                                         lanes=meta[3], steps=meta[4], dtype=meta[5], predictors_used=meta[6],
-                                         unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g,
-                                         interpret=INTERPRET)
-        log("profile run exact:", same_bits(out, codecs.decode(enc)))
-        return
-    (un, nw, cb, pf, g, r, sy), = parse_variants(os.environ.get("PROFILE_VARIANT", "16,4,5,8,r1"), 4, FLOAT_OPTIONS)
-    cb = rc.BY_SYMBOL if sy else cb
-    out = rans_float.rans_float_decode(*symbol_tables(args, 5, pairs, sy), n=meta[0], lanes=meta[1], steps=meta[2],
-                                       dtype=meta[3], carry=meta[4], unroll=un, num_warps=nw, coarse_bits=cb,
-                                       prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
-    log("profile run exact:", same_bits(out, x))
+        (un, nw, cb, pf, g, sy), = parse_variants(spec, 4, INT8_OPTIONS)
+        outs = rans_int8.rans_int8_decode_many([symbol_tables(a, 4, False, sy) for a in arrays], metas=metas,
+                                               unroll=un, num_warps=nw, coarse_bits=rc.BY_SYMBOL if sy else cb,
+                                               prefetch=pf, word_group=g, interpret=INTERPRET)
+        wants = [codecs.decode(e) for _, e in encoded]
+    else:
+        (un, nw, cb, pf, g, r, sy), = parse_variants(spec, 4, FLOAT_OPTIONS)
+        outs = rans_float.rans_float_decode_many([symbol_tables(a, 5, pairs, sy) for a in arrays], metas=metas,
+                                                 unroll=un, num_warps=nw, coarse_bits=rc.BY_SYMBOL if sy else cb,
+                                                 prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
+        wants = [x for x, _ in encoded]
+    log(f"profile run ({codec}{' pairs' if pairs else ''}, {'layer' if layer else 'matrix'}, {spec}) exact:",
+        all(same_bits(o, w) for o, w in zip(outs, wants)))
+
+
+def shrink():
+    """--small: tiny shapes, for a dry run of this script on CPU."""
+    global MATRIX, SQUARE, LAYER, SMOL_LAYER
+    MATRIX, SQUARE = (64, 2048 + 5), (64, 512)
+    LAYER = {k: (r // 256, c // 64) for k, (r, c) in LAYER.items()}
+    SMOL_LAYER = {k: (r // 64, c // 8) for k, (r, c) in SMOL_LAYER.items()}
 
 
 def main():
@@ -455,7 +466,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="the 4096 x 14336 matrix only")
     ap.add_argument("--profile", action="store_true", help="one kernel launch on the matrix (for ncu)")
     ap.add_argument("--profile-codec", default="bf16-lossless", choices=["bf16-lossless", "pairs", "int8"],
-                    help="the matrix --profile decodes (pairs: bf16-lossless with pair symbols; give --steps)")
+                    help="the codec --profile decodes (pairs: bf16-lossless with pair symbols)")
+    ap.add_argument("--profile-layer", action="store_true", help="--profile decodes a layer in one launch, not the "
+                    "matrix (steps: --steps, --int8-steps' first, or --pair-steps' first)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rotate", type=int, default=3, help="input copies a timed run cycles through")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a dry run of this script on CPU")
@@ -487,15 +500,16 @@ def main():
                     "variants, same form (g ignored)")
     args = ap.parse_args()
     if args.profile:
-        codec = "int8" if args.profile_codec == "int8" else "bf16-lossless"
-        steps = codecs.DEFAULT_STEPS["int8"] if codec == "int8" and args.steps == codecs.DEFAULT_STEPS["bf16-lossless"] else args.steps
-        return profile_once(steps, codec, pairs=args.profile_codec == "pairs")
+        if args.small:
+            shrink()
+        codec, pairs = {"int8": ("int8", False), "pairs": ("bf16-lossless", True)}.get(args.profile_codec,
+                                                                                        ("bf16-lossless", False))
+        steps = (int(args.int8_steps.split(",")[0]) if codec == "int8"
+                 else int(args.pair_steps.split(",")[0]) if pairs else args.steps)
+        return profile_once(steps, codec, pairs=pairs, layer=args.profile_layer)
     skip = set(filter(None, args.skip.split(",")))
     if args.small:
-        global MATRIX, SQUARE, LAYER, SMOL_LAYER
-        MATRIX, SQUARE = (64, 2048 + 5), (64, 512)
-        LAYER = {k: (r // 256, c // 64) for k, (r, c) in LAYER.items()}
-        SMOL_LAYER = {k: (r // 64, c // 8) for k, (r, c) in SMOL_LAYER.items()}
+        shrink()
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if not args.small:

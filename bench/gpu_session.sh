@@ -3,7 +3,7 @@
 # generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py), each under its own time limit (0 skips a part).
 # Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
 #   TEST_S=240 BITWISE_S=0 DECODE_S=300 PROFILE_S=0 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
-# PROFILE_VARIANT picks the kernel variant ncu profiles, PROFILE_ARGS adds decode.py flags (--steps N, --profile-codec
+# PROFILE_VARIANT picks the kernel variant ncu profiles, PROFILE_ARGS adds decode.py flags (--steps N, --profile-layer, --profile-codec
 # int8) (bench/decode.py --profile; bench/stalls.py reads it), PROFILE_SECTIONS replaces ncu's section flags
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
