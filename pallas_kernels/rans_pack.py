@@ -101,8 +101,7 @@ def rans_pack_kernel(
                                    coarse_bits=coarse_bits, table_base=table_base, pair_base=pair_base,
                                    prefetch=prefetch, raw_early=raw_early)
     if prefetch:
-        plgpu.store(sink_ref.at[pl.program_id(0) * block_lanes + jnp.arange(block_lanes, dtype=jnp.int32)],
-                    lane_state[3])
+        plgpu.store(sink_ref.at[v], lane_state[3])  # (v: the program's lanes, as the sink is laid out)
 
 
 def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, steps: int, dtype: str,
