@@ -9,7 +9,7 @@ Inputs are Gaussian weights (std 0.02) in BF16: a Llama-3-8B MLP matrix (4096 x 
 matrix, and all seven weights of one Llama-3-8B layer decoded in one kernel launch. They are encoded once
 (NumPy, one process per tensor), then decoded many times. GB/s always counts decoded BF16 output bytes
 (2 B per weight) over the median time of one decode; each timed run decodes ``--rotate`` different copies
-of the input back to back (more bytes than L2 holds) and divides. Every variant's output is compared bit
+of the input (more bytes than L2 holds) ``--batches`` times, all enqueued back to back, and divides. Every variant's output is compared bit
 for bit with the NumPy decoder before it is timed. Baselines in the same run: an XLA elementwise pass over
 the BF16 weights (2 B read + 2 B written per weight: the memory ceiling), the pure-JAX decoder under XLA,
 and host zstd decode + device_put.
@@ -86,25 +86,45 @@ def encode_all(shapes, codec, lanes, steps, seed0=0, pairs=False):
         return list(pool.map(_encode, jobs))
 
 
+DISPATCH: list[float] = []  # host seconds to enqueue one call, per time_fn (logged with each row)
+
+
 def time_fn(fn, inputs, reps):
-    """Median seconds per call of ``fn(*inputs[i])``; a timed run is one call on each input set in turn."""
+    """Median seconds per call of ``fn(*inputs[i])``, over ``reps`` timed runs; a run enqueues ``len(inputs)``
+    calls per batch, one on each input set in turn, in ``BATCHES`` batches back to back, and waits once.
+
+    The GPU then runs call after call while the host enqueues the next, so a run times the device (a model's
+    jitted forward also launches its decodes back to back), not the host's dispatch: a Llama layer's decode
+    takes 42 arrays, and waiting after every few calls left the GPU idle while they were dispatched (session
+    14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). The host's time to
+    enqueue one call is kept in DISPATCH; a row whose dispatch is near its time is host-bound."""
     for inp in inputs:
         jax.block_until_ready(fn(*inp))
     runs = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        outs = [fn(*inp) for inp in inputs]
+        outs = [fn(*inp) for _ in range(BATCHES) for inp in inputs]
+        t1 = time.perf_counter()
         jax.block_until_ready(outs)
-        runs.append((time.perf_counter() - t0) / len(inputs))
+        calls = BATCHES * len(inputs)
+        runs.append((time.perf_counter() - t0) / calls)
+        DISPATCH.append((t1 - t0) / calls)
         del outs
     return statistics.median(runs), runs
 
 
+BATCHES = 4  # --batches (main sets it)
+
+
 def record(group, name, seconds, n_values, **extra):
     gbs = n_values * 2 / seconds / 1e9
-    row = dict(group=group, name=name, ms=seconds * 1e3, gbs_bf16_out=gbs, values=n_values, **extra)
+    dispatch = statistics.median(DISPATCH) if DISPATCH else None
+    DISPATCH.clear()
+    row = dict(group=group, name=name, ms=seconds * 1e3, gbs_bf16_out=gbs, values=n_values,
+               dispatch_ms=None if dispatch is None else dispatch * 1e3, **extra)
     ROWS.append(row)
-    log(f"  {group:<24} {name:<44} {seconds * 1e3:9.3f} ms  {gbs:8.1f} GB/s")
+    host = "" if dispatch is None else f"  (dispatch {dispatch * 1e3:.3f} ms)"
+    log(f"  {group:<24} {name:<44} {seconds * 1e3:9.3f} ms  {gbs:8.1f} GB/s{host}")
     return row
 
 
@@ -284,6 +304,8 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
             list(ts), metas=metas, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
             word_group=g, raw_early=bool(r), interpret=INTERPRET))
         first, ok = first_call_exact(one, timed[0], xs)
+        if SHOW_HLO and v == variants[0]:
+            show_hlo(one, timed[0])
         s, _ = time_fn(one, timed, reps)
         record(f"bf16-lossless {label}", f"pallas ONE launch u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r, s=sy)} exact={ok}",
                s, n_total, ratio=ratio, exact=ok, first_call_s=first,
@@ -422,6 +444,20 @@ def bench_stacked(codec, rotate, reps, groups=(1, 3, 30)):
         record(f"{codec} SmolLM2 layers", f"{g} layer(s), ONE launch exact={ok}", s, g * n_layer, exact=ok)
 
 
+SHOW_HLO = False  # --hlo
+
+
+def show_hlo(fn, args):
+    """Print the operations of ``fn``'s compiled entry computation (--hlo): whether a launch is one kernel or
+    also runs copies or fusions around it, which a timed call counts and ncu's kernel duration does not."""
+    text = fn.lower(*args).compile().as_text()
+    lines = [line.strip() for line in text[text.index("ENTRY"):].splitlines()[1:]
+             if " = " in line and " parameter(" not in line]
+    log(f"    compiled entry computation, {len(lines)} operations:")
+    for line in lines[:40]:
+        log("      " + line[:150])
+
+
 def bits_of(a):
     a = np.asarray(a)
     return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
@@ -471,6 +507,8 @@ def main():
                     "matrix (steps: --steps, --int8-steps' first, or --pair-steps' first)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rotate", type=int, default=3, help="input copies a timed run cycles through")
+    ap.add_argument("--batches", type=int, default=4, help="times a timed run cycles through them before it "
+                    "waits (calls enqueued back to back: the device's time, not the host's dispatch)")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a dry run of this script on CPU")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: "
                     "matrix,layer,int8,int8layer,square,zstd,ref,ceiling,stacked,separate (ref and "
@@ -498,7 +536,11 @@ def main():
                     "PAIR_LAYER_VARIANTS)")
     ap.add_argument("--pack-variants", default="", help="also decode the pair layer as ONE pack (rans_pack) with these "
                     "variants, same form (g ignored)")
+    ap.add_argument("--hlo", action="store_true", help="print the compiled entry computation of each layer's first "
+                    "variant (the operations a timed call runs)")
     args = ap.parse_args()
+    global SHOW_HLO, BATCHES
+    SHOW_HLO, BATCHES = args.hlo, args.batches
     if args.profile:
         if args.small:
             shrink()

@@ -28,14 +28,21 @@ if [ "${DECODE_S:-0}" != 0 ]; then
   timeout ${DECODE_S} python3 -P bench/decode.py --out $OUT/decode.json ${DECODE_ARGS:-} 2>&1 \
       | tee $OUT/decode.log | tail -40; echo "[decode: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
-if [ "${PROFILE_S:-0}" != 0 ]; then  # ncu: where the matrix kernel's warps stall, per SASS instruction
-  timeout ${PROFILE_S} ncu ${PROFILE_SECTIONS:---section SourceCounters --section WarpStateStats --section SchedulerStats \
-      --section Occupancy --section LaunchStats --section SpeedOfLight} -k regex:rans -c 1 --import-source no -f \
-      -o $OUT/profile python3 -P bench/decode.py --profile ${PROFILE_ARGS:-} > $OUT/profile.log 2>&1; echo "[profile: exit $?]"
-  ncu -i $OUT/profile.ncu-rep --page details > $OUT/profile_details.txt 2>&1
-  ncu -i $OUT/profile.ncu-rep --page source --csv --print-source sass > $OUT/profile_sass.csv 2>&1
-  grep -E "Warp Cycles Per Issued|Achieved Occupancy|Issued Ipc|Duration|Registers Per|L1/TEX Cache Throughput|L1/TEX Hit|Mem Pipes Busy|Compute \(SM\) Throughput" $OUT/profile_details.txt
-  python3 bench/stalls.py $OUT/profile_sass.csv | tail -40
+if [ "${PROFILE_S:-0}" != 0 ]; then  # ncu: where a kernel's warps stall, per SASS instruction
+  # PROFILE_ARGS may hold several profiles separated by '|', each under PROFILE_S; only the summaries come back
+  # ($OUT/profileN_details.txt, $OUT/profileN_stalls.txt: files back from a call are few), the reports stay in /tmp
+  IFS='|' read -ra profiles <<< "${PROFILE_ARGS:-}"; [ ${#profiles[@]} = 0 ] && profiles=("")
+  for i in "${!profiles[@]}"; do
+    rep=/tmp/profile$i; echo "[profile $i: ${profiles[$i]}]"
+    timeout ${PROFILE_S} ncu ${PROFILE_SECTIONS:---section SourceCounters --section WarpStateStats --section SchedulerStats \
+        --section Occupancy --section LaunchStats --section SpeedOfLight --section MemoryWorkloadAnalysis} -k regex:rans -c 1 \
+        --import-source no -f -o $rep python3 -P bench/decode.py --profile ${profiles[$i]} > $rep.log 2>&1; echo "[profile $i: exit $?]"
+    grep -E "exact|Error|error" $rep.log | tail -3
+    ncu -i $rep.ncu-rep --page details > $OUT/profile${i}_details.txt 2>&1
+    ncu -i $rep.ncu-rep --page source --csv --print-source sass > $rep.csv 2>&1
+    grep -E "Warp Cycles Per Issued|Achieved Occupancy|Issued Ipc|Duration|Registers Per|L1/TEX Cache Throughput|L1/TEX Hit|Mem Pipes Busy|Compute \(SM\) Throughput|DRAM Throughput|Memory Throughput" $OUT/profile${i}_details.txt
+    python3 bench/stalls.py $rep.csv > $OUT/profile${i}_stalls.txt 2>&1; tail -30 $OUT/profile${i}_stalls.txt
+  done
 fi
 if [ "${GEN_S:-0}" != 0 ]; then
   XLA_FLAGS="${GEN_XLA_FLAGS:-${XLA_FLAGS:-}}" timeout ${GEN_S} python3 -P bench/generate.py --models "${MODELS:-smollm2-135m,llama-3.2-1b,llama-3-8b}" \
