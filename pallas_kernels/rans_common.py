@@ -93,13 +93,14 @@ def with_symbol_table(table, pairs: bool = False, xp=jnp):
     return out.reshape(table.shape[:-1] + (out.shape[-1],))
 
 
-def symbol_lookup(table, slot, base=0):
+def symbol_lookup(table, slot, base=0, gather=None):
     """``(entry, symbol)`` of ``slot`` (uint32), as :func:`rans_step` takes them (the entry
     ``cum | (freq - 1) << 20``), from the symbol tables of the device table that starts at ``base`` in ``table``
-    (a kernel's Ref or an array: both gather with ``[]``)."""
-    word = table[(slot >> 2).astype(jnp.int32) + (base + TABLE_SIZE)]
+    (a kernel's Ref or an array: both gather with ``[]``; a kernel passes ``gather(index)`` for its own loads)."""
+    gather = gather or table.__getitem__
+    word = gather((slot >> 2).astype(jnp.int32) + (base + TABLE_SIZE))
     sym = (word >> ((slot & 3) << 3)) & 0xFF
-    return table[sym.astype(jnp.int32) + (base + TABLE_SIZE + SYMBOL_SLOTS)], sym
+    return gather(sym.astype(jnp.int32) + (base + TABLE_SIZE + SYMBOL_SLOTS)), sym
 
 
 def lookup_name(coarse_bits: int) -> str:

@@ -93,7 +93,7 @@ def rans_float_kernel(
 
     def write(k, sym, raw, mask):
         bits = rc.join_float(sym, raw, dtype).astype(out_ref.dtype)
-        plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits, mask=mask)
+        plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits, mask=mask, **STREAM)
 
     lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
                                    read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
@@ -232,13 +232,23 @@ def group_shift(words_ref) -> int:
     return {2: 0, 4: 1}[jnp.dtype(words_ref.dtype).itemsize]
 
 
+# Cache hints (bf16-lossless kernels). Raw bytes and outputs stream through once; the tables are read every
+# step, a warp's lookup touching ~28 of the slot table's 128 lines (ncu, session 14). Raw loads and output stores
+# are marked evict-first and table loads evict-last, so that the streams do not push the tables out of L1: the
+# pair layer's kernel 404.6 -> 379.3 us under ncu (bench/RESULTS.md, session 14). The int8 kernel reads its
+# tables without them (``lanes_step(hints=False)``): its matrix measured the same with and without, its layer
+# was not measured with them, and they cost it 5 instructions a step.
+STREAM = dict(eviction_policy="evict_first")
+KEEP = dict(eviction_policy="evict_last")
+
+
 def load_raw(raw_ref, i, ok, rb: int):
     """[B] uint32 raw bits of values ``i`` (masked by ``ok``): the raw byte, a pair's two (``rb`` = 2: ``raw_ref``
     holds uint16), or (``rb`` = 3, float32) the 24-bit little-endian value of the three raw bytes
     (``rans_common.join_float``'s ``raw``)."""
     if rb in (1, 2):
-        return plgpu.load(raw_ref.at[i], mask=ok, other=0).astype(jnp.uint32)
-    b = [plgpu.load(raw_ref.at[3 * i + j], mask=ok, other=0).astype(jnp.uint32) for j in range(3)]
+        return plgpu.load(raw_ref.at[i], mask=ok, other=0, **STREAM).astype(jnp.uint32)
+    b = [plgpu.load(raw_ref.at[3 * i + j], mask=ok, other=0, **STREAM).astype(jnp.uint32) for j in range(3)]
     return b[0] | (b[1] << 8) | (b[2] << 16)
 
 
@@ -317,14 +327,14 @@ def lanes_fold(lane_state, touched):
     return x, ptr, word, sink ^ touched
 
 
-def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0, pair_base=None):
+def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0, pair_base=None, hints=True):
     """One decode step of every lane: (symbol uint32, new lane state). With ``pair_base`` (pair symbols, where
     the pair table starts in ``table_ref``) the "symbol" is the pair's two exponents in place
     (``e1 << 7 | e2 << 23``): from the pair table, or after an ESC from the 16 bits that follow it."""
     x, ptr, word, sink = lane_state
     shift = group_shift(words_ref)
     last = words_ref.shape[0] - 1
-    sym, x = rc.rans_step(x, *lookup(table_ref, x, coarse_bits, table_base))
+    sym, x = rc.rans_step(x, *lookup(table_ref, x, coarse_bits, table_base, hints))
     if pair_base is not None:
         x, need = rc.renormalise(x, word)
         esc = sym == rc.ESC
@@ -355,20 +365,25 @@ def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0,
     return sym, (x, ptr, word, sink)
 
 
-def lookup(table_ref, x, coarse_bits: int, base=0):
+def lookup(table_ref, x, coarse_bits: int, base=0, hints=True):
     """``(entry, symbol or None)`` of the lanes' slots ``x & 4095`` (of the table at ``base``), as
     ``rans_common.rans_step`` takes them: from the symbol tables (``coarse_bits`` :data:`rans_common.BY_SYMBOL`);
     else the packed entry from the full table (0), or from the coarse table where the bucket holds one symbol,
     else (a masked gather, so only those lanes touch the 16 KiB table) from the full table."""
     slot = x & rc.SLOT_MASK
+    keep = KEEP if hints else {}
+
+    def gather(i):
+        return plgpu.load(table_ref.at[i], **keep)
+
     if coarse_bits == rc.BY_SYMBOL:
-        return rc.symbol_lookup(table_ref, slot, base)
+        return rc.symbol_lookup(table_ref, slot, base, gather=gather)
     if not coarse_bits:
-        return table_ref[slot.astype(jnp.int32) + base], None
-    coarse = table_ref[(slot >> coarse_bits).astype(jnp.int32) + (rc.TABLE_SIZE + base)]
+        return gather(slot.astype(jnp.int32) + base), None
+    coarse = gather((slot >> coarse_bits).astype(jnp.int32) + (rc.TABLE_SIZE + base))
     # the full table's entry where the bucket is MIXED, else the coarse entry (one masked load)
     return plgpu.load(table_ref.at[slot.astype(jnp.int32) + base], mask=coarse == jnp.uint32(rc.MIXED),
-                      other=coarse), None
+                      other=coarse, **keep), None
 
 
 def kernel_table(table, coarse_bits: int, pairs: bool = False):
@@ -489,7 +504,9 @@ SEVERAL_TENSORS = dict(unroll=4, prefetch=0, raw_early=False, coarse_bits=rc.COA
 # prefetched, raw bytes at the top of 8-step blocks (the matrix 767.9 GB/s, against 729.4 at u4 c0 p0 and 684.8
 # at u4 c5 p0). Several: u4 c5 p0, a layer at 925.1 GB/s compiled in 16 s; u8 c0 p8 r1 decodes it at 984.4
 # but compiles in 76 s, which every model would pay on its first call (pass those options to get them). The
-# time is Triton's Coalesce pass (99.7% of it, session 11), which grows with (tensors x unroll)^2.
+# time is Triton's Coalesce pass (99.7% of it, session 11), which grows with (tensors x unroll)^2. (Session 14,
+# timed back to back: u4 c0 p0 r1 beat u4 c5 p0 by 2-3% in three runs and lost by 16% in a fourth, where it was
+# timed first; the default stays until a clean run decides.)
 PAIR_ONE_TENSOR = dict(unroll=8, prefetch=8, raw_early=True, coarse_bits=0)
 PAIR_SEVERAL_TENSORS = SEVERAL_TENSORS
 

@@ -142,7 +142,7 @@ def rans_int8_kernel(
             next_scales = block_scales(b + 1)
             for u in range(unroll):
                 k = b * unroll + u
-                sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base)
+                sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base, hints=False)
                 q, acc = unpredict(k, jnp.where(live, sym.astype(jnp.int32), 0), acc)
                 plgpu.store(out_ref.at[out_first + k * lanes],
                             (_signed(q) * scales[u]).astype(out_ref.dtype), mask=u < left)

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import (SECTOR_WORDS, check_table, decode_lane_steps, kernel_table, lanes_init, load_raw,
+from .rans_float import (SECTOR_WORDS, STREAM, check_table, decode_lane_steps, kernel_table, lanes_init, load_raw,
                          steps_with_values, value_dtype)
 
 INFO = 5  # int32 fields per tile in ``info``
@@ -88,13 +88,13 @@ def rans_pack_kernel(
                 @pl.when(program_out == j)
                 def _(out_ref=out_ref):
                     plgpu.store(out_ref.at[jnp.where(ok, out_at + pos, out_ref.shape[0] + v)],
-                                bits.astype(out_ref.dtype), mask=ok)
+                                bits.astype(out_ref.dtype), mask=ok, **STREAM)
                 continue
             mine = ok & (out_index == j)
             # a lane that does not write points past the end, at its own address (interpret mode's
             # masked scatter must not see two lanes at one address)
             plgpu.store(out_ref.at[jnp.where(mine, out_at + pos, out_ref.shape[0] + v)],
-                        bits.astype(out_ref.dtype), mask=mine)
+                        bits.astype(out_ref.dtype), mask=mine, **STREAM)
 
     lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
                                    read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
