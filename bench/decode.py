@@ -23,7 +23,6 @@ import math
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 import traceback
 

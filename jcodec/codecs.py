@@ -466,7 +466,7 @@ def decode(enc: EncodedTensor) -> np.ndarray:
         sym = rans.decode(a["states"], a["counts"], a["words"], a["freqs"], lanes, steps, n, ends=float_codec)
     except rans.RansError as e:
         raise FormatError(str(e)) from None
-    te, t = lanes * steps, r["tiles"]
+    te = lanes * steps
     if float_codec:
         sym, ends = sym
         raw = join_carry(a["raw"], ends, n, lanes, steps, r.get("carry", 0), rb)

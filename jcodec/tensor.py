@@ -440,7 +440,7 @@ class PackBuilder:
     def add(self, i: int, words, starts, bases, states, raw, table) -> None:
         """Tensor ``i``'s arrays in the kernels' layout (``host_arrays``); the pack's lanes start at absolute
         word offsets (their tile's base plus their start, moved to the tensor's words)."""
-        from jcodec.pallas_kernels import rans_common, rans_pack
+        from jcodec.pallas_kernels import rans_pack
         words_at, lanes_at, values_at, j, out_at, n = self.slots[i]
         w = words.reshape(-1)
         end = self.slots[i + 1][0] if i + 1 < len(self.slots) else self.arrays[0].size
