@@ -9,10 +9,10 @@ Inputs are Gaussian weights (std 0.02) in BF16: a Llama-3-8B MLP matrix (4096 x 
 matrix, and all seven weights of one Llama-3-8B layer decoded in one kernel launch. They are encoded once
 (NumPy, one process per tensor), then decoded many times. GB/s always counts decoded BF16 output bytes
 (2 B per weight) over the median time of one decode; each timed run decodes ``--rotate`` different copies
-of the input (more bytes than L2 holds) ``--batches`` times, all enqueued back to back, and divides. Every variant's output is compared bit
-for bit with the NumPy decoder before it is timed. Baselines in the same run: an XLA elementwise pass over
-the BF16 weights (2 B read + 2 B written per weight: the memory ceiling), the pure-JAX decoder under XLA,
-and host zstd decode + device_put.
+of the input (more bytes than L2 holds) ``--batches`` times, all enqueued back to back, and divides. Every
+variant's output is compared bit for bit with the NumPy decoder before it is timed. Baselines in the same
+run: an XLA elementwise pass over the BF16 weights (2 B read + 2 B written per weight: the memory ceiling),
+the pure-JAX decoder under XLA, and host zstd decode + device_put.
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def encode_all(shapes, codec, lanes, steps, seed0=0, pairs=False):
         return list(pool.map(_encode, jobs))
 
 
-DISPATCH: list[float] = []  # host seconds to enqueue one call, per time_fn (logged with each row)
+LAST_DISPATCH: float | None = None  # the last time_fn's median host seconds to enqueue one call (record logs it)
 
 
 def time_fn(fn, inputs, reps):
@@ -96,10 +96,11 @@ def time_fn(fn, inputs, reps):
     jitted forward also launches its decodes back to back), not the host's dispatch: a Llama layer's decode
     takes 42 arrays, and waiting after every few calls left the GPU idle while they were dispatched (session
     14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). The host's time to
-    enqueue one call is kept in DISPATCH; a row whose dispatch is near its time is host-bound."""
+    enqueue one call is kept in LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
+    global LAST_DISPATCH
     for inp in inputs:
         jax.block_until_ready(fn(*inp))
-    runs = []
+    runs, dispatch = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
         outs = [fn(*inp) for _ in range(BATCHES) for inp in inputs]
@@ -107,8 +108,9 @@ def time_fn(fn, inputs, reps):
         jax.block_until_ready(outs)
         calls = BATCHES * len(inputs)
         runs.append((time.perf_counter() - t0) / calls)
-        DISPATCH.append((t1 - t0) / calls)
+        dispatch.append((t1 - t0) / calls)
         del outs
+    LAST_DISPATCH = statistics.median(dispatch)
     return statistics.median(runs), runs
 
 
@@ -116,9 +118,9 @@ BATCHES = 4  # --batches (main sets it)
 
 
 def record(group, name, seconds, n_values, **extra):
+    global LAST_DISPATCH
     gbs = n_values * 2 / seconds / 1e9
-    dispatch = statistics.median(DISPATCH) if DISPATCH else None
-    DISPATCH.clear()
+    dispatch, LAST_DISPATCH = LAST_DISPATCH, None
     row = dict(group=group, name=name, ms=seconds * 1e3, gbs_bf16_out=gbs, values=n_values,
                dispatch_ms=None if dispatch is None else dispatch * 1e3, **extra)
     ROWS.append(row)

@@ -373,8 +373,8 @@ def lookup(table_ref, x, coarse_bits: int, base=0, hints=True):
     slot = x & rc.SLOT_MASK
     keep = KEEP if hints else {}
 
-    def gather(i):
-        return plgpu.load(table_ref.at[i], **keep)
+    def gather(i, **masked):
+        return plgpu.load(table_ref.at[i], **masked, **keep)
 
     if coarse_bits == rc.BY_SYMBOL:
         return rc.symbol_lookup(table_ref, slot, base, gather=gather)
@@ -382,8 +382,7 @@ def lookup(table_ref, x, coarse_bits: int, base=0, hints=True):
         return gather(slot.astype(jnp.int32) + base), None
     coarse = gather((slot >> coarse_bits).astype(jnp.int32) + (rc.TABLE_SIZE + base))
     # the full table's entry where the bucket is MIXED, else the coarse entry (one masked load)
-    return plgpu.load(table_ref.at[slot.astype(jnp.int32) + base], mask=coarse == jnp.uint32(rc.MIXED),
-                      other=coarse, **keep), None
+    return gather(slot.astype(jnp.int32) + base, mask=coarse == jnp.uint32(rc.MIXED), other=coarse), None
 
 
 def kernel_table(table, coarse_bits: int, pairs: bool = False):
