@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests (compiled kernels, model on compressed weights), the decode bench, the
-# generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py), each under its own time limit (0 skips a part).
+# generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py), each under its own time limit (0 skips a part; ABLATE_S: bench/ablate.py).
 # Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
 #   TEST_S=240 BITWISE_S=0 DECODE_S=300 PROFILE_S=0 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
 # PROFILE_VARIANT picks the kernel variant ncu profiles, PROFILE_ARGS adds decode.py flags (--steps N, --profile-layer, --profile-codec
@@ -23,6 +23,10 @@ fi
 if [ "${PAIRS_S:-0}" != 0 ]; then  # the pair-symbol prototype against the production kernel (bench/pairs_proto.py)
   timeout ${PAIRS_S} python3 -P bench/pairs_proto.py --bench --out $OUT/pairs.json ${PAIRS_ARGS:-} 2>&1 \
       | tee $OUT/pairs.log | tail -40; echo "[pairs: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
+fi
+if [ "${ABLATE_S:-0}" != 0 ]; then  # the pair layer with one kind of memory access taken out at a time (bench/ablate.py)
+  timeout ${ABLATE_S} python3 -P bench/ablate.py --out $OUT/ablate.json ${ABLATE_ARGS:-} 2>&1 \
+      | tee $OUT/ablate.log | tail -20; echo "[ablate: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${DECODE_S:-0}" != 0 ]; then
   timeout ${DECODE_S} python3 -P bench/decode.py --out $OUT/decode.json ${DECODE_ARGS:-} 2>&1 \

@@ -1,0 +1,162 @@
+"""Where the pair layer's time goes: the kernel timed with one kind of memory access taken out at a time.
+
+    python3 -P bench/ablate.py --out ablate.json            # on the GPU machine (a few minutes)
+    python3 -P bench/ablate.py --small                      # a dry run on CPU (interpret mode)
+
+The layer (7 Llama-3-8B tensors, pair symbols, the converter's default geometry) is decoded in one launch at
+the default options (``rans_float.PAIR_SEVERAL_TENSORS``). Each ablation replaces one access of the step loop
+with arithmetic on what the lane already holds, so that the rest of the loop runs as before:
+
+- ``no_table``: the slot lookup (coarse table, then the slot table) -> an entry computed from the slot:
+  64 slots a symbol (6 bits a step, ~0.38 words: pair symbols code ~5.3 bits a step);
+- ``no_words``: the word loads (renormalisation and ESC) -> a value made from the read position;
+- ``no_pair``: the pair-table load -> the symbol shifted in place;
+- ``no_raw``: the raw-byte loads -> the raw position's low bits;
+- ``no_loads``: all four (what is left: the arithmetic and the stores).
+
+The outputs of an ablation are not the tensor (only ``base`` is checked bit for bit); their times say what each
+access costs in the loop as it is. ``--waves``: the base kernel on a subset of each tensor's tiles, so that the
+launch has whole waves of programs (132 SMs x 16 programs on the H100) against the full 3.36: what the last,
+partial wave costs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import decode as bench  # noqa: E402  (bench/decode.py: encoding, timing and the rows' format)
+
+from jcodec import codecs, tensor  # noqa: E402
+from jcodec.pallas_kernels import rans_common as rc, rans_float  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
+
+ORIGINAL = dict(lookup=rans_float.lookup, lanes_step=rans_float.lanes_step, load_raw=rans_float.load_raw)
+
+
+def lookup_alu(table_ref, x, coarse_bits, base=0, hints=True):
+    """no table: slot s -> symbol s >> 6, cum s & ~63, freq 64 (a valid step: the state keeps its range)."""
+    slot = x & rc.SLOT_MASK
+    return (slot & jnp.uint32(0xFC0)) | ((slot >> 6) << 12) | jnp.uint32(63 << 20), None
+
+
+def pair_step(no_words: bool, no_pair: bool):
+    """``rans_float.lanes_step`` for pair symbols, with its word loads and/or its pair-table load replaced."""
+    def lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base=0, pair_base=None, hints=True):
+        assert pair_base is not None, "the ablations are of the pair-symbol step"
+        x, ptr, word, sink = lane_state
+        last = words_ref.shape[0] - 1
+        sym, x = rc.rans_step(x, *rans_float.lookup(table_ref, x, coarse_bits, table_base, hints))
+        x, need = rc.renormalise(x, word)
+        esc = sym == rc.ESC
+        if no_words:
+            second = word
+        else:
+            second = plgpu.load(words_ref.at[jnp.minimum(ptr + 1, last)], mask=esc & need,
+                                other=word.astype(jnp.uint16)).astype(jnp.uint32)
+        payload, escaped = rc.bypass(x, second)
+        x = jnp.where(esc, escaped, x)
+        moved = need.astype(jnp.int32) + esc.astype(jnp.int32)
+        ptr = ptr + moved
+        if no_words:
+            word = (ptr.astype(jnp.uint32) * jnp.uint32(40503)) & jnp.uint32(0xFFFF)
+        else:
+            word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=moved > 0,
+                              other=word.astype(jnp.uint16)).astype(jnp.uint32)
+        if no_pair:
+            pair = sym << 7
+        else:
+            pair = plgpu.load(table_ref.at[sym.astype(jnp.int32) + pair_base], mask=~esc, other=0)
+        return jnp.where(esc, rc.exponents_in_place(payload), pair), (x, ptr, word, sink)
+    return lanes_step
+
+
+def raw_alu(raw_ref, i, ok, rb):
+    return jnp.where(ok, i.astype(jnp.uint32) & jnp.uint32(0xFFFF), jnp.uint32(0))
+
+
+ABLATIONS = {
+    "base": {},
+    "no_table": dict(lookup=lookup_alu),
+    "no_words": dict(lanes_step=pair_step(True, False)),
+    "no_pair": dict(lanes_step=pair_step(False, True)),
+    "no_raw": dict(load_raw=raw_alu),
+    "no_table_no_words": dict(lookup=lookup_alu, lanes_step=pair_step(True, False)),
+    "no_loads": dict(lookup=lookup_alu, lanes_step=pair_step(True, True), load_raw=raw_alu),
+}
+
+
+def patch(name: str) -> None:
+    for attr, fn in {**ORIGINAL, **ABLATIONS[name]}.items():
+        setattr(rans_float, attr, fn)
+    jax.clear_caches()  # the jitted launch must be traced again with the patched step
+
+
+def wave_tiles(metas, programs: int):
+    """Per tensor the first tiles (int32) of a subset of ``programs`` tiles in all, in proportion to its tiles."""
+    tiles = [-(-m[0] // (m[1] * m[2])) for m in metas]
+    share = [max(1, int(t * programs / sum(tiles))) for t in tiles]
+    share[int(np.argmax(tiles))] += programs - sum(share)
+    return [jnp.arange(s, dtype=jnp.int32) for s in share]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out")
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--rotate", type=int, default=3)
+    ap.add_argument("--only", default=",".join(ABLATIONS), help="comma list of ablations (base is run first and last)")
+    ap.add_argument("--waves", default="", help="comma list of program counts for the wave rows (e.g. 4224,6336)")
+    ap.add_argument("--small", action="store_true", help="tiny shapes, interpret mode: a dry run on CPU")
+    args = ap.parse_args()
+    if args.small:
+        bench.shrink()
+    bench.BATCHES = 4
+    log = bench.log
+    log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    if not args.small:
+        bench.warm_up()
+    t0 = time.time()
+    layer = bench.encode_all(list(bench.LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, codecs.PAIR_STEPS,
+                             seed0=30, pairs=True)
+    xs = [x for x, _ in layer]
+    n_total = sum(x.size for x in xs)
+    sets = [tuple(tensor.kernel_args(tensor.from_encoded(e))[0] for _, e in layer) for _ in range(args.rotate)]
+    metas = tuple(tensor.kernel_args(tensor.from_encoded(e))[1] for _, e in layer)
+    programs = sum(-(-m[0] // (m[1] * m[2])) for m in metas)
+    log(f"pair layer: {len(xs)} tensors, {n_total} weights, {programs} programs; encoded in {time.time() - t0:.1f}s")
+
+    def run(name, tiles=None, label=None):
+        patch(name)
+        fn = jax.jit(lambda *ts: rans_float.rans_float_decode_many(list(ts), metas=metas, tiles=tiles,
+                                                                    interpret=bench.INTERPRET))
+        t1 = time.perf_counter()
+        outs = fn(*sets[0])
+        jax.block_until_ready(outs)
+        first = time.perf_counter() - t1
+        exact = None if tiles is not None else all(bench.same_bits(o, x) for o, x in zip(outs, xs))
+        s, _ = bench.time_fn(fn, sets, args.reps)
+        values = n_total if tiles is None else sum(int(t.shape[0]) * m[1] * m[2] * 2 for t, m in zip(tiles, metas))
+        bench.record("ablate", f"{label or name} exact={exact}", s, values, us=s * 1e6, first_call_s=first, exact=exact)
+
+    names = [n for n in args.only.split(",") if n]
+    for name in ["base"] + [n for n in names if n != "base"]:
+        bench.guarded(f"ablate {name}")(run)(name)
+    for p in [int(v) for v in args.waves.split(",") if v]:
+        bench.guarded(f"waves {p}")(run)("base", wave_tiles(metas, p), f"base on {p} of {programs} programs")
+    bench.guarded("ablate base (again)")(run)("base", None, "base again")
+    patch("base")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=bench.ROWS), f, indent=1,
+                      default=str)
+
+
+if __name__ == "__main__":
+    main()
