@@ -4,7 +4,7 @@
     python3 -P bench/ablate.py --small                      # a dry run on CPU (interpret mode)
 
 The layer (7 Llama-3-8B tensors, pair symbols, the converter's default geometry) is decoded in one launch at
-the default options (``rans_float.PAIR_SEVERAL_TENSORS``). Each ablation replaces one access of the step loop
+the default options (``rans_float.PAIR_SEVERAL_TENSORS``, or ``--variant``). Each ablation replaces one access of the step loop
 with arithmetic on what the lane already holds, so that the rest of the loop runs as before:
 
 - ``no_table``: the slot lookup (coarse table, then the slot table) -> an entry computed from the slot:
@@ -48,7 +48,7 @@ def lookup_alu(table_ref, x, coarse_bits, base=0, hints=True):
 
 def pair_step(no_words: bool, no_pair: bool):
     """``rans_float.lanes_step`` for pair symbols, with its word loads and/or its pair-table load replaced."""
-    def lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base=0, pair_base=None, hints=True):
+    def lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base=0, pair_base=None, hints=True, **_):
         assert pair_base is not None, "the ablations are of the pair-symbol step"
         x, ptr, word, sink = lane_state
         last = words_ref.shape[0] - 1
@@ -113,6 +113,8 @@ def main():
     ap.add_argument("--rotate", type=int, default=3)
     ap.add_argument("--only", default=",".join(ABLATIONS), help="comma list of ablations (base is run first and last)")
     ap.add_argument("--waves", default="", help="comma list of program counts for the wave rows (e.g. 4224,6336)")
+    ap.add_argument("--variant", help="launch options 'u,w,c,p[,rR]' as bench/decode.py takes them (default: the "
+                    "launch's own)")
     ap.add_argument("--small", action="store_true", help="tiny shapes, interpret mode: a dry run on CPU")
     args = ap.parse_args()
     if args.small:
@@ -132,10 +134,16 @@ def main():
     programs = sum(-(-m[0] // (m[1] * m[2])) for m in metas)
     log(f"pair layer: {len(xs)} tensors, {n_total} weights, {programs} programs; encoded in {time.time() - t0:.1f}s")
 
+    opts = {}
+    if args.variant:
+        (un, nw, cb, pf, _, r, _), = bench.parse_variants(args.variant, 4, bench.FLOAT_OPTIONS)
+        opts = dict(unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, raw_early=bool(r))
+    log(f"launch options: {opts or 'the defaults'}")
+
     def run(name, tiles=None, label=None):
         patch(name)
         fn = jax.jit(lambda *ts: rans_float.rans_float_decode_many(list(ts), metas=metas, tiles=tiles,
-                                                                    interpret=bench.INTERPRET))
+                                                                    interpret=bench.INTERPRET, **opts))
         t1 = time.perf_counter()
         outs = fn(*sets[0])
         jax.block_until_ready(outs)

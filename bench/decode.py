@@ -48,7 +48,7 @@ FLOAT_VARIANTS = "16,4,5,8,r1;16,4,5,0;8,4,5,0;16,4,0,8,r1"
 LAYER_VARIANTS = "4,4,5,0"
 # pair symbols (the converter's default for bfloat16): rans_float.PAIR_ONE_TENSOR / PAIR_SEVERAL_TENSORS first
 PAIR_VARIANTS = "8,4,0,8,r1"
-PAIR_LAYER_VARIANTS = "4,4,5,0"
+PAIR_LAYER_VARIANTS = "4,4,5,0,r1"
 INT8_VARIANTS = "16,4,0,8;16,4,5,8"  # unroll, num_warps, coarse_bits, prefetch (the launch's default first)
 INT8_LAYER_VARIANT = "4,4,0,0,s1;4,4,5,0"
 # Options after a variant's numbers, as a letter and a value ("4,4,5,0,g2", "16,4,5,8,r1"); absent ones

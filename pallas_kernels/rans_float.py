@@ -505,9 +505,10 @@ SEVERAL_TENSORS = dict(unroll=4, prefetch=0, raw_early=False, coarse_bits=rc.COA
 # but compiles in 76 s, which every model would pay on its first call (pass those options to get them). The
 # time is Triton's Coalesce pass (99.7% of it, session 11), which grows with (tensors x unroll)^2. (Session 14,
 # timed back to back: u4 c0 p0 r1 beat u4 c5 p0 by 2-3% in three runs and lost by 16% in a fourth, where it was
-# timed first; the default stays until a clean run decides.)
+# timed first.) Session 15, one machine, each twice in opposite orders: u4 c5 p0 with raw_early 1072.3 / 1094.5
+# GB/s, without 995.9 / 1055.8, u4 c0 p0 r1 in session 14 no better: the default is u4 c5 p0 r1.
 PAIR_ONE_TENSOR = dict(unroll=8, prefetch=8, raw_early=True, coarse_bits=0)
-PAIR_SEVERAL_TENSORS = SEVERAL_TENSORS
+PAIR_SEVERAL_TENSORS = dict(SEVERAL_TENSORS, raw_early=True)
 
 
 def launch_options(metas, one: dict, several: dict, **given) -> tuple:
