@@ -7,7 +7,7 @@
 # int8) (bench/decode.py --profile; bench/stalls.py reads it), PROFILE_SECTIONS replaces ncu's section flags
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . || exit 1  # --upgrade: a warm machine keeps the last call's copy otherwise
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 nvidia-smi -L
 python3 -P -c "import jax, jcodec; print('jax', jax.__version__, jax.devices())"
