@@ -34,6 +34,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import decode as bench  # noqa: E402  (bench/decode.py: encoding, timing and the rows' format)
 
 from jcodec import codecs, tensor  # noqa: E402
+from jcodec.rans import num_tiles  # noqa: E402
 from jcodec.pallas_kernels import rans_common as rc, rans_float  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
@@ -100,7 +101,9 @@ def patch(name: str) -> None:
 
 def wave_tiles(metas, programs: int):
     """Per tensor the first tiles (int32) of a subset of ``programs`` tiles in all, in proportion to its tiles."""
-    tiles = [-(-m[0] // (m[1] * m[2])) for m in metas]
+    tiles = [num_tiles(*m[:3]) for m in metas]
+    if not len(tiles) <= programs <= sum(tiles):
+        raise SystemExit(f"--waves {programs}: must be between {len(tiles)} (a tile a tensor) and {sum(tiles)}")
     share = [max(1, int(t * programs / sum(tiles))) for t in tiles]
     share[int(np.argmax(tiles))] += programs - sum(share)
     return [jnp.arange(s, dtype=jnp.int32) for s in share]
@@ -129,11 +132,13 @@ def main():
                              seed0=30, pairs=True)
     xs = [x for x, _ in layer]
     n_total = sum(x.size for x in xs)
-    sets = [tuple(tensor.kernel_args(tensor.from_encoded(e))[0] for _, e in layer) for _ in range(args.rotate)]
-    metas = tuple(tensor.kernel_args(tensor.from_encoded(e))[1] for _, e in layer)
-    programs = sum(-(-m[0] // (m[1] * m[2])) for m in metas)
+    args_sets = [[tensor.kernel_args(tensor.from_encoded(e)) for _, e in layer] for _ in range(args.rotate)]
+    sets = [tuple(a for a, _ in one) for one in args_sets]
+    metas = tuple(m for _, m in args_sets[0])
+    programs = sum(num_tiles(*m[:3]) for m in metas)
     log(f"pair layer: {len(xs)} tensors, {n_total} weights, {programs} programs; encoded in {time.time() - t0:.1f}s")
 
+    waves = [(p, wave_tiles(metas, p)) for p in [int(v) for v in args.waves.split(",") if v]]  # checked before any timing
     opts = {}
     if args.variant:
         (un, nw, cb, pf, _, r, _), = bench.parse_variants(args.variant, 4, bench.FLOAT_OPTIONS)
@@ -156,8 +161,8 @@ def main():
     names = [n for n in args.only.split(",") if n]
     for name in ["base"] + [n for n in names if n != "base"]:
         bench.guarded(f"ablate {name}")(run)(name)
-    for p in [int(v) for v in args.waves.split(",") if v]:
-        bench.guarded(f"waves {p}")(run)("base", wave_tiles(metas, p), f"base on {p} of {programs} programs")
+    for p, tiles in waves:
+        bench.guarded(f"waves {p}")(run)("base", tiles, f"base on {p} of {programs} programs")
     bench.guarded("ablate base (again)")(run)("base", None, "base again")
     patch("base")
     if args.out:
