@@ -17,7 +17,8 @@ with arithmetic on what the lane already holds, so that the rest of the loop run
 The outputs of an ablation are not the tensor (only ``base`` is checked bit for bit); their times say what each
 access costs in the loop as it is. ``--waves``: the base kernel on a subset of each tensor's tiles, so that the
 launch has whole waves of programs (132 SMs x 16 programs on the H100) against the full 3.36: what the last,
-partial wave costs.
+partial wave costs. ``--runs 1,4``: the layer encoded with each run length (``jcodec.rans.lane_positions``; 1 is
+format version 3's layout), timed side by side in one run.
 """
 from __future__ import annotations
 
@@ -109,6 +110,30 @@ def wave_tiles(metas, programs: int):
     return [jnp.arange(s, dtype=jnp.int32) for s in share]
 
 
+def time_runs(args, opts, runs, n_total):
+    """The layer encoded with lanes decoding runs of each length in ``runs`` (1: format version 3's layout), timed
+    side by side: each in turn, then again in reverse order."""
+    layers = {}
+    for run in runs:
+        steps = codecs.PAIR_STEPS - 1
+        while (steps - 1) % run:  # (one carried step a lane)
+            steps += 1
+        layer = bench.encode_all(list(bench.LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=30,
+                                 pairs=True, run=run)
+        ratio = sum(e.nbytes for _, e in layer) / sum(x.nbytes for x, _ in layer)
+        sets = [[tensor.kernel_args(tensor.from_encoded(e)) for _, e in layer] for _ in range(args.rotate)]
+        layers[run] = (steps, ratio, [x for x, _ in layer], [tuple(a for a, _ in one) for one in sets],
+                       tuple(m for _, m in sets[0]))
+    for run in runs + runs[::-1]:
+        steps, ratio, xs, sets, metas = layers[run]
+        fn = jax.jit(lambda *ts, metas=metas: rans_float.rans_float_decode_many(list(ts), metas=metas,
+                                                                                interpret=bench.INTERPRET, **opts))
+        exact = all(bench.same_bits(o, x) for o, x in zip(fn(*sets[0]), xs))
+        s, _ = bench.time_fn(fn, sets, args.reps)
+        bench.record("ablate", f"runs of {run}, {steps} steps, ratio {ratio:.4f} exact={exact}", s, n_total,
+                     us=s * 1e6, run=run, steps=steps, ratio=ratio, exact=exact)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out")
@@ -118,6 +143,8 @@ def main():
     ap.add_argument("--waves", default="", help="comma list of program counts for the wave rows (e.g. 4224,6336)")
     ap.add_argument("--variant", help="launch options 'u,w,c,p[,rR]' as bench/decode.py takes them (default: the "
                     "launch's own)")
+    ap.add_argument("--runs", default="", help="comma list of run lengths: the layer encoded with each (at the "
+                    "smallest steps >= codecs.PAIR_STEPS - 1 that allow it), timed in turn, twice")
     ap.add_argument("--small", action="store_true", help="tiny shapes, interpret mode: a dry run on CPU")
     args = ap.parse_args()
     if args.small:
@@ -163,6 +190,8 @@ def main():
         bench.guarded(f"ablate {name}")(run)(name)
     for p, tiles in waves:
         bench.guarded(f"waves {p}")(run)("base", tiles, f"base on {p} of {programs} programs")
+    if args.runs:
+        bench.guarded("runs")(time_runs)(args, opts, [int(v) for v in args.runs.split(",")], n_total)
     bench.guarded("ablate base (again)")(run)("base", None, "base again")
     patch("base")
     if args.out:

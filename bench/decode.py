@@ -72,14 +72,15 @@ def gaussian(shape, seed):
 
 
 def _encode(job):
-    shape, seed, codec, lanes, steps, pairs = job
+    shape, seed, codec, lanes, steps, pairs, run = job
     x = gaussian(shape, seed)
-    return x, codecs.encode(x, codec, lanes=lanes, steps=steps, pairs=pairs)
+    return x, codecs.encode(x, codec, lanes=lanes, steps=steps, pairs=pairs, run=run)
 
 
-def encode_all(shapes, codec, lanes, steps, seed0=0, pairs=False):
-    """[(x, enc)] for each shape, one process per tensor (``pairs``: bf16-lossless with pair symbols)."""
-    jobs = [(s, seed0 + i, codec, lanes, steps, pairs) for i, s in enumerate(shapes)]
+def encode_all(shapes, codec, lanes, steps, seed0=0, pairs=False, run=None):
+    """[(x, enc)] for each shape, one process per tensor (``pairs``: bf16-lossless with pair symbols; ``run``:
+    lanes decode runs, None: the encoder's default)."""
+    jobs = [(s, seed0 + i, codec, lanes, steps, pairs, run) for i, s in enumerate(shapes)]
     ctx = multiprocessing.get_context("spawn")  # the parent holds a CUDA context: no fork
     with cf.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
         return list(pool.map(_encode, jobs))
@@ -239,8 +240,8 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
         cb = rc.BY_SYMBOL if sy else cb
         timed = [symbol_tables(a, 5, meta[3] == rc.PAIRS, sy) for a in arrays]
         fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode(
-            *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], unroll=un, num_warps=nw,
-            coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET))
+            *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], run=meta[5], unroll=un,
+            num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET))
         try:
             t0 = time.perf_counter()
             ok = same_bits(fn(*timed[0]), x)
@@ -259,7 +260,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
 @guarded("bf16-lossless reference")
 def bench_float_reference(x, arrays, meta, rotate, reps, label="matrix"):
     fn = jax.jit(lambda *a: rans_float.rans_float_reference(*a, n=meta[0], lanes=meta[1], steps=meta[2],
-                                                            dtype=meta[3], carry=meta[4]))
+                                                            dtype=meta[3], carry=meta[4], run=meta[5]))
     ok = same_bits(fn(*arrays[0]), x)
     s, _ = time_fn(fn, arrays[:2], max(3, reps // 4))
     record(f"bf16-lossless {label}", f"pure-JAX reference under XLA exact={ok}", s, meta[0], exact=ok,

@@ -53,7 +53,7 @@ def lower(kernel: str, variant: list[int], shape: tuple[int, int], steps: int | 
     if kernel == "float":
         u, w, c, p, g, r, sy = variant
         args, c = symbol_tables(args, 5, pairs, sy), rc.BY_SYMBOL if sy else c
-        f = lambda *a: rans_float.rans_float_decode(*a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4],
+        f = lambda *a: rans_float.rans_float_decode(*a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], run=meta[5],
                                                     unroll=u, num_warps=w, coarse_bits=c,
                                                     prefetch=p, word_group=g, raw_early=bool(r))
     else:

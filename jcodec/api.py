@@ -153,15 +153,15 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
     items = []  # (group, geometry, raw bytes) of the groups that can be packed
     for key, members in groups:
         recs = [_pack_record(ckpt, n) if n in names else None for n in members]
-        if not all(recs) or len({r[:4] for r in recs}) > 1:  # not packable: the general way (which checks it)
+        if not all(recs) or len({r[:5] for r in recs}) > 1:  # not packable: the general way (which checks it)
             continue
-        items.append(((key, members, recs), recs[0][:4], sum(r[4] for r in recs) * RAW_BYTES[recs[0][2]]))
+        items.append(((key, members, recs), recs[0][:5], sum(r[5] for r in recs) * RAW_BYTES[recs[0][2]]))
     fields, singles = {}, {}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         jobs = []
-        for (lanes, steps, dtype_name, carry), pack_groups in fill_packs(items):
-            tensors = [(j, r[4], r[5]) for j, (_, _, recs) in enumerate(pack_groups) for r in recs]
-            builder = PackBuilder(tensors, lanes, steps, dtype_name, carry)
+        for (lanes, steps, dtype_name, carry, run), pack_groups in fill_packs(items):
+            tensors = [(j, r[5], r[6]) for j, (_, _, recs) in enumerate(pack_groups) for r in recs]
+            builder = PackBuilder(tensors, lanes, steps, dtype_name, carry, run)
             fn = jax.jit(functools.partial(decode_pack, **builder.static))
             jobs.append((pack_groups, builder, pool.submit(lambda f, a: f.lower(a).compile(), fn, builder.abstract())))
         for pack_groups, builder, _ in jobs:  # the file, read while the decoders compile
@@ -195,7 +195,7 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
 
 
 def _pack_record(ckpt, name):
-    """``(lanes, steps, dtype, carry, n, words)`` of a bf16-lossless tensor from the file's header (pair symbols:
+    """``(lanes, steps, dtype, carry, run, n, words)`` of a bf16-lossless tensor from the file's header (pair symbols:
     the kernels' dtype "bfloat16x2" and n in pairs), or None when
     it is of another codec or its record or entries are not as expected (then it is read the general way)."""
     from jcodec.pallas_kernels.rans_common import PAIRS
@@ -203,14 +203,14 @@ def _pack_record(ckpt, name):
     try:
         if r.get("codec") != "bf16-lossless" or r.get("dtype") not in ("bfloat16", "float16", "float32"):
             return None
-        lanes, steps, shape, carry = r["lanes"], r["steps"], r["shape"], r.get("carry", 0)
-        if not all(type(v) is int and v >= 1 for v in [lanes, steps, *shape]) or type(carry) is not int:
+        lanes, steps, shape, carry, run = r["lanes"], r["steps"], r["shape"], r.get("carry", 0), r.get("run", 1)
+        if not all(type(v) is int and v >= 1 for v in [lanes, steps, run, *shape]) or type(carry) is not int:
             return None
         (words,) = ckpt.stored_shape(name, "words")
         n = math.prod(shape)
         if r.get("pairs") is True:  # the pack counts pairs; an odd size (a padding value) is read the general way
-            return (lanes, steps, PAIRS, carry, n // 2, words) if n % 2 == 0 else None
-        return lanes, steps, r["dtype"], carry, n, words
+            return (lanes, steps, PAIRS, carry, run, n // 2, words) if n % 2 == 0 else None
+        return lanes, steps, r["dtype"], carry, run, n, words
     except Exception:  # noqa: BLE001 - a malformed header is reported by the general path's read
         return None
 

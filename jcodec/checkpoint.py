@@ -21,9 +21,10 @@ from safetensors.numpy import save_file
 
 from jcodec import codecs
 
-FORMAT_VERSION = 3
-# version 1: no carried raw bytes (a record without `carry`); version 2: no pair symbols (no `pairs`)
-READS_VERSIONS = ("1", "2", "3")
+FORMAT_VERSION = 4
+# version 1: no carried raw bytes (a record without `carry`); version 2: no pair symbols (no `pairs`); version 3:
+# no runs (no `group`)
+READS_VERSIONS = ("1", "2", "3", "4")
 VERSION_KEY = "jcodec.version"
 RECORD_PREFIX = "jcodec.tensor."
 RAW_CRC_PREFIX = "jcodec.crc32."  # a raw tensor's CRC-32, so that every stored byte is checked

@@ -49,9 +49,17 @@ CARRY = {1: 2, 2: 1, 3: 1}  # raw bytes per symbol -> symbols carried per lane (
 # bytes and output bits as one 16- and one 32-bit access. Symbols are the ranks of the tensor's most frequent
 # exponent pairs; every other pair is rans.ESC followed by its 16 bits. On the H100 a prototype kernel decoded
 # 1.23-1.29x faster than the one-exponent kernel, side by side (bench/RESULTS.md, session 10); on Gaussian
-# weights the pairs cost 2.554 bits per exponent against 2.550. A lane's steps count pairs: 120 steps hold
-# the 240 values of a one-exponent lane.
-PAIR_STEPS = 120
+# weights the pairs cost 2.554 bits per exponent against 2.550. A lane's steps count pairs: 121 steps hold
+# the 242 values of a one-exponent lane, 120 of them in runs of PAIR_RUN.
+PAIR_STEPS = 121
+# Runs (format version 4, ``rans.lane_positions``): a lane decodes PAIR_RUN consecutive symbols of its tile at a
+# time, not symbols ``lanes`` apart, so a GPU lane loads a run's raw bytes in one load and stores its values in one
+# store (pairs: 8 and 16 bytes) where it made 4 narrow accesses of each. The pair layer on the H100, side by side
+# in one run: 1188.9 / 1203.1 GB/s with runs of 4 against 1077.9 / 1074.3 without (bench/RESULTS.md, session 16;
+# runs of 8 decoded at 580.5 in a prototype). A lane's last ``carry`` steps (its carried values) are not in
+# runs, so runs need (steps - carry) % run == 0: 121 - 1 = 120 steps, 30 runs.
+PAIR_RUN = 4
+RUNS = (1, 2, 4, 8)
 PAIR_ALPHABETS = (15, 31, 63, 127, 191, 255)  # alphabet sizes (ESC included) the encoder tries
 
 
@@ -121,11 +129,12 @@ def _tile_crcs(data: np.ndarray, tile_elems: int, tiles: int) -> np.ndarray:
                     dtype=np.uint32)
 
 
-def _rans_arrays(symbols, lanes, steps, start=None, bypass=None):
+def _rans_arrays(symbols, lanes, steps, start=None, bypass=None, run: int = 1, tail: int = 0):
     """rANS-code ``symbols`` with a per-tensor table: freqs, states, counts, words and the word bases.
-    ``bypass``: the 16 bits coded after each ESC (pair symbols; up to two words a step)."""
+    ``bypass``: the 16 bits coded after each ESC (pair symbols; up to two words a step); ``run``, ``tail``:
+    lanes decode runs (``rans.lane_positions``)."""
     freqs = rans.normalize_freqs(np.bincount(symbols, minlength=rans.ALPHABET))
-    states, counts, words = rans.encode(symbols, freqs, lanes, steps, start, bypass)
+    states, counts, words = rans.encode(symbols, freqs, lanes, steps, start, bypass, run, tail)
     if words.size >= 1 << 32:
         raise ValueError("tensor too large for one stream; split it")
     bases = rans.lane_offsets(counts)[::lanes].astype(np.uint32)
@@ -139,12 +148,13 @@ def counts_dtype(steps: int, per_step: int = 1):
 
 
 def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int | None = None, *,
-                 carry: bool = True, pairs: bool = False) -> EncodedTensor:
+                 carry: bool = True, pairs: bool = False, run: int | None = None) -> EncodedTensor:
     """``bf16-lossless``: rANS on the exponent byte, raw sign+mantissa. Bit-exact for every pattern.
     ``carry=False`` stores every raw byte in ``raw`` (format version 1's layout). ``pairs`` (bfloat16 only):
-    one symbol per two values' exponents (:data:`PAIR_STEPS`)."""
+    one symbol per two values' exponents (:data:`PAIR_STEPS`). ``run``: lanes decode runs of that many
+    symbols (:data:`PAIR_RUN`); None: :data:`PAIR_RUN` with pairs where the steps allow it, else 1."""
     if pairs:
-        return encode_pairs(x, lanes, PAIR_STEPS if steps is None else steps, carry=carry)
+        return encode_pairs(x, lanes, PAIR_STEPS if steps is None else steps, carry=carry, run=run)
     steps = DEFAULT_STEPS["bf16-lossless"] if steps is None else steps
     name = dtype_name(x.dtype)
     _, udt, _ = FLOAT_DTYPES[name]
@@ -154,14 +164,15 @@ def encode_float(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int | None = 
         raise ValueError("cannot encode an empty tensor")
     sym, raw = split_float(bits, name)
     carry = carry_values(name, steps) if carry else 0
+    run = check_run(run or 1, steps, carry)
     stored, start = split_carry(raw, lanes, steps, carry)
-    freqs, states, counts, words, bases = _rans_arrays(sym, lanes, steps, start)
+    freqs, states, counts, words, bases = _rans_arrays(sym, lanes, steps, start, run=run, tail=carry)
     t = rans.num_tiles(n, lanes, steps)
     tiles = np.zeros((t, 3), np.uint32)
     tiles[:, 0] = bases
     tiles[:, 1] = _tile_crcs(bits, lanes * steps, t)
     record = dict(codec="bf16-lossless", shape=list(x.shape), dtype=name, lanes=lanes, steps=steps,
-                  prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size), carry=carry)
+                  prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size), carry=carry, **run_field(run))
     arrays = dict(freqs=freqs, states=states, counts=counts, words=words, raw=stored, tiles=tiles)
     return EncodedTensor(record, arrays)
 
@@ -198,9 +209,10 @@ def pair_symbols(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def encode_pairs(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = PAIR_STEPS, *,
-                 carry: bool = True) -> EncodedTensor:
+                 carry: bool = True, run: int | None = None) -> EncodedTensor:
     """``bf16-lossless`` with pair symbols (format version 3, docs/FORMAT.md "Pair symbols"): a bfloat16
-    tensor of odd size gets one +0 value appended (coded, never returned)."""
+    tensor of odd size gets one +0 value appended (coded, never returned). ``run``: as in
+    :func:`encode_float`."""
     if dtype_name(x.dtype) != "bfloat16":
         raise ValueError(f"pair symbols code bfloat16 tensors, not {dtype_name(x.dtype)}")
     n = x.size
@@ -212,16 +224,32 @@ def encode_pairs(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = PAIR_ST
     symbols, both, pairs = pair_symbols(bits)
     _, raw = split_float(bits, "bfloat16")
     carry = carry_values("bfloat16", steps, pairs=True) if carry else 0  # a pair's 2 raw bytes in each end state
+    if run is None:
+        run = PAIR_RUN if (steps - carry) % PAIR_RUN == 0 else 1
+    run = check_run(run, steps, carry)
     stored, start = split_carry(raw.reshape(m, 2), lanes, steps, carry)
-    freqs, states, counts, words, bases = _rans_arrays(symbols, lanes, steps, start, bypass=both)
+    freqs, states, counts, words, bases = _rans_arrays(symbols, lanes, steps, start, bypass=both, run=run,
+                                                       tail=carry)
     t = rans.num_tiles(m, lanes, steps)
     tiles = np.zeros((t, 3), np.uint32)
     tiles[:, 0] = bases
     tiles[:, 1] = _tile_crcs(bits, 2 * lanes * steps, t)
     record = dict(codec="bf16-lossless", shape=list(x.shape), dtype="bfloat16", lanes=lanes, steps=steps,
-                  prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size), carry=carry, pairs=True)
+                  prob_bits=rans.PROB_BITS, tiles=t, words=int(words.size), carry=carry, pairs=True, **run_field(run))
     arrays = dict(freqs=freqs, states=states, counts=counts, words=words, raw=stored, tiles=tiles, pairs=pairs)
     return EncodedTensor(record, arrays)
+
+
+def check_run(run: int, steps: int, carry: int) -> int:
+    """``run`` checked: one of :data:`RUNS`, dividing the steps that are not carried."""
+    if run not in RUNS or (steps - carry) % run:
+        raise ValueError(f"{run=} must be one of {RUNS} and divide steps - carry = {steps} - {carry}")
+    return run
+
+
+def run_field(run: int) -> dict:
+    """The record's ``run`` field: written only for runs (absent: 1, as format versions 1-3 read)."""
+    return dict(run=run) if run > 1 else {}
 
 
 def carry_values(dtype: str, steps: int, pairs: bool = False) -> int:
@@ -432,6 +460,9 @@ def validate(enc: EncodedTensor) -> None:
         _need(carry in (0, most), f"carry={carry!r}, must be 0 or {most} for {r['dtype']}")
         size = stored_raw_values(m, lanes, steps, carry) * rb
         _need(a["raw"].dtype == np.uint8 and a["raw"].shape == (size,), f"raw must be uint8[{size}]")
+        run = r.get("run", 1)
+        _need(type(run) is int and run in RUNS and (steps - carry) % run == 0,
+              f"run={run!r}, must be one of {RUNS} and divide steps - carry = {steps - carry}")
     else:
         rows, cols = r.get("rows"), r.get("cols")
         _need(type(rows) is int and type(cols) is int and rows == shape[0] and rows * cols == n,
@@ -463,7 +494,8 @@ def decode(enc: EncodedTensor) -> np.ndarray:
         return _decode_pairs(r, a, n).reshape(shape)
     float_codec = r["codec"] == "bf16-lossless"
     try:
-        sym = rans.decode(a["states"], a["counts"], a["words"], a["freqs"], lanes, steps, n, ends=float_codec)
+        sym = rans.decode(a["states"], a["counts"], a["words"], a["freqs"], lanes, steps, n, ends=float_codec,
+                          run=r.get("run", 1), tail=r.get("carry", 0))
     except rans.RansError as e:
         raise FormatError(str(e)) from None
     te = lanes * steps
@@ -483,7 +515,7 @@ def _decode_pairs(r: dict, a: dict, n: int) -> np.ndarray:
     lanes, steps, m = r["lanes"], r["steps"], -(-n // 2)
     try:
         sym, escaped, ends = rans.decode(a["states"], a["counts"], a["words"], a["freqs"], lanes, steps, m,
-                                         ends=True, bypass=True)
+                                         ends=True, bypass=True, run=r.get("run", 1), tail=r.get("carry", 0))
     except rans.RansError as e:
         raise FormatError(str(e)) from None
     both = np.where(sym == rans.ESC, escaped, a["pairs"][sym])
@@ -501,13 +533,14 @@ def _check_tiles(data: np.ndarray, tile_elems: int, crcs: np.ndarray) -> None:
 
 
 def encode(x: np.ndarray, codec: str, *, lanes: int = DEFAULT_LANES, steps: int | None = None,
-           zstd_level: int = 3, pairs: bool = False) -> EncodedTensor:
+           zstd_level: int = 3, pairs: bool = False, run: int | None = None) -> EncodedTensor:
     """``steps`` None: the codec's default (:data:`DEFAULT_STEPS`; :data:`PAIR_STEPS` with ``pairs``).
-    ``pairs``: ``bf16-lossless`` of a bfloat16 tensor with pair symbols (:func:`encode_pairs`)."""
-    if pairs and codec != "bf16-lossless":
-        raise ValueError(f"pair symbols are a bf16-lossless layout, not {codec}")
+    ``pairs``: ``bf16-lossless`` of a bfloat16 tensor with pair symbols (:func:`encode_pairs`); ``run``:
+    ``bf16-lossless`` lanes decode runs (:func:`encode_float`)."""
+    if (pairs or run not in (None, 1)) and codec != "bf16-lossless":
+        raise ValueError(f"pair symbols and runs are bf16-lossless layouts, not {codec}")
     if codec == "bf16-lossless":
-        return encode_float(x, lanes, steps, pairs=pairs)
+        return encode_float(x, lanes, steps, pairs=pairs, run=run)
     if codec in RANS_CODECS and steps is None:
         steps = DEFAULT_STEPS[codec]
     if codec == "int8":

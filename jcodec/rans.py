@@ -1,10 +1,11 @@
 """Tile-parallel rANS over byte symbols: the NumPy encoder and the reference decoder.
 
 The layout (docs/FORMAT.md, "rANS streams") in one paragraph: symbols are cut into tiles of
-``lanes * steps`` (positions past the end of the tensor in the last tile are skipped, not coded); symbol ``i`` of a tile belongs to lane ``i % lanes`` and is decoded at step
-``i // lanes``. Every lane is an independent rANS coder (32-bit state in [2^16, 2^32), 16-bit words,
-12-bit probabilities) with its own word stream; the streams of all lanes are concatenated lane by lane,
-each in the order the decoder reads it. So a decoder needs, per lane, only its start state and where its
+``lanes * steps`` (positions past the end of the tensor in the last tile are skipped, not coded); symbol ``i``
+of a tile belongs to lane ``i % lanes`` and is decoded at step ``i // lanes`` (or, with ``run`` > 1, a lane decodes
+runs of consecutive symbols: :func:`lane_positions`). Every lane is an independent rANS coder (32-bit state in
+[2^16, 2^32), 16-bit words, 12-bit probabilities) with its own word stream; the streams of all lanes are
+concatenated lane by lane, each in the order the decoder reads it. So a decoder needs, per lane, only its start state and where its
 stream starts: lanes are fully independent, which is what a GPU wants.
 
 Both coders are vectorised over all lanes of all tiles at once: one Python step per symbol position.
@@ -86,18 +87,43 @@ def num_tiles(n: int, lanes: int, steps: int) -> int:
     return max(1, -(-n // (lanes * steps)))
 
 
-def tile_symbols(symbols: np.ndarray, lanes: int, steps: int, pad: int) -> np.ndarray:
+def lane_positions(lanes: int, steps: int, run: int = 1, tail: int = 0) -> np.ndarray:
+    """int64[steps, lanes]: the position in its tile of the symbol that lane ``l`` decodes at step ``k``.
+
+    ``run`` = 1: ``k * lanes + l``. ``run`` G > 1: in the first ``steps - tail`` steps a lane decodes runs of
+    G consecutive symbols, ``(k // G) * lanes * G + l * G + k % G``, so that a GPU lane reads its raw bytes and
+    writes its values G at a time (one wide load and one wide store, not G narrow ones); its last ``tail`` steps
+    (``bf16-lossless``'s carried values) stay at ``k * lanes + l``. Needs ``(steps - tail) % run == 0``."""
+    if run < 1 or not 0 <= tail <= steps or (steps - tail) % run:
+        raise ValueError(f"{run=} must be >= 1 and divide steps - tail ({steps=}, {tail=})")
+    k = np.arange(steps, dtype=np.int64)[:, None]
+    l = np.arange(lanes, dtype=np.int64)[None, :]
+    runs = (k // run) * (lanes * run) + l * run + k % run
+    return np.where(k < steps - tail, runs, k * lanes + l)
+
+
+def tile_symbols(symbols: np.ndarray, lanes: int, steps: int, pad: int, positions=None) -> np.ndarray:
     """[n] -> [tiles, steps, lanes], the last tile filled up with ``pad``: positions >= n are NOT coded
-    (encoder and decoders leave the lane's state unchanged there), so padding costs nothing."""
+    (encoder and decoders leave the lane's state unchanged there), so padding costs nothing. ``positions``
+    (:func:`lane_positions`): which symbol of its tile each lane decodes at each step (default: ``k * lanes + l``)."""
     n = symbols.size
     t = num_tiles(n, lanes, steps)
-    padded = np.full(t * lanes * steps, pad, dtype=np.uint8)
+    padded = np.full(t * lanes * steps, pad, dtype=symbols.dtype)
     padded[:n] = symbols
-    return padded.reshape(t, steps, lanes)
+    padded = padded.reshape(t, steps * lanes)
+    return (padded if positions is None else padded[:, positions.reshape(-1)]).reshape(t, steps, lanes)
 
 
-def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int, start=None, bypass=None):
-    """Encode ``symbols`` (uint8[n]) with the table ``freqs``.
+def lane_first(t: int, lanes: int, steps: int, positions) -> np.ndarray:
+    """int64[steps, t * lanes]: the global symbol index that each lane decodes at each step."""
+    tile = np.arange(t, dtype=np.int64)[:, None] * (lanes * steps)  # [t, 1]
+    return (tile[None, :, :] + positions[:, None, :]).reshape(steps, t * lanes)
+
+
+def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int, start=None, bypass=None,
+           run: int = 1, tail: int = 0):
+    """Encode ``symbols`` (uint8[n]) with the table ``freqs``; ``run``, ``tail``: which lane decodes which
+    symbol at which step (:func:`lane_positions`).
 
     ``bypass`` (uint16[n], optional): after every :data:`ESC` symbol, its 16 bits are coded as a uniform
     symbol (see :data:`ESC`); elsewhere it is ignored.
@@ -117,7 +143,8 @@ def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int, start
         raise ValueError(f"{steps=} must be < {(1 << 16) // per_step} so that a lane's word count fits in 16 bits")
     cum = np.concatenate([[0], np.cumsum(freqs64)[:-1]]).astype(np.uint64)
     n = symbols.size
-    tiled = tile_symbols(symbols, lanes, steps, int(np.argmax(freqs64)))
+    positions = lane_positions(lanes, steps, run, tail)
+    tiled = tile_symbols(symbols, lanes, steps, int(np.argmax(freqs64)), positions)
     t = tiled.shape[0]
     x = np.full(t * lanes, STATE_LOW, dtype=np.uint64)
     if start is not None:
@@ -128,15 +155,12 @@ def encode(symbols: np.ndarray, freqs: np.ndarray, lanes: int, steps: int, start
     emitted = np.empty((steps, per_step, t * lanes), dtype=np.uint16)  # [k, 0] renormalisation, [k, 1] bypass
     emits = np.zeros((steps, per_step, t * lanes), dtype=bool)
     if bypass is not None:
-        pay = np.zeros(t * lanes * steps, np.uint64)
-        pay[:n] = np.asarray(bypass, np.uint16).reshape(-1)
-        pay = pay.reshape(t, steps, lanes)
+        pay = tile_symbols(np.asarray(bypass, np.uint16).reshape(-1), lanes, steps, 0, positions).astype(np.uint64)
     limit_shift = np.uint64(WORD_BITS + 16 - PROB_BITS)  # x_max(s) = freq(s) << 20
-    lane = np.arange(t * lanes)
-    first = lane // lanes * (lanes * steps) + lane % lanes  # global symbol index of each lane's step 0
+    at = lane_first(t, lanes, steps, positions)
     for k in range(steps - 1, -1, -1):
         s = tiled[:, k, :].reshape(-1)
-        valid = first + k * lanes < n
+        valid = at[k] < n
         if bypass is not None:  # undo the decoder's last act of the step: the bypass word
             esc = (s == ESC) & valid
             emitted[k, 1] = x.astype(np.uint16)
@@ -163,8 +187,9 @@ def lane_offsets(counts: np.ndarray) -> np.ndarray:
 
 
 def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.ndarray,
-           lanes: int, steps: int, n: int, *, ends: bool = False, bypass: bool = False):
-    """Reference decoder: the exact inverse of :func:`encode`; uint8[n].
+           lanes: int, steps: int, n: int, *, ends: bool = False, bypass: bool = False, run: int = 1,
+           tail: int = 0):
+    """Reference decoder: the exact inverse of :func:`encode` (of the same ``run`` and ``tail``); uint8[n].
 
     ``bypass``: the stream codes 16 bits after every :data:`ESC`; returns ``(symbols, bits)``, the bits
     uint16[n] (0 where the symbol is not ESC), then the end states if ``ends``.
@@ -193,10 +218,10 @@ def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.
     padded_words = words if words.size else np.zeros(1, np.uint16)
     out = np.empty((steps, t * lanes), dtype=np.uint8)
     pay = np.zeros((steps, t * lanes), dtype=np.uint16) if bypass else None
-    lane = np.arange(t * lanes)
-    first = lane // lanes * (lanes * steps) + lane % lanes  # global symbol index of each lane's step 0
+    positions = lane_positions(lanes, steps, run, tail)
+    at = lane_first(t, lanes, steps, positions)
     for k in range(steps):
-        valid = first + k * lanes < n  # positions past the end of the tensor are padding: not coded
+        valid = at[k] < n  # positions past the end of the tensor are padding: not coded
         slot = x & np.uint32(PROB_SCALE - 1)
         out[k] = symbol[slot]
         x = np.where(valid, freq[slot] * (x >> np.uint32(PROB_BITS)) + bias[slot], x)
@@ -213,8 +238,10 @@ def decode(states: np.ndarray, counts: np.ndarray, words: np.ndarray, freqs: np.
     wrong = (ptr != end) if ends else (ptr != end) | (x != STATE_LOW)
     if np.any(wrong):
         raise RansError(corrupt_lanes(np.flatnonzero(wrong), lanes))
-    def order(a):  # [steps, tiles*lanes] -> [tiles, steps, lanes] -> flat, symbol order
-        return a.reshape(steps, t, lanes).transpose(1, 0, 2).reshape(-1)[:n]
+    def order(a):  # [steps, tiles*lanes] -> each tile's symbols at their positions -> flat, symbol order
+        out = np.empty((t, steps * lanes), a.dtype)
+        out[:, positions.reshape(-1)] = a.reshape(steps, t, lanes).transpose(1, 0, 2).reshape(t, -1)
+        return out.reshape(-1)[:n]
 
     result = (order(out),) + ((order(pay),) if bypass else ()) + ((x,) if ends else ())
     return result if len(result) > 1 else result[0]

@@ -52,6 +52,7 @@ class TensorMeta:
     predictors: tuple[int, ...] = ()  # int8: the predictor ids its tiles use (the kernel compiles one loop each)
     carry: int = 0  # bf16-lossless: steps per lane of a full tile whose raw bytes its end state carries
     pairs: bool = False  # bf16-lossless of bfloat16: one symbol per two values (codecs.encode_pairs)
+    run: int = 1  # bf16-lossless: a lane decodes runs of this many symbols (jcodec.rans.lane_positions)
 
     @property
     def size(self) -> int:
@@ -170,7 +171,7 @@ def from_encoded(enc: codecs.EncodedTensor, device=None, *, to_device: bool = Tr
     meta = TensorMeta(r["codec"], tuple(r["shape"]), r["dtype"], r["lanes"], r["steps"],
                       r.get("rows", 0), r.get("cols", 0),
                       tuple(sorted(set(host["predictors"].tolist()))) if "predictors" in host else (),
-                      r.get("carry", 0), bool(r.get("pairs", False)))
+                      r.get("carry", 0), bool(r.get("pairs", False)), r.get("run", 1))
     if not to_device:
         return CompressedTensor(host, meta)
     return CompressedTensor({k: jax.device_put(v, device) for k, v in host.items()}, meta)
@@ -225,7 +226,7 @@ def kernel_args(ct: CompressedTensor):
     m, a = ct.meta, ct.arrays
     if m.codec == "bf16-lossless":  # (pair symbols: the kernels' dtype "bfloat16x2", n counts pairs)
         return (tuple(a[k] for k in ("words", "starts", "bases", "states", "raw", "table")),
-                (m.symbols, m.lanes, m.steps, kernel_dtype(m), m.carry))
+                (m.symbols, m.lanes, m.steps, kernel_dtype(m), m.carry, m.run))
     return (tuple(a[k] for k in ("words", "starts", "bases", "states", "table", "scales", "predictors")),
             (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors or (0, 1, 2)))
 
@@ -236,7 +237,7 @@ def _reference(ct: CompressedTensor) -> jax.Array:
     args, meta = kernel_args(ct)
     if ct.meta.codec == "bf16-lossless":
         return rans_float.rans_float_reference(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
-                                               carry=meta[4])[:ct.meta.size]
+                                               carry=meta[4], run=meta[5])[:ct.meta.size]
     return rans_int8.rans_int8_reference(*args, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3],
                                          steps=meta[4], dtype=meta[5])
 
@@ -408,7 +409,8 @@ class PackBuilder:
     tensors are still being read; :meth:`add` then copies each tensor's arrays into place.
     """
 
-    def __init__(self, tensors: list[tuple[int, int, int]], lanes: int, steps: int, dtype: str, carry: int = 0):
+    def __init__(self, tensors: list[tuple[int, int, int]], lanes: int, steps: int, dtype: str, carry: int = 0,
+                 run: int = 1):
         from jcodec.pallas_kernels import rans_common, rans_pack
         tile = lanes * steps
         outs = 1 + max(j for j, _, _ in tensors)
@@ -431,7 +433,7 @@ class PackBuilder:
         self.arrays = (np.zeros(max(words, 1), np.uint16), np.zeros(lanes_at, np.uint32),
                        np.zeros(lanes_at, np.uint32), raw, np.zeros((len(tensors), width), np.uint32),
                        np.zeros((lanes_at // lanes, rans_pack.INFO), np.int32))
-        self.static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, carry=carry)
+        self.static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, carry=carry, run=run)
 
     def abstract(self):
         """The arrays as ``jax.ShapeDtypeStruct``s (to compile the decoder before they are filled)."""
@@ -471,28 +473,28 @@ class PackBuilder:
 def pack_float(cts: list) -> tuple[tuple[np.ndarray, ...], dict]:
     """Host ``bf16-lossless`` CompressedTensors of one geometry (each one tensor or a stack with one leading
     axis) as ONE pack: ``(words, offsets, states, raw, tables, info)`` NumPy arrays and the static
-    arguments ``dict(sizes, lanes, steps, dtype, carry)``. Output ``j`` is ``cts[j]`` flat (``[copies * n]``).
+    arguments ``dict(sizes, lanes, steps, dtype, carry, run)``. Output ``j`` is ``cts[j]`` flat (``[copies * n]``).
     A whole model decodes in one launch of one small kernel: one compile."""
     m0 = cts[0].meta
     entries = []
     for j, ct in enumerate(cts):
         m = ct.meta
-        if (m.codec, m.lanes, m.steps, m.dtype, m.carry, m.pairs) != ("bf16-lossless", m0.lanes, m0.steps, m0.dtype,
-                                                                    m0.carry, m0.pairs) \
+        if (m.codec, m.lanes, m.steps, m.dtype, m.carry, m.pairs, m.run) != (
+                "bf16-lossless", m0.lanes, m0.steps, m0.dtype, m0.carry, m0.pairs, m0.run) \
                 or len(ct.batch_shape) > 1 or (m.pairs and m.size % 2):
             raise ValueError("pack_float needs bf16-lossless tensors (or stacks of one axis) of one lanes, steps, "
-                             "dtype, carry and symbols (pair-coded ones of even size)")
+                             "dtype, carry, run and symbols (pair-coded ones of even size)")
         copies = ct.batch_shape[0] if ct.batch_shape else 1
         rows = {k: np.asarray(a).reshape(copies, -1) for k, a in ct.arrays.items()}
         entries += [(j, m.symbols, {k: r[c] for k, r in rows.items()}) for c in range(copies)]
     pack = PackBuilder([(j, n, a["words"].size) for j, n, a in entries], m0.lanes, m0.steps, kernel_dtype(m0),
-                       m0.carry)
+                       m0.carry, m0.run)
     for i, (_, _, a) in enumerate(entries):
         pack.add(i, a["words"], a["starts"], a["bases"], a["states"], a["raw"], a["table"])
     return pack.arrays, pack.static
 
 
-def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, carry: int = 0,
+def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, carry: int = 0, run: int = 1,
                 backend: str | None = None, interpret: bool = False, unroll: int = 1) -> list[jax.Array]:
     """Decode a pack: the Pallas kernel on GPU (``unroll`` 1: it compiles fastest, and a load decodes
     once), the pure-JAX reference elsewhere."""
@@ -500,9 +502,9 @@ def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, carry: int
     backend = backend or default_backend()
     if backend == "pallas":
         return rans_pack.rans_float_decode_pack(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype,
-                                                carry=carry, unroll=unroll, interpret=interpret)
+                                                carry=carry, run=run, unroll=unroll, interpret=interpret)
     return rans_pack.rans_float_pack_reference(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype,
-                                               carry=carry)
+                                               carry=carry, run=run)
 
 
 def fill_packs(items, limit: int = PACK_LIMIT) -> list[tuple]:
@@ -524,7 +526,7 @@ def fill_packs(items, limit: int = PACK_LIMIT) -> list[tuple]:
 def pack_groups(cts: list, limit: int = PACK_LIMIT) -> list[list[int]]:
     """Indices of ``cts`` grouped into packs: host ``bf16-lossless`` tensors of one geometry, each pack below
     ``limit`` values; tensors that fit no pack (or are on a device) are left out."""
-    items = [(i, (ct.meta.lanes, ct.meta.steps, kernel_dtype(ct.meta), ct.meta.carry), _pack_values(ct)) for i, ct in enumerate(cts)
+    items = [(i, (ct.meta.lanes, ct.meta.steps, kernel_dtype(ct.meta), ct.meta.carry, ct.meta.run), _pack_values(ct)) for i, ct in enumerate(cts)
              if ct.meta.codec == "bf16-lossless" and len(ct.batch_shape) <= 1 and not (ct.meta.pairs and ct.meta.size % 2)
              and all(isinstance(a, np.ndarray) for a in ct.arrays.values())]
     return [keys for _, keys in fill_packs(items, limit)]

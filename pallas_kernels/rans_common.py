@@ -145,6 +145,21 @@ def pair_step(sym, x, ptr, word, pair):
     return jnp.where(esc, exponents_in_place(payload), pair), jnp.where(esc, escaped, x), ptr + esc.astype(ptr.dtype)
 
 
+def check_run(run: int, steps: int, carry: int) -> None:
+    """A tensor's run length (``jcodec.rans.lane_positions``): a power of two that divides its steps in runs."""
+    if run < 1 or run & (run - 1) or (steps - carry) % run:
+        raise ValueError(f"{run=} must be a power of two that divides steps - carry = {steps} - {carry}")
+
+
+def run_positions(k, l, lanes: int, steps: int, run: int, carry: int):
+    """The position in its tile of lane ``l``'s value at step ``k`` (int32 arrays, broadcast): ``k * lanes + l``, or
+    with runs (``run`` > 1) ``(k // run) * lanes * run + l * run + k % run`` in the first ``steps - carry`` steps
+    (``jcodec.rans.lane_positions``)."""
+    if run == 1:
+        return k * lanes + l
+    return jnp.where(k < steps - carry, (k // run) * (lanes * run) + l * run + k % run, k * lanes + l)
+
+
 def raw_layout(dtype: str):
     """``(element dtype, elements per symbol)`` of a kernel's ``raw`` array: bytes (``RAW_BYTES`` of them), or
     with pair symbols one uint16 per pair."""

@@ -13,7 +13,10 @@ Layout read (the device arrays of ``jcodec.tensor.from_encoded``; T tiles of L l
   table    uint32[4096 + 128]  packed slot table ``cum | symbol << 12 | (freq - 1) << 20``, then the coarse
                          table of :func:`rans_common.coarse_table` (computed here when only 4096 are given);
                          with pair symbols then the pair table, uint32[256]: symbol -> ``e1 << 7 | e2 << 23``
-Value ``i`` of the tensor lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``. Pair
+Value ``i`` of the tensor lies in tile ``i // (L*S)``, at step ``(i % (L*S)) // L`` of lane ``i % L``; with runs
+(``run`` G > 1, ``jcodec.rans.lane_positions``) value ``j = i % (L*S)`` of a tile, for ``j < (S - carry) * L``, at
+step ``(j // (L*G)) * G + j % G`` of lane ``(j // G) % L``: a lane reads a run's raw bytes in one load and writes
+its G values in one store. Pair
 symbols (``jcodec.codecs.encode_pairs``; dtype "bfloat16x2", ``n`` pairs): read "pair" for "value" throughout; a
 pair decodes to one uint32 (bfloat16 values 2i, 2i+1), and after an ESC symbol a lane reads a second word.
 A stack of ``copies`` tensors of one geometry (layers) has a leading axis on every array, the word streams
@@ -26,7 +29,7 @@ One program decodes one tile, one lane per vector element (L padded to a power o
 every lane's slot (coarse table first, the full table only for lanes in buckets that hold a symbol boundary),
 updates the states, renormalises from a word loaded at the previous step (a lane reads at most one word per
 step), and writes one value per lane: the exponent joined with its raw bits, which were read ``unroll`` steps
-ahead. No intermediate array is written: compressed bytes in, output bits out (plus, only with the optional
+ahead (with runs: a run's G values at its end, raw bits read a block ahead, see ``decode_lane_runs``). No intermediate array is written: compressed bytes in, output bits out (plus, only with the optional
 word prefetch, a 4-byte sink per lane, see ``lanes_touch``). Positions past the end of the tensor in the last
 tile are not coded; the kernel decodes them anyway (they end each lane's sequence, so nothing before them
 changes) and does not write them. ``rans_float_decode_many`` decodes several tensors (a layer) in one launch.
@@ -58,6 +61,7 @@ def rans_float_kernel(
                   # without prefetch
     *, program, n: int, lanes: int, steps: int, dtype: str, copies: int, block_lanes: int, unroll: int,
     coarse_bits: int, prefetch: int, start_ref=None, window: int = 0, raw_early: bool = False, carry: int = 0,
+    run: int = 1,
 ):
     """Decode one tile: tile ``p`` (or ``tiles[p]``) of output copy ``o``, where ``program = o * per_copy + p``;
     that is array copy ``c = o``, or ``c = start + o`` for a window (``start_ref``: [1] int32, ``window``
@@ -83,7 +87,8 @@ def rans_float_kernel(
     # the raw array holds the other steps of every full tile, then the last tile's (value units here)
     full = t < n // tile
     per_value = rc.raw_layout(dtype)[1]  # raw_ref elements per value (pair symbols: one uint16 per pair)
-    raw_first = c * (raw_ref.shape[0] // (copies * per_value)) + t * ((steps - carry) * lanes) + l
+    raw_tile = c * (raw_ref.shape[0] // (copies * per_value)) + t * ((steps - carry) * lanes)
+    raw_first = raw_tile + l
     # [B] the steps whose values a lane writes in the loop, with raw bytes from `raw` (a full tile's carried
     # steps are written after it, from the end state)
     in_loop = jnp.where(full, steps - carry, steps_with_values(n - first, lanes, steps))
@@ -95,10 +100,36 @@ def rans_float_kernel(
         bits = rc.join_float(sym, raw, dtype).astype(out_ref.dtype)
         plgpu.store(out_ref.at[out_base + out_first + k * lanes], bits, mask=mask, **STREAM)
 
-    lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
-                                   read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
-                                   coarse_bits=coarse_bits, table_base=table_base, pair_base=pair_base,
-                                   prefetch=prefetch, raw_early=raw_early)
+    if run > 1:  # runs: lane l's run g is the tile's values g*L*G + l*G .. + G-1, in steps g*G .. g*G+G-1
+        limit = jnp.minimum(n - t * tile, (steps - carry) * lanes)  # the tile's values in runs (the others: its tail)
+        col = jnp.arange(run, dtype=jnp.int32)[None, :]
+        at = (l * run)[:, None] + col  # [B, G] a lane's run 0
+        out_at = at if block_lanes == lanes else jnp.where(live[:, None], at, out_ref.shape[0] + (j * run)[:, None] + col)
+
+        def run_ok(g):  # [B, G] (uniform along G where the tile's value count is a multiple of G: one wide access)
+            ok = g * (lanes * run) + at < limit
+            return ok if block_lanes == lanes else ok & live[:, None]
+
+        def read_run(g):
+            return load_raw(raw_ref, raw_tile + g * (lanes * run) + at, run_ok(g), rb)
+
+        def write_run(g, sym, raw):
+            bits = rc.join_float(sym, raw, dtype).astype(out_ref.dtype)
+            plgpu.store(out_ref.at[out_base + p * tile + g * (lanes * run) + out_at], bits, mask=run_ok(g), **STREAM)
+
+        def write_tail(i, sym, x_end):  # tail step steps - carry + i: a full tile's raw bits from the end state
+            k = steps - carry + i
+            ok = live & (k * lanes + l < n - t * tile)
+            write(k, sym, jnp.where(full, rc.carried_raw(x_end, i, rb), read_raw(k, ok & ~full)), ok)
+
+        lane_state = decode_lane_runs(words_ref, table_ref, lane_state, read_run, write_run, write_tail,
+                                      run=run, steps=steps, unroll=unroll, carry=carry, coarse_bits=coarse_bits,
+                                      table_base=table_base, pair_base=pair_base, prefetch=prefetch)
+    else:
+        lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
+                                       read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
+                                       coarse_bits=coarse_bits, table_base=table_base, pair_base=pair_base,
+                                       prefetch=prefetch, raw_early=raw_early)
     if prefetch:
         plgpu.store(sink_ref.at[program * block_lanes + j], lane_state[3])
 
@@ -140,6 +171,54 @@ def decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full, rea
     return lane_state
 
 
+def decode_lane_runs(words_ref, table_ref, lane_state, read_run, write_run, write_tail, *, run: int, steps: int,
+                     unroll: int, carry: int, coarse_bits: int, table_base, pair_base, prefetch: int):
+    """The step loop of lanes that decode runs of ``run`` consecutive values (``jcodec.rans.lane_positions``):
+    every lane's first ``steps - carry`` steps in blocks of ``unroll`` (a multiple of ``run``), run ``g`` being
+    steps ``g*G .. g*G+G-1``; then its last ``carry`` steps (the tail). ``read_run(g)`` gives run ``g``'s raw bits
+    ([B, G] uint32), loaded at the top of the block before (the loop head waits for the loads of the block
+    before, so a block's own would stall it); ``write_run(g, syms, raws)`` stores the run's values ([B, G]) in one
+    store; ``write_tail(i, sym, x_end)`` the tail's step ``i`` (``x_end`` the end states). Returns the end lane
+    state."""
+    per = unroll // run
+
+    def columns(vs):  # G vectors [B] -> [B, G], column u = vs[u] (Triton's join: in registers, no shuffle)
+        if len(vs) == 1:
+            return vs[0]
+        both = jnp.stack([columns(vs[0::2]), columns(vs[1::2])], axis=-1)
+        return both.reshape(both.shape[0], -1)
+
+    def block(b, carry_in):
+        lane_state, raws = carry_in
+        touched = lanes_touch(words_ref, lane_state, prefetch)
+        next_raws = tuple(read_run((b + 1) * per + h) for h in range(per))
+        for h in range(per):
+            syms = []
+            for _ in range(run):
+                sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base, pair_base)
+                syms.append(sym)
+            write_run(b * per + h, columns(syms), raws[h])
+        return lanes_fold(lane_state, touched), next_raws
+
+    raws = tuple(read_run(h) for h in range(per))
+    lane_state, _ = lax.fori_loop(0, (steps - carry) // unroll, block, (lane_state, raws))
+    tail = []
+    for _ in range(carry):
+        sym, lane_state = lanes_step(words_ref, table_ref, lane_state, coarse_bits, table_base, pair_base)
+        tail.append(sym)
+    for i, sym in enumerate(tail):
+        write_tail(i, sym, lane_state[0])
+    return lane_state
+
+
+def run_unroll(unroll: int, steps: int, carry: int, run: int) -> int:
+    """The steps per loop iteration of a kernel: ``unroll`` reduced to a divisor of ``steps``, or with runs
+    (``run`` > 1) to a multiple of ``run`` that divides the ``steps - carry`` steps in runs."""
+    if run == 1:
+        return math.gcd(unroll, steps)
+    return run * math.gcd(max(unroll // run, 1), (steps - carry) // run)
+
+
 # Word prefetch. A lane reads its words one at a time, ~0.16 (exponents) to ~0.4 (int8 residuals) per step,
 # so it enters a new 32-byte sector every 40-100 steps, and that first read comes from L2 or DRAM: the warp
 # then waits in the middle of its dependency chain (ncu: the word's first use is where the matrix kernel
@@ -154,7 +233,7 @@ SECTOR_SHIFT = 4  # log2(SECTOR_WORDS)
 # such lane, ~0.16 (exponents) to ~0.41 (int8 residuals) of the lanes every step. With word_group=2 the
 # kernels read the words as uint32 pairs; a lane keeps the pair that holds its read position and loads
 # only when it moves into the next pair, so half as many lanes gather per step (a shift and a mask more).
-WORD_GROUPS = (1, 2)
+WORD_RUNS = (1, 2)
 
 
 def check_launch(tensors, metas, unroll: int, num_warps: int, prefetch: int, tiles=None) -> list:
@@ -178,8 +257,8 @@ def stack_lead(states) -> tuple[int, ...]:
 
 
 def check_words(words, lead, word_group: int = 1) -> None:
-    if word_group not in WORD_GROUPS:
-        raise ValueError(f"{word_group=} must be one of {WORD_GROUPS}")
+    if word_group not in WORD_RUNS:
+        raise ValueError(f"{word_group=} must be one of {WORD_RUNS}")
     if (words.dtype != jnp.uint16 or words.shape[:-1] != lead or words.ndim != len(lead) + 1
             or not 1 <= words.size <= rc.INT32_MAX):
         raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16{list(lead) + ['W']} with "
@@ -433,14 +512,15 @@ def _many_kernel(*refs, metas, starts, copies, has_tiles, window, unroll, coarse
     pid = pl.program_id(0)
 
     def branch(k):
-        def run():
-            n, lanes, steps, dtype, carry = metas[k]
+        def decode_tensor():
+            n, lanes, steps, dtype, carry, run = metas[k]
             rans_float_kernel(*ins[6 * k:6 * k + 6], tiles[k], outs[k], sinks[k], program=pid - starts[k], n=n,
                               lanes=lanes, steps=steps, dtype=dtype, copies=copies[k],
                               block_lanes=pl.next_power_of_2(lanes),
-                              unroll=math.gcd(unroll, steps), coarse_bits=coarse_bits, prefetch=prefetch,
-                              start_ref=start, window=window, raw_early=raw_early, carry=carry)
-        return run
+                              unroll=run_unroll(unroll, steps, carry, run), coarse_bits=coarse_bits,
+                              prefetch=prefetch, start_ref=start, window=window, raw_early=raw_early, carry=carry,
+                              run=run)
+        return decode_tensor
 
     rc.run_segment(pid, starts, branch)
 
@@ -450,12 +530,13 @@ def raw_size(n: int, lanes: int, steps: int, carry: int) -> int:
     return n - n // (lanes * steps) * carry * lanes
 
 
-def _check(words, starts, bases, states, raw, table, n, lanes, steps, dtype, carry):
+def _check(words, starts, bases, states, raw, table, n, lanes, steps, dtype, carry, run=1):
     """The arrays of one tensor, or of a stack of tensors of one meta (a leading axis on every array)."""
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
     if not (1 <= lanes and 1 <= steps < 1 << 16 and 0 <= carry < steps):
         raise ValueError(f"{lanes=} must be >= 1, {steps=} in [1, 65536) and {carry=} in [0, steps)")
+    rc.check_run(run, steps, carry)
     t = max(1, -(-n // (lanes * steps)))
     lead = stack_lead(states)
     copies = lead[0] if lead else 1
@@ -529,7 +610,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
 
     ``tensors``: a sequence of ``(words, starts, bases, states, raw, table)``, each the arrays of one tensor or
     of a stack of tensors of one meta (every array with a leading axis of ``copies``: several layers in one
-    launch); ``metas``: a tuple of ``(n, lanes, steps, dtype, carry)`` per tensor. ``tiles``: None, or per tensor
+    launch); ``metas``: a tuple of ``(n, lanes, steps, dtype, carry, run)`` per tensor. ``tiles``: None, or per tensor
     None or int32[R], the tiles to decode (of one tensor, not a stack; e.g. the rows of an embedding).
     Returns per tensor the flat decoded values: ``[n]``, ``[copies, n]``, or ``[R * L*S]`` for ``tiles``
     (tile ``tiles[r]`` at ``r * L*S``; positions past the tensor's end are unspecified). Block sizes as in
@@ -548,8 +629,8 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     tiles = check_launch(tensors, metas, unroll, num_warps, prefetch, tiles)
     extra = check_window([a[3] for a in tensors], tiles, start, window)
     starts, copies = [0], []
-    for arrays, (n, lanes, steps, dtype, carry), tl in zip(tensors, metas, tiles):
-        _check(*arrays, n, lanes, steps, dtype, carry)
+    for arrays, (n, lanes, steps, dtype, carry, run), tl in zip(tensors, metas, tiles):
+        _check(*arrays, n, lanes, steps, dtype, carry, run)
         check_words(arrays[0], stack_lead(arrays[3]), word_group)
         if dtype == rc.PAIRS and word_group != 1:
             raise ValueError(f"{word_group=} must be 1 for pair symbols (a lane may read two words in a step)")
@@ -561,7 +642,7 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
                                has_tiles=tuple(tl is not None for tl in tiles), window=window, unroll=unroll,
                                coarse_bits=coarse_bits, prefetch=prefetch, raw_early=raw_early)
     sizes = [(window or c) * n if tl is None else tl.shape[0] * lanes * steps
-             for c, (n, lanes, steps, _, _), tl in zip(copies, metas, tiles)]
+             for c, (n, lanes, steps, *_), tl in zip(copies, metas, tiles)]
     outs = pl.pallas_call(
         kernel,
         out_shape=([jax.ShapeDtypeStruct((size,), rc.BITS_DTYPE[m[3]]) for size, m in zip(sizes, metas)]
@@ -586,7 +667,7 @@ def value_dtype(dtype: str):
 
 
 def rans_float_decode(words, starts, bases, states, raw, table, *, n: int, lanes: int, steps: int, dtype: str,
-                      carry: int = 0, tiles=None, unroll: int | None = None, num_warps: int = 4,
+                      carry: int = 0, run: int = 1, tiles=None, unroll: int | None = None, num_warps: int = 4,
                       coarse_bits: int | None = None, prefetch: int | None = None, word_group: int = 1,
                       raw_early: bool | None = None, interpret: bool = False) -> jax.Array:
     """Decode a ``bf16-lossless`` tensor to ``dtype[n]`` (flat) with the Pallas kernel; bit-exact.
@@ -602,7 +683,8 @@ def rans_float_decode(words, starts, bases, states, raw, table, *, n: int, lanes
     when a lane moves into its next pair (half the per-lane gathers; needs an even word count).
     """
     return rans_float_decode_many([(words, starts, bases, states, raw, table)],
-                                  metas=((n, lanes, steps, dtype, carry),), tiles=None if tiles is None else [tiles],
+                                  metas=((n, lanes, steps, dtype, carry, run),),
+                                  tiles=None if tiles is None else [tiles],
                                   unroll=unroll, num_warps=num_warps, coarse_bits=coarse_bits,
                                   prefetch=prefetch, word_group=word_group, raw_early=raw_early,
                                   interpret=interpret)[0]
@@ -610,11 +692,12 @@ def rans_float_decode(words, starts, bases, states, raw, table, *, n: int, lanes
 
 # ----------------------------------------------------------------------------------------- reference
 def rans_symbols_reference(words, starts, bases, states, table, *, n: int, lanes: int, steps: int,
-                           ends: bool = False, pairs: bool = False):
+                           ends: bool = False, pairs: bool = False, run: int = 1, carry: int = 0):
     """All lanes' decoded symbols (uint32[n], symbol order) in pure jnp: a fori_loop over the steps,
     every lane at once; the exact inverse of ``jcodec.rans.encode``. ``ends``: also return the lanes' end
     states (uint32[T*L]). ``pairs``: pair symbols (``table`` ends with the pair table); the "symbols" are
-    each pair's exponents in place, ``e1 << 7 | e2 << 23``, escaped pairs' from their 16 bypass bits."""
+    each pair's exponents in place, ``e1 << 7 | e2 << 23``, escaped pairs' from their 16 bypass bits. ``run``,
+    ``carry``: which value a lane decodes at which step (``rans_common.run_positions``)."""
     last_word = words.shape[0] - 1
     total_lanes = states.shape[0]
     pair_table = table[-rc.PAIR_TABLE:]
@@ -635,8 +718,13 @@ def rans_symbols_reference(words, starts, bases, states, table, *, n: int, lanes
     start = jnp.repeat(bases.astype(jnp.int32), lanes) + starts.astype(jnp.int32)  # [T*L] each lane's first word
     x, _, out = lax.fori_loop(0, steps, step, (states, start, out))
     tiles = total_lanes // lanes
-    # [steps, tiles*lanes] -> [tiles, steps, lanes] -> symbol order
-    sym = out.reshape(steps, tiles, lanes).transpose(1, 0, 2).reshape(-1)[:n].astype(jnp.uint32)
+    # [steps, tiles*lanes] -> [tiles, steps, lanes] -> each value at its position in its tile -> symbol order
+    sym = out.reshape(steps, tiles, lanes).transpose(1, 0, 2)
+    if run > 1:
+        k, l = jnp.arange(steps, dtype=jnp.int32)[:, None], jnp.arange(lanes, dtype=jnp.int32)[None, :]
+        at = rc.run_positions(k, l, lanes, steps, run, carry).reshape(-1)
+        sym = jnp.zeros((tiles, steps * lanes), sym.dtype).at[:, at].set(sym.reshape(tiles, -1))
+    sym = sym.reshape(-1)[:n].astype(jnp.uint32)
     return (sym, x) if ends else sym
 
 
@@ -658,14 +746,14 @@ def raw_reference(raw, ends, *, n: int, lanes: int, steps: int, dtype: str, carr
     return jnp.concatenate([jnp.concatenate([head, carried], axis=1).reshape(-1), r[full * (steps - carry) * lanes:]])
 
 
-@functools.partial(jax.jit, static_argnames=["n", "lanes", "steps", "dtype", "carry"])
+@functools.partial(jax.jit, static_argnames=["n", "lanes", "steps", "dtype", "carry", "run"])
 def rans_float_reference(words, starts, bases, states, raw, table, *, n: int, lanes: int, steps: int,
-                         dtype: str, carry: int = 0) -> jax.Array:
+                         dtype: str, carry: int = 0, run: int = 1) -> jax.Array:
     """Pure-JAX ``bf16-lossless`` decoder (any backend); bit-exact with the kernel and with NumPy. Pair
     symbols (``dtype="bfloat16x2"``, ``n`` pairs): bfloat16[2n]."""
-    _check(words, starts, bases, states, raw, table, n, lanes, steps, dtype, carry)
+    _check(words, starts, bases, states, raw, table, n, lanes, steps, dtype, carry, run)
     sym, ends = rans_symbols_reference(words, starts, bases, states, table, n=n, lanes=lanes, steps=steps,
-                                       ends=True, pairs=dtype == rc.PAIRS)
+                                       ends=True, pairs=dtype == rc.PAIRS, run=run, carry=carry)
     r = raw_reference(raw, ends, n=n, lanes=lanes, steps=steps, dtype=dtype, carry=carry)
     bits = rc.join_float(sym, r, dtype).astype(rc.BITS_DTYPE[dtype])
     return lax.bitcast_convert_type(bits, value_dtype(dtype)).reshape(-1)

@@ -15,14 +15,14 @@ Layout read (built on the host by ``jcodec.tensor.pack_float``; T tiles of L lan
                         then the pair table, 256 entries
   info    int32[T, 5]   per tile: output index, first value's offset in that output, its first stored raw
                         value's offset in ``raw`` (in values), values in the tile, table index
-Outputs: one flat array per output index, of the sizes given; tile values go to consecutive positions.
+Outputs: one flat array per output index, of the sizes given; tile values go to consecutive positions. Every
+tensor of a pack has one ``run`` (``jcodec.rans.lane_positions``), as it has one geometry.
 One program decodes ``block_lanes`` consecutive lanes; its stores go to the output of each lane's tile
 (one masked store per output: only one of them is live for a lane).
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import rans_common as rc
-from .rans_float import (SECTOR_WORDS, STREAM, check_table, decode_lane_steps, kernel_table, lanes_init, load_raw,
-                         steps_with_values, value_dtype)
+from .rans_float import (SECTOR_WORDS, STREAM, check_table, decode_lane_runs, decode_lane_steps, kernel_table,
+                         lanes_init, load_raw, run_unroll, steps_with_values, value_dtype)
 
 INFO = 5  # int32 fields per tile in ``info``
 OUT, OUT_AT, RAW_AT, COUNT, TABLE = range(INFO)
@@ -48,7 +48,7 @@ def rans_pack_kernel(
     *out_refs,    # per output: [size] uint16 | uint32 (the float bits); then, with prefetch, the sink:
                   # [programs * block_lanes] uint32, what the prefetching loads read (never used)
     lanes: int, steps: int, dtype: str, block_lanes: int, unroll: int, coarse_bits: int, carry: int, width: int,
-    raw_early: bool = False, prefetch: int = 0,
+    raw_early: bool = False, prefetch: int = 0, run: int = 1,
 ):
     """Decode lanes ``program * block_lanes ...`` of the pack (of any of its tensors). ``raw_early`` and
     ``prefetch`` as in ``rans_float``."""
@@ -80,22 +80,50 @@ def rans_pack_kernel(
     one_out = len(out_refs) > 1 and lanes % block_lanes == 0
     program_out = info_ref[(pl.program_id(0) * block_lanes // lanes) * INFO + OUT] if one_out else None
 
-    def write(k, sym, raw, ok):
-        bits = rc.join_float(sym, raw, dtype)
-        pos = l + k * lanes
+    def store(pos, bits, ok, spare):
+        """``bits`` to the lanes' outputs at ``pos`` in their tiles ([B], or [B, G] for runs); ``spare``: distinct
+        offsets past the end for the lanes that do not write (interpret mode's masked scatter must not see two
+        lanes at one address)."""
+        lane = (lambda a: a[:, None]) if pos.ndim == 2 else (lambda a: a)
         for j, out_ref in enumerate(out_refs):
             if one_out:
                 @pl.when(program_out == j)
                 def _(out_ref=out_ref):
-                    plgpu.store(out_ref.at[jnp.where(ok, out_at + pos, out_ref.shape[0] + v)],
+                    plgpu.store(out_ref.at[jnp.where(ok, lane(out_at) + pos, out_ref.shape[0] + spare)],
                                 bits.astype(out_ref.dtype), mask=ok, **STREAM)
                 continue
-            mine = ok & (out_index == j)
-            # a lane that does not write points past the end, at its own address (interpret mode's
-            # masked scatter must not see two lanes at one address)
-            plgpu.store(out_ref.at[jnp.where(mine, out_at + pos, out_ref.shape[0] + v)],
+            mine = ok & (lane(out_index) == j)
+            plgpu.store(out_ref.at[jnp.where(mine, lane(out_at) + pos, out_ref.shape[0] + spare)],
                         bits.astype(out_ref.dtype), mask=mine, **STREAM)
 
+    def write(k, sym, raw, ok):
+        store(l + k * lanes, rc.join_float(sym, raw, dtype), ok, v)
+
+    if run > 1:  # runs (rans_float's kernel does the same for one tensor's tiles)
+        col = jnp.arange(run, dtype=jnp.int32)[None, :]
+        at = (l * run)[:, None] + col  # [B, G] a lane's run 0 in its tile
+        limit = jnp.minimum(count, (steps - carry) * lanes)[:, None]  # the tile's values in runs
+
+        def run_ok(g):
+            return (g * (lanes * run) + at < limit) & live[:, None]
+
+        def read_run(g):
+            return load_raw(raw_ref, raw_at[:, None] + g * (lanes * run) + at, run_ok(g), rb)
+
+        def write_run(g, sym, raw):
+            store(g * (lanes * run) + at, rc.join_float(sym, raw, dtype), run_ok(g), (v * run)[:, None] + col)
+
+        def write_tail(i, sym, x_end):  # a full tile's raw bits from the end state, a partial tile's from `raw`
+            k = steps - carry + i
+            ok = live & (k * lanes + l < count)
+            write(k, sym, jnp.where(full, rc.carried_raw(x_end, i, rb), read_raw(k, ok & ~full)), ok)
+
+        lane_state = decode_lane_runs(words_ref, table_ref, lane_state, read_run, write_run, write_tail, run=run,
+                                      steps=steps, unroll=unroll, carry=carry, coarse_bits=coarse_bits,
+                                      table_base=table_base, pair_base=pair_base, prefetch=prefetch)
+        if prefetch:
+            plgpu.store(sink_ref.at[v], lane_state[3])
+        return
     lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
                                    read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
                                    coarse_bits=coarse_bits, table_base=table_base, pair_base=pair_base,
@@ -105,12 +133,13 @@ def rans_pack_kernel(
 
 
 def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, steps: int, dtype: str,
-               carry: int) -> None:
+               carry: int, run: int = 1) -> None:
     if dtype not in rc.RAW_BYTES:
         raise ValueError(f"{dtype=} must be one of {', '.join(rc.RAW_BYTES)}")
     if not (1 <= lanes and 1 <= steps < 1 << 16 and 0 <= carry < steps) or not sizes or min(sizes) < 1:
         raise ValueError(f"{lanes=} must be >= 1, {steps=} in [1, 65536), {carry=} in [0, steps) and "
                          f"sizes={sizes!r} >= 1 each")
+    rc.check_run(run, steps, carry)
     if states.ndim != 1 or states.size % lanes or not states.size:
         raise ValueError(f"states={states.dtype}{list(states.shape)} must be uint32[T*{lanes}], T >= 1")
     t = states.size // lanes
@@ -132,10 +161,10 @@ def check_pack(words, offsets, states, raw, tables, info, sizes, lanes: int, ste
         raise ValueError(f"sizes={sizes!r} and the pack's {t} tiles must stay below 2^31 values")
 
 
-@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "carry", "block_lanes", "unroll",
+@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "carry", "run", "block_lanes", "unroll",
                                              "num_warps", "coarse_bits", "raw_early", "prefetch", "interpret"])
 def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: tuple[int, ...], lanes: int,
-                           steps: int, dtype: str, carry: int = 0, block_lanes: int = 128, unroll: int = 4,
+                           steps: int, dtype: str, carry: int = 0, run: int = 1, block_lanes: int = 128, unroll: int = 4,
                            num_warps: int = 4, coarse_bits: int = rc.COARSE_BITS, raw_early: bool = False,
                            prefetch: int = 0, interpret: bool = False) -> list[jax.Array]:
     """Decode a pack (module docstring) to one flat ``dtype[size]`` array per entry of ``sizes``; bit-exact.
@@ -145,17 +174,17 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
     arrays (``jcodec.tensor.pack_float`` builds it from validated tensors); stores outside an output are
     masked off, reads are not.
     """
-    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype, carry)
+    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype, carry, run)
     if block_lanes < 1 or block_lanes & (block_lanes - 1) or unroll < 1 or num_warps < 1:
         raise ValueError(f"{block_lanes=} must be a power of two, {unroll=} and {num_warps=} >= 1")
     if not 0 <= prefetch <= SECTOR_WORDS:
         raise ValueError(f"{prefetch=} must be in [0, {SECTOR_WORDS}] words (0: no prefetch)")
     rc.filter_triton_deprecation()
-    unroll = math.gcd(unroll, steps)
+    unroll = run_unroll(unroll, steps, carry, run)
     table = kernel_table(tables, coarse_bits, dtype == rc.PAIRS)
     kernel = functools.partial(rans_pack_kernel, lanes=lanes, steps=steps, dtype=dtype, block_lanes=block_lanes,
                                unroll=unroll, coarse_bits=coarse_bits, carry=carry, width=table.shape[-1],
-                               raw_early=raw_early, prefetch=prefetch)
+                               raw_early=raw_early, prefetch=prefetch, run=run)
     programs = pl.cdiv(states.size, block_lanes)
     sink = [jax.ShapeDtypeStruct((programs * block_lanes,), jnp.uint32)] if prefetch else []
     outs = pl.pallas_call(
@@ -171,12 +200,12 @@ def rans_float_decode_pack(words, offsets, states, raw, tables, info, *, sizes: 
 
 
 # ----------------------------------------------------------------------------------------- reference
-@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "carry"])
+@functools.partial(jax.jit, static_argnames=["sizes", "lanes", "steps", "dtype", "carry", "run"])
 def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, sizes: tuple[int, ...], lanes: int,
-                              steps: int, dtype: str, carry: int = 0) -> list[jax.Array]:
+                              steps: int, dtype: str, carry: int = 0, run: int = 1) -> list[jax.Array]:
     """Pure-JAX pack decoder: every lane at once, one ``fori_loop`` over the steps, each lane reading its
     tile's table; then the values scattered to their outputs. Bit-exact with the kernel and with NumPy."""
-    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype, carry)
+    check_pack(words, offsets, states, raw, tables, info, sizes, lanes, steps, dtype, carry, run)
     last_word = words.shape[0] - 1
     t = jnp.arange(states.size, dtype=jnp.int32) // lanes
     pairs = dtype == rc.PAIRS
@@ -196,7 +225,7 @@ def rans_float_pack_reference(words, offsets, states, raw, tables, info, *, size
     ends, _, sym = lax.fori_loop(0, steps, step, (states, offsets.astype(jnp.int32),
                                                   jnp.zeros((steps, states.size), jnp.uint32 if pairs else jnp.uint8)))
     k = jnp.arange(steps, dtype=jnp.int32)[:, None]
-    pos = k * lanes + (jnp.arange(states.size, dtype=jnp.int32) % lanes)
+    pos = rc.run_positions(k, jnp.arange(states.size, dtype=jnp.int32) % lanes, lanes, steps, run, carry)
     ok = pos < info[t, COUNT]                                        # [steps, T*L]
     carried = (info[t, COUNT] == lanes * steps) & (k >= steps - carry)  # raw bits in the lane's end state
     i = jnp.where(ok & ~carried, info[t, RAW_AT] + pos, 0)

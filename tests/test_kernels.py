@@ -37,7 +37,7 @@ def bits(a) -> np.ndarray:
 def device_args(ct: tensor.CompressedTensor):
     """``tensor.kernel_args`` as the one-tensor kernels take them: (arrays, keyword arguments)."""
     arrays, meta = tensor.kernel_args(ct)
-    names = (("n", "lanes", "steps", "dtype", "carry") if ct.meta.codec == "bf16-lossless"
+    names = (("n", "lanes", "steps", "dtype", "carry", "run") if ct.meta.codec == "bf16-lossless"
              else ("n", "rows", "cols", "lanes", "steps", "dtype"))  # (predictors_used: the kernel's default)
     return arrays, dict(zip(names, meta))
 
@@ -88,8 +88,9 @@ class KernelTestBase:
 
     INTERPRET = jax.default_backend() != "gpu"
 
-    def check_float(self, x: np.ndarray, lanes: int, steps: int, **blocks):
-        enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps)
+    def check_float(self, x: np.ndarray, lanes: int, steps: int, run=None, **blocks):
+        enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, run=run)
+        assert enc.record.get("run", 1) == (run or 1)
         want = bits(codecs.decode(enc)).reshape(-1)
         np.testing.assert_array_equal(want, bits(x).reshape(-1))
         args, kw = device_args(tensor.from_encoded(enc))
@@ -137,7 +138,7 @@ class TestFloatKernel(KernelTestBase):
         geometry = [(32, 16), (8, 4), (32, 8), (32, 16)]
         encs = [codecs.encode(x, "bf16-lossless", lanes=l, steps=s) for x, (l, s) in zip(xs, geometry)]
         args = [device_args(tensor.from_encoded(e)) for e in encs]
-        metas = tuple((kw["n"], kw["lanes"], kw["steps"], kw["dtype"], kw["carry"]) for _, kw in args)
+        metas = tuple((kw["n"], kw["lanes"], kw["steps"], kw["dtype"], kw["carry"], kw["run"]) for _, kw in args)
         outs = rans_float.rans_float_decode_many([a for a, _ in args], metas=metas, interpret=self.INTERPRET)
         for out, x in zip(outs, xs):
             np.testing.assert_array_equal(bits(out), bits(x).reshape(-1))
@@ -161,6 +162,32 @@ class TestFloatKernel(KernelTestBase):
                      for u, r in ((1, False), (4, True))]
             for out in outs:
                 np.testing.assert_array_equal(bits(out), bits(x))
+
+    @pytest.mark.parametrize("dtype,lanes,steps,run,blocks", [
+        ("bfloat16", 32, 18, 4, {}), ("bfloat16", 24, 10, 8, dict(unroll=16, prefetch=8)),
+        ("float16", 7, 6, 2, dict(unroll=1, num_warps=1)), ("float32", 32, 9, 8, dict(unroll=8, coarse_bits=0)),
+        ("float32", 100, 5, 4, dict(unroll=4, raw_early=False))])
+    def test_runs(self, dtype, lanes, steps, run, blocks):
+        """Lanes that decode runs of consecutive values (a wide load and store a run): three full tiles, then a
+        partial one whose last run is cut short; edge patterns and incompressible values among them."""
+        rng = np.random.default_rng(lanes * run)
+        x = random_float(rng, (3 * lanes * steps + lanes * run + 3,), dtype)
+        special = special_values(dtype)
+        x[:special.size] = special
+        x[-lanes * run - 3:] = random_float(rng, (lanes * run + 3,), dtype, "bits")
+        self.check_float(x, lanes, steps, run=run, **blocks)
+
+    @pytest.mark.parametrize("dtype", FLOATS)
+    def test_runs_without_carry(self, dtype):
+        """Runs over every step (no carried values: format version 1's raw layout)."""
+        x = random_float(np.random.default_rng(8), (2 * 16 * 8 + 21,), dtype, "bits")
+        enc = codecs.encode_float(x, 16, 8, carry=False, run=4)
+        assert (enc.record["carry"], enc.record["run"]) == (0, 4)
+        np.testing.assert_array_equal(bits(codecs.decode(enc)), bits(x))
+        args, kw = device_args(tensor.from_encoded(enc))
+        for out in (rans_float.rans_float_reference(*args, **kw),
+                    rans_float.rans_float_decode(*args, **kw, interpret=self.INTERPRET)):
+            np.testing.assert_array_equal(bits(out), bits(x))
 
     @pytest.mark.parametrize("dtype", FLOATS)
     def test_incompressible_bits(self, dtype):
@@ -435,8 +462,10 @@ class TestStacksAndTiles(KernelTestBase):
 class TestPairSymbols(KernelTestBase):
     """bfloat16 with one symbol per two values (codecs.encode_pairs): escapes read a second word in a step."""
 
-    def check_pairs(self, x, lanes, steps, **blocks):
-        enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=True)
+    def check_pairs(self, x, lanes, steps, run=None, **blocks):
+        enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=True, run=run)
+        if run is not None:
+            assert enc.record.get("run", 1) == run
         want = bits(codecs.decode(enc)).reshape(-1)
         np.testing.assert_array_equal(want, bits(x).reshape(-1))
         ct = tensor.from_encoded(enc)
@@ -448,14 +477,20 @@ class TestPairSymbols(KernelTestBase):
         np.testing.assert_array_equal(bits(out)[:x.size], want)
         return enc
 
-    @pytest.mark.parametrize("n,lanes,steps", [(1, 32, 8), (3, 32, 8), (1025, 32, 8), (700, 7, 5), (64 * 240, 128, 120)])
-    def test_ragged_sizes_edges_and_escapes(self, n, lanes, steps):
+    @pytest.mark.parametrize("n,lanes,steps,run,blocks", [
+        (1, 32, 8, 1, {}), (3, 32, 8, 1, {}), (1025, 32, 8, 1, {}), (700, 7, 5, 1, {}), (700, 7, 5, 2, {}),
+        (1025, 32, 9, 4, {}), (3 * 2 * 24 * 13 + 77, 24, 13, 4, dict(unroll=8, prefetch=8, coarse_bits=0)),
+        (2 * 32 * 17 + 9, 32, 17, 8, dict(unroll=8, raw_early=False)), (64 * 242 + 6, 128, 121, None, {})])
+    def test_ragged_sizes_edges_and_escapes(self, n, lanes, steps, run, blocks):
+        """(run None: the encoder's default, runs of codecs.PAIR_RUN at the default steps.)"""
         rng = np.random.default_rng(n + lanes)
         x = random_float(rng, (n,), "bfloat16")
         edges = special_values("bfloat16")
         x[:min(n, edges.size)] = edges[:min(n, edges.size)]
         x[n // 2:n // 2 + 40] = random_float(rng, (len(x[n // 2:n // 2 + 40]),), "bfloat16", "bits")
-        self.check_pairs(x, lanes, steps)
+        enc = self.check_pairs(x, lanes, steps, run, **blocks)
+        if steps == codecs.PAIR_STEPS:
+            assert enc.record["run"] == codecs.PAIR_RUN
 
     @pytest.mark.parametrize("unroll,num_warps,coarse_bits,prefetch,raw_early", [
         (1, 1, 5, 0, False), (4, 2, 0, 16, True), (8, 4, 3, 1, False)])

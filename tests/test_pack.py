@@ -28,12 +28,12 @@ def bits(a) -> np.ndarray:
     return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
-def host_ct(x, lanes, steps, pairs=False):
-    return tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=pairs),
+def host_ct(x, lanes, steps, pairs=False, run=1):
+    return tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=pairs, run=run),
                                to_device=False)
 
 
-def make_tensors(dtype, lanes, steps, seed=0):
+def make_tensors(dtype, lanes, steps, seed=0, run=1):
     """Ragged tensors of one geometry: a partial last tile, a one-tile tensor, a one-row tensor, edge bit
     patterns, an all-equal tensor, incompressible bits, and a stack of three layers. ``dtype`` "pairs":
     bfloat16 with pair symbols (sizes even: a pack takes those; a tile holds ``2 * lanes * steps`` values)."""
@@ -50,9 +50,9 @@ def make_tensors(dtype, lanes, steps, seed=0):
           np.full((19, 7 + even), 0.125, np_dtype),
           rng.integers(0, np.iinfo(udt).max, size=(3 * per * lanes * steps + 11 + even,), dtype=udt,
                        endpoint=True).view(np_dtype)]
-    cts = [host_ct(x, lanes, steps, pairs) for x in xs]
+    cts = [host_ct(x, lanes, steps, pairs, run) for x in xs]
     layers = [(rng.standard_normal((23, 41 + even)) * 0.02 * (i + 1)).astype(np_dtype) for i in range(3)]
-    cts.append(tensor.stack_layers([host_ct(x, lanes, steps, pairs) for x in layers]))
+    cts.append(tensor.stack_layers([host_ct(x, lanes, steps, pairs, run) for x in layers]))
     return xs + [np.stack(layers)], cts
 
 
@@ -63,14 +63,17 @@ def make_tensors(dtype, lanes, steps, seed=0):
     ("bfloat16", 16, 24, 32, 5, dict(unroll=8, raw_early=True, prefetch=8)),
     ("pairs", 16, 24, 16, 0, dict(unroll=8, raw_early=True, prefetch=8)),
     ("pairs", 16, 24, 16, rc.BY_SYMBOL, dict(unroll=8, raw_early=True, prefetch=8, given=True)),
-    ("float32", 8, 24, 32, rc.BY_SYMBOL, {})])
+    ("float32", 8, 24, 32, rc.BY_SYMBOL, {}),
+    ("pairs", 32, 13, 32, 5, dict(run=4)), ("pairs", 16, 25, 16, 0, dict(run=4, unroll=8, raw_early=True, prefetch=8)),
+    ("bfloat16", 24, 18, 64, 5, dict(run=8)), ("float32", 8, 17, 32, 3, dict(run=2, unroll=1))])
 def test_pack_kernel_and_reference_match_numpy(dtype, lanes, steps, block_lanes, coarse_bits, opts):
     """(coarse_bits: the device tables hold the coarse table for 5; 0 reads past it, 3 builds its own.
     block_lanes dividing lanes: one output per program, picked by a branch; larger: a masked store per output.
-    BY_SYMBOL: the lookup by symbol, from tables that hold the symbol tables (given) or built by the kernel's caller.)"""
-    xs, cts = make_tensors(dtype, lanes, steps)
-    arrays, static = tensor.pack_float(cts)
+    BY_SYMBOL: the lookup by symbol, from tables that hold the symbol tables (given) or built by the kernel's caller.
+    run: lanes that decode runs of consecutive values.)"""
     opts = dict(opts)
+    xs, cts = make_tensors(dtype, lanes, steps, run=opts.pop("run", 1))
+    arrays, static = tensor.pack_float(cts)
     if opts.pop("given", False):
         arrays = (*arrays[:4], rc.with_symbol_table(arrays[4], dtype == "pairs", np), arrays[5])
     assert static["sizes"] == tuple(x.size // (2 if dtype == "pairs" else 1) for x in xs)
