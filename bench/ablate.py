@@ -12,7 +12,9 @@ with arithmetic on what the lane already holds, so that the rest of the loop run
 - ``no_words``: the word loads (renormalisation and ESC) -> a value made from the read position;
 - ``no_pair``: the pair-table load -> the symbol shifted in place;
 - ``no_raw``: the raw-byte loads -> the raw position's low bits;
-- ``no_loads``: all four (what is left: the arithmetic and the stores).
+- ``no_loads``: all four (what is left: the arithmetic and the stores);
+- ``no_table_hints``, ``no_hints`` (exact, not ablations): the tables' loads without their evict-last cache hint;
+  also the raw loads and output stores without their evict-first one.
 
 The outputs of an ablation are not the tensor (only ``base`` is checked bit for bit); their times say what each
 access costs in the loop as it is. ``--waves``: the base kernel on a subset of each tensor's tiles, so that the
@@ -39,7 +41,8 @@ from jcodec.rans import num_tiles  # noqa: E402
 from jcodec.pallas_kernels import rans_common as rc, rans_float  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-ORIGINAL = dict(lookup=rans_float.lookup, lanes_step=rans_float.lanes_step, load_raw=rans_float.load_raw)
+ORIGINAL = dict(lookup=rans_float.lookup, lanes_step=rans_float.lanes_step, load_raw=rans_float.load_raw,
+                STREAM=rans_float.STREAM)
 
 
 def lookup_alu(table_ref, x, coarse_bits, base=0, hints=True):
@@ -79,6 +82,12 @@ def pair_step(no_words: bool, no_pair: bool):
     return lanes_step
 
 
+def lookup_unhinted(table_ref, x, coarse_bits, base=0, hints=True):
+    """The slot lookup without its evict-last cache hint (each hinted load recomputes its policy: 5 uniform
+    instructions a step in the SASS)."""
+    return ORIGINAL["lookup"](table_ref, x, coarse_bits, base, hints=False)
+
+
 def raw_alu(raw_ref, i, ok, rb):
     return jnp.where(ok, i.astype(jnp.uint32) & jnp.uint32(0xFFFF), jnp.uint32(0))
 
@@ -91,6 +100,9 @@ ABLATIONS = {
     "no_raw": dict(load_raw=raw_alu),
     "no_table_no_words": dict(lookup=lookup_alu, lanes_step=pair_step(True, False)),
     "no_loads": dict(lookup=lookup_alu, lanes_step=pair_step(True, True), load_raw=raw_alu),
+    # not ablations: the loads as they are, without cache hints (tables' evict-last; raw and outputs' evict-first)
+    "no_table_hints": dict(lookup=lookup_unhinted),
+    "no_hints": dict(lookup=lookup_unhinted, STREAM={}),
 }
 
 

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zstd-level", type=int, default=3, help="zstandard level for --codec zstd (default 3)")
     p.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16-lossless: code bfloat16 exponents two values a symbol (default; ~1.2x faster GPU "
-                        "decode); --no-pairs: one exponent a symbol (format version 2 readers)")
+                        "decode); --no-pairs: one exponent a symbol")
     p.add_argument("--shard-size", type=_parse_size, default=2 << 30, help="largest shard, e.g. 2GB (default)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

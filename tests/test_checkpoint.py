@@ -8,8 +8,9 @@ import pytest
 from jcodec import checkpoint, convert
 from jcodec.checkpoint import FORMAT_VERSION, Checkpoint, CheckpointError
 
-# small tiles so that the small test tensors have several tiles each
-GEOMETRY = dict(lanes=16, steps=32)
+# small tiles so that the small test tensors have several tiles each; 33 steps: pair lanes decode runs of 4
+# (33 - 1 carried step = 8 runs)
+GEOMETRY = dict(lanes=16, steps=33)
 
 
 def bits(a):
@@ -35,7 +36,8 @@ def test_convert_roundtrip_lossless(tmp_path, hf_folder, small_tensors, codec):
 
 
 def test_convert_with_pair_symbols(tmp_path, hf_folder, small_tensors):
-    """--pairs: bfloat16 tensors get pair symbols (format version 3), others keep one exponent a symbol."""
+    """--pairs: bfloat16 tensors get pair symbols (format version 3) in runs (version 4), others keep one exponent a
+    symbol."""
     out = tmp_path / "pairs.jcodec"
     convert.convert(hf_folder, out, progress=False, pairs=True, **GEOMETRY)
     ckpt = Checkpoint(out)
@@ -45,6 +47,7 @@ def test_convert_with_pair_symbols(tmp_path, hf_folder, small_tensors):
         r = ckpt.record(name)
         if r is not None:
             kinds[str(ref.dtype)] = kinds.get(str(ref.dtype), set()) | {r.get("pairs", False)}
+            assert r.get("run", 1) == (4 if r.get("pairs") else 1)
             assert ckpt.summary(name)["codec"] == ("bf16-lossless/pairs" if r.get("pairs") else "bf16-lossless")
     assert kinds.get("bfloat16") == {True} and all(v == {False} for k, v in kinds.items() if k != "bfloat16"), kinds
     assert convert.verify(out, hf_folder, progress=False).compared == len(small_tensors)
@@ -107,6 +110,18 @@ def test_wrong_version(converted):
         Checkpoint(converted)
 
 
+def test_reads_version_3(tmp_path, hf_folder, small_tensors):
+    """A version 3 file (no runs: 32 steps leave 31 for runs of 4) still reads; the version is the only change."""
+    out = tmp_path / "v3"
+    convert.convert(hf_folder, out, progress=False, lanes=16, steps=32)
+    f = out / "model.safetensors"
+    data = f.read_bytes()
+    assert b'"run"' not in data and b'\\"run\\"' not in data
+    f.write_bytes(data.replace(b'"jcodec.version":"%d"' % FORMAT_VERSION, b'"jcodec.version":"3"'))
+    for name, ref in small_tensors.items():
+        np.testing.assert_array_equal(bits(Checkpoint(out).decode(name)), bits(ref))
+
+
 def _edit_record(folder, name, **changes):
     """Rewrite one tensor's JSON record (data offsets are relative to the header's end, so they stay valid)."""
     f = folder / "model.safetensors"
@@ -121,7 +136,8 @@ def _edit_record(folder, name, **changes):
 
 
 @pytest.mark.parametrize("change", [dict(shape=[300, 65]), dict(shape=[-1, 64]), dict(tiles=1), dict(lanes=10**6),
-                                    dict(codec="brotli"), dict(dtype="int4"), dict(words=5)])
+                                    dict(codec="brotli"), dict(dtype="int4"), dict(words=5), dict(run=3),
+                                    dict(run="4"), dict(run=8), dict(run=1), dict(steps=34)])
 def test_lying_record(converted, change):
     _edit_record(converted, "model.embed_tokens.weight", **change)
     with pytest.raises(CheckpointError, match="model.embed_tokens.weight"):
