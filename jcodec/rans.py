@@ -5,8 +5,8 @@ The layout (docs/FORMAT.md, "rANS streams") in one paragraph: symbols are cut in
 of a tile belongs to lane ``i % lanes`` and is decoded at step ``i // lanes`` (or, with ``run`` > 1, a lane decodes
 runs of consecutive symbols: :func:`lane_positions`). Every lane is an independent rANS coder (32-bit state in
 [2^16, 2^32), 16-bit words, 12-bit probabilities) with its own word stream; the streams of all lanes are
-concatenated lane by lane, each in the order the decoder reads it. So a decoder needs, per lane, only its start state and where its
-stream starts: lanes are fully independent, which is what a GPU wants.
+concatenated lane by lane, each in the order the decoder reads it. So a decoder needs, per lane, only its start
+state and where its stream starts: lanes are fully independent, which is what a GPU wants.
 
 Both coders are vectorised over all lanes of all tiles at once: one Python step per symbol position.
 """

@@ -29,8 +29,9 @@ One program decodes one tile, one lane per vector element (L padded to a power o
 every lane's slot (coarse table first, the full table only for lanes in buckets that hold a symbol boundary),
 updates the states, renormalises from a word loaded at the previous step (a lane reads at most one word per
 step), and writes one value per lane: the exponent joined with its raw bits, which were read ``unroll`` steps
-ahead (with runs: a run's G values at its end, raw bits read a block ahead, see ``decode_lane_runs``). No intermediate array is written: compressed bytes in, output bits out (plus, only with the optional
-word prefetch, a 4-byte sink per lane, see ``lanes_touch``). Positions past the end of the tensor in the last
+ahead (with runs: a run's G values at its end, raw bits read a block ahead, see ``decode_lane_runs``). No
+intermediate array is written: compressed bytes in, output bits out (plus, only with the optional word prefetch,
+a 4-byte sink per lane, see ``lanes_touch``). Positions past the end of the tensor in the last
 tile are not coded; the kernel decodes them anyway (they end each lane's sequence, so nothing before them
 changes) and does not write them. ``rans_float_decode_many`` decodes several tensors (a layer) in one launch.
 """
@@ -104,7 +105,9 @@ def rans_float_kernel(
         limit = jnp.minimum(n - t * tile, (steps - carry) * lanes)  # the tile's values in runs (the others: its tail)
         col = jnp.arange(run, dtype=jnp.int32)[None, :]
         at = (l * run)[:, None] + col  # [B, G] a lane's run 0
-        out_at = at if block_lanes == lanes else jnp.where(live[:, None], at, out_ref.shape[0] + (j * run)[:, None] + col)
+        # (padding lanes point past the end, each at its own address, as `out_first` does)
+        out_at = at if block_lanes == lanes else jnp.where(live[:, None], at,
+                                                           out_ref.shape[0] + (j * run)[:, None] + col)
 
         def run_ok(g):  # [B, G] (uniform along G where the tile's value count is a multiple of G: one wide access)
             ok = g * (lanes * run) + at < limit
@@ -233,7 +236,7 @@ SECTOR_SHIFT = 4  # log2(SECTOR_WORDS)
 # such lane, ~0.16 (exponents) to ~0.41 (int8 residuals) of the lanes every step. With word_group=2 the
 # kernels read the words as uint32 pairs; a lane keeps the pair that holds its read position and loads
 # only when it moves into the next pair, so half as many lanes gather per step (a shift and a mask more).
-WORD_RUNS = (1, 2)
+WORD_GROUPS = (1, 2)
 
 
 def check_launch(tensors, metas, unroll: int, num_warps: int, prefetch: int, tiles=None) -> list:
@@ -257,8 +260,8 @@ def stack_lead(states) -> tuple[int, ...]:
 
 
 def check_words(words, lead, word_group: int = 1) -> None:
-    if word_group not in WORD_RUNS:
-        raise ValueError(f"{word_group=} must be one of {WORD_RUNS}")
+    if word_group not in WORD_GROUPS:
+        raise ValueError(f"{word_group=} must be one of {WORD_GROUPS}")
     if (words.dtype != jnp.uint16 or words.shape[:-1] != lead or words.ndim != len(lead) + 1
             or not 1 <= words.size <= rc.INT32_MAX):
         raise ValueError(f"words={words.dtype}{list(words.shape)} must be uint16{list(lead) + ['W']} with "
