@@ -240,9 +240,14 @@ def encode_pairs(x: np.ndarray, lanes: int = DEFAULT_LANES, steps: int = PAIR_ST
     return EncodedTensor(record, arrays)
 
 
+def run_fits(run, steps: int, carry: int) -> bool:
+    """A run length the format allows: one of :data:`RUNS`, dividing the steps that are not carried."""
+    return type(run) is int and run in RUNS and (steps - carry) % run == 0
+
+
 def check_run(run: int, steps: int, carry: int) -> int:
-    """``run`` checked: one of :data:`RUNS`, dividing the steps that are not carried."""
-    if run not in RUNS or (steps - carry) % run:
+    """``run`` for the encoder, checked (:func:`run_fits`)."""
+    if not run_fits(run, steps, carry):
         raise ValueError(f"{run=} must be one of {RUNS} and divide steps - carry = {steps} - {carry}")
     return run
 
@@ -461,8 +466,8 @@ def validate(enc: EncodedTensor) -> None:
         size = stored_raw_values(m, lanes, steps, carry) * rb
         _need(a["raw"].dtype == np.uint8 and a["raw"].shape == (size,), f"raw must be uint8[{size}]")
         run = r.get("run", 1)
-        _need(type(run) is int and run in RUNS and (steps - carry) % run == 0,
-              f"run={run!r}, must be one of {RUNS} and divide steps - carry = {steps - carry}")
+        _need(run_fits(run, steps, carry), f"run={run!r}, must be one of {RUNS} and divide steps - carry = "
+                                           f"{steps - carry}")
     else:
         rows, cols = r.get("rows"), r.get("cols")
         _need(type(rows) is int and type(cols) is int and rows == shape[0] and rows * cols == n,

@@ -75,7 +75,6 @@ def rans_float_kernel(
     l = jnp.where(live, j, 0)  # padding lanes decode lane 0 again and write nowhere
     lane_state = tile_lanes_init(words_ref, starts_ref, bases_ref, states_ref, c * tiles + t, lanes, live,
                                  c * (words_ref.shape[0] // copies), prefetch)
-    first = t * tile + l  # [B] each lane's value at step 0, in its copy
     # where it goes in the output (of its copy); padding lanes point past the end (masked writes need no valid
     # address, but interpret mode's masked scatter must not see two lanes at one address)
     out_first = jnp.where(live, p * tile + j, out_ref.shape[0] + j)
@@ -90,9 +89,6 @@ def rans_float_kernel(
     per_value = rc.raw_layout(dtype)[1]  # raw_ref elements per value (pair symbols: one uint16 per pair)
     raw_tile = c * (raw_ref.shape[0] // (copies * per_value)) + t * ((steps - carry) * lanes)
     raw_first = raw_tile + l
-    # [B] the steps whose values a lane writes in the loop, with raw bytes from `raw` (a full tile's carried
-    # steps are written after it, from the end state)
-    in_loop = jnp.where(full, steps - carry, steps_with_values(n - first, lanes, steps))
 
     def read_raw(k, ok):  # [B] uint32 raw bits of step k (masked past the end, and where carried)
         return load_raw(raw_ref, raw_first + k * lanes, ok, rb)
@@ -129,6 +125,9 @@ def rans_float_kernel(
                                       run=run, steps=steps, unroll=unroll, carry=carry, coarse_bits=coarse_bits,
                                       table_base=table_base, pair_base=pair_base, prefetch=prefetch)
     else:
+        # [B] the steps whose values a lane writes in the loop, with raw bytes from `raw` (a full tile's carried
+        # steps are written after it, from the end state)
+        in_loop = jnp.where(full, steps - carry, steps_with_values(n - (t * tile + l), lanes, steps))
         lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
                                        read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
                                        coarse_bits=coarse_bits, table_base=table_base, pair_base=pair_base,

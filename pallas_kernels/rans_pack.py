@@ -68,8 +68,6 @@ def rans_pack_kernel(
     rb = rc.RAW_BYTES[dtype]
 
     full = count == lanes * steps  # a full tile's lanes carry their last `carry` values' raw bytes
-    # [B] the steps a lane writes in the loop, with raw bytes from `raw` (a full tile's carried ones after it)
-    in_loop = jnp.where(full, steps - carry, steps_with_values(count - l, lanes, steps))
 
     def read_raw(k, ok):  # [B] uint32 raw bits of step k (masked past each tile's values, and where carried)
         return load_raw(raw_ref, raw_at + l + k * lanes, ok, rb)
@@ -121,13 +119,13 @@ def rans_pack_kernel(
         lane_state = decode_lane_runs(words_ref, table_ref, lane_state, read_run, write_run, write_tail, run=run,
                                       steps=steps, unroll=unroll, carry=carry, coarse_bits=coarse_bits,
                                       table_base=table_base, pair_base=pair_base, prefetch=prefetch)
-        if prefetch:
-            plgpu.store(sink_ref.at[v], lane_state[3])
-        return
-    lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
-                                   read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
-                                   coarse_bits=coarse_bits, table_base=table_base, pair_base=pair_base,
-                                   prefetch=prefetch, raw_early=raw_early)
+    else:
+        # [B] the steps a lane writes in the loop, with raw bytes from `raw` (a full tile's carried ones after it)
+        in_loop = jnp.where(full, steps - carry, steps_with_values(count - l, lanes, steps))
+        lane_state = decode_lane_steps(words_ref, table_ref, lane_state, live, in_loop, full,
+                                       read_raw, write, steps=steps, unroll=unroll, carry=carry, rb=rb,
+                                       coarse_bits=coarse_bits, table_base=table_base, pair_base=pair_base,
+                                       prefetch=prefetch, raw_early=raw_early)
     if prefetch:
         plgpu.store(sink_ref.at[v], lane_state[3])  # (v: the program's lanes, as the sink is laid out)
 
