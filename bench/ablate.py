@@ -146,6 +146,23 @@ def time_runs(args, opts, runs, n_total):
                      us=s * 1e6, run=run, steps=steps, ratio=ratio, exact=exact)
 
 
+def variant_options(spec: str) -> dict:
+    """Launch options from a variant ``'u,w,c,p[,gG][,rR]'`` (bench/decode.py's form)."""
+    (un, nw, cb, pf, g, r, _), = bench.parse_variants(spec, 4, bench.FLOAT_OPTIONS)
+    return dict(unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r))
+
+
+def time_variants(specs, sets, metas, xs, n_total, reps):
+    """The layer at each launch variant in turn, then again in reverse order (side by side in one run)."""
+    for spec in specs + specs[::-1]:
+        opts = variant_options(spec)
+        fn = jax.jit(lambda *ts, opts=opts: rans_float.rans_float_decode_many(list(ts), metas=metas,
+                                                                              interpret=bench.INTERPRET, **opts))
+        exact = all(bench.same_bits(o, x) for o, x in zip(fn(*sets[0]), xs))
+        s, _ = bench.time_fn(fn, sets, reps)
+        bench.record("ablate", f"variant {spec} exact={exact}", s, n_total, us=s * 1e6, variant=spec, exact=exact)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out")
@@ -153,10 +170,12 @@ def main():
     ap.add_argument("--rotate", type=int, default=3)
     ap.add_argument("--only", default=",".join(ABLATIONS), help="comma list of ablations (base is run first and last)")
     ap.add_argument("--waves", default="", help="comma list of program counts for the wave rows (e.g. 4224,6336)")
-    ap.add_argument("--variant", help="launch options 'u,w,c,p[,rR]' as bench/decode.py takes them (default: the "
+    ap.add_argument("--variant", help="launch options 'u,w,c,p[,gG][,rR]' as bench/decode.py takes them (default: the "
                     "launch's own)")
     ap.add_argument("--runs", default="", help="comma list of run lengths: the layer encoded with each (at the "
                     "smallest steps >= codecs.PAIR_STEPS - 1 that allow it), timed in turn, twice")
+    ap.add_argument("--compare", default="", help="';'-separated launch variants 'u,w,c,p[,gG][,rR]' timed in turn, "
+                    "then in reverse order (e.g. '4,4,5,0,r1;4,4,5,0,r1,g2')")
     ap.add_argument("--small", action="store_true", help="tiny shapes, interpret mode: a dry run on CPU")
     args = ap.parse_args()
     if args.small:
@@ -180,8 +199,7 @@ def main():
     waves = [(p, wave_tiles(metas, p)) for p in [int(v) for v in args.waves.split(",") if v]]  # checked before any timing
     opts = {}
     if args.variant:
-        (un, nw, cb, pf, _, r, _), = bench.parse_variants(args.variant, 4, bench.FLOAT_OPTIONS)
-        opts = dict(unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, raw_early=bool(r))
+        opts = variant_options(args.variant)
     log(f"launch options: {opts or 'the defaults'}")
 
     def run(name, tiles=None, label=None):
@@ -202,6 +220,8 @@ def main():
         bench.guarded(f"ablate {name}")(run)(name)
     for p, tiles in waves:
         bench.guarded(f"waves {p}")(run)("base", tiles, f"base on {p} of {programs} programs")
+    if args.compare:
+        bench.guarded("variants")(time_variants)(args.compare.split(";"), sets, metas, xs, n_total, args.reps)
     if args.runs:
         bench.guarded("runs")(time_runs)(args, opts, [int(v) for v in args.runs.split(",")], n_total)
     bench.guarded("ablate base (again)")(run)("base", None, "base again")

@@ -416,6 +416,8 @@ def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0,
     shift = group_shift(words_ref)
     last = words_ref.shape[0] - 1
     sym, x = rc.rans_step(x, *lookup(table_ref, x, coarse_bits, table_base, hints))
+    if pair_base is not None and shift:
+        return pair_step_word_pairs(words_ref, table_ref, sym, x, ptr, word, sink, pair_base)
     if pair_base is not None:
         x, need = rc.renormalise(x, word)
         esc = sym == rc.ESC
@@ -444,6 +446,29 @@ def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0,
         word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=need,
                           other=word.astype(jnp.uint16)).astype(jnp.uint32)
     return sym, (x, ptr, word, sink)
+
+
+def half(pair, ptr):
+    """The word at read position ``ptr`` of the uint32 word pair that holds it (its low half at even ``ptr``)."""
+    return (pair >> ((ptr & 1) << 4).astype(jnp.uint32)) & 0xFFFF
+
+
+def pair_step_word_pairs(words_ref, table_ref, sym, x, ptr, word, sink, pair_base):
+    """The rest of a pair symbol's step (after its slot lookup) with ``word_group=2``: ``word`` is the uint32
+    word pair that holds ``ptr``. The ESC's bypass word (at ``ptr + need``) is in that pair unless the lane
+    renormalised from the pair's high half; the lane loads a pair only when it moves into another one."""
+    last = words_ref.shape[0] - 1
+    x, need = rc.renormalise(x, half(word, ptr))
+    esc = sym == rc.ESC
+    at = ptr + need.astype(jnp.int32)
+    held = ptr >> 1
+    second = plgpu.load(words_ref.at[jnp.minimum(at >> 1, last)], mask=esc & ((at >> 1) != held), other=word)
+    payload, escaped = rc.bypass(x, half(second, at))
+    x = jnp.where(esc, escaped, x)
+    ptr = at + esc.astype(jnp.int32)
+    word = plgpu.load(words_ref.at[jnp.minimum(ptr >> 1, last)], mask=(ptr >> 1) != held, other=word)
+    pair = plgpu.load(table_ref.at[sym.astype(jnp.int32) + pair_base], mask=~esc, other=0)
+    return jnp.where(esc, rc.exponents_in_place(payload), pair), (x, ptr, word, sink)
 
 
 def lookup(table_ref, x, coarse_bits: int, base=0, hints=True):
@@ -634,8 +659,6 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     for arrays, (n, lanes, steps, dtype, carry, run), tl in zip(tensors, metas, tiles):
         _check(*arrays, n, lanes, steps, dtype, carry, run)
         check_words(arrays[0], stack_lead(arrays[3]), word_group)
-        if dtype == rc.PAIRS and word_group != 1:
-            raise ValueError(f"{word_group=} must be 1 for pair symbols (a lane may read two words in a step)")
         c, programs = launch_shape(arrays[3], tl, lanes)
         copies.append(c)
         starts.append(starts[-1] + (programs // c * window if window else programs))
