@@ -29,16 +29,18 @@ SHUFFLE = "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;"
 
 
 def asm(code, *args):
-    return plgpu.elementwise_inline_asm(code, args=list(args), constraints="=r" + ",r" * len(args), pack=1,
-                                        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.uint32)])[0]
+    """``code`` on int32 operands (Triton's inline asm takes signless integers, not uint32) -> uint32."""
+    args = [a.astype(jnp.int32) for a in args]
+    return plgpu.elementwise_inline_asm(code, args=args, constraints="=r" + ",r" * len(args), pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.int32)])[0]
 
 
 def probe(block: int, num_warps: int, tiles: int = 3):
     def kernel(flag_ref, value_ref, src_ref, prefix_ref, moved_ref):
         i = pl.program_id(0) * block + jnp.arange(block, dtype=jnp.int32)
         flag, value, src = flag_ref[i], value_ref[i], src_ref[i]
-        prefix_ref[i] = asm(PREFIX, flag)
-        moved_ref[i] = asm(SHUFFLE, value, src)
+        prefix_ref[i] = asm(PREFIX, flag).astype(jnp.uint32)
+        moved_ref[i] = asm(SHUFFLE, value, src).astype(jnp.uint32)
 
     rng = np.random.default_rng(block)
     flag = (rng.random(tiles * block) < 0.3).astype(np.uint32)
