@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B in one device call: bench/decode.py with the same arguments on two versions of jcodec, alternating
+# A/B in one device call: bench/decode.py (or AB_SCRIPT, e.g. bench/ablate.py) with the same arguments on two versions of jcodec, alternating
 # (A B A B), so that both are timed on the same machine, warm, side by side.
 # A is the working tree; B is a commit, packed beside it before the call (the device copy has no .git):
 #   git archive -o bench/ab_ref.tar <commit> pyproject.toml README.md jcodec pallas_kernels models bench
@@ -21,7 +21,7 @@ for round in $(seq 1 ${ROUNDS:-2}); do
   for v in A B; do
     dir=$PWD; args=${AB_ARGS:-}; [ $v = B ] && [ -z "${AB_SAME_BENCH:-}" ] && dir=/tmp/ab_B && args=${AB_ARGS_B:-${AB_ARGS:-}}
     echo "=== $v round $round"
-    (cd $dir && PYTHONPATH=/tmp/site_$v:/tmp/site_whl timeout ${RUN_S:-150} python3 -P bench/decode.py $args \
+    (cd $dir && PYTHONPATH=/tmp/site_$v:/tmp/site_whl timeout ${RUN_S:-150} python3 -P ${AB_SCRIPT:-bench/decode.py} $args \
         --out $OUT/ab_${v}_${round}.json) 2>&1 | tee $OUT/ab_${v}_${round}.log | grep -E "GB/s|ratio|compile"
   done
 done

@@ -60,24 +60,23 @@ def pair_step(no_words: bool, no_pair: bool):
         sym, x = rc.rans_step(x, *rans_float.lookup(table_ref, x, coarse_bits, table_base, hints))
         x, need = rc.renormalise(x, word)
         esc = sym == rc.ESC
+        at = ptr + need.astype(jnp.int32)
         if no_words:
             second = word
         else:
-            second = plgpu.load(words_ref.at[jnp.minimum(ptr + 1, last)], mask=esc & need,
-                                other=word.astype(jnp.uint16)).astype(jnp.uint32)
+            second = plgpu.load(words_ref.at[jnp.minimum(at, last)], mask=esc, other=0).astype(jnp.uint32)
         payload, escaped = rc.bypass(x, second)
         x = jnp.where(esc, escaped, x)
-        moved = need.astype(jnp.int32) + esc.astype(jnp.int32)
-        ptr = ptr + moved
+        ptr = at + esc.astype(jnp.int32)
         if no_words:
             word = (ptr.astype(jnp.uint32) * jnp.uint32(40503)) & jnp.uint32(0xFFFF)
         else:
-            word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=moved > 0,
+            word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=need | esc,
                               other=word.astype(jnp.uint16)).astype(jnp.uint32)
         if no_pair:
             pair = sym << 7
         else:
-            pair = plgpu.load(table_ref.at[sym.astype(jnp.int32) + pair_base], mask=~esc, other=0)
+            pair = plgpu.load(table_ref.at[sym.astype(jnp.int32) + pair_base])
         return jnp.where(esc, rc.exponents_in_place(payload), pair), (x, ptr, word, sink)
     return lanes_step
 

@@ -106,7 +106,10 @@ def rans_float_kernel(
                                                            out_ref.shape[0] + (j * run)[:, None] + col)
 
         def run_ok(g):  # [B, G] (uniform along G where the tile's value count is a multiple of G: one wide access)
-            ok = g * (lanes * run) + at < limit
+            # `at` against the bound less the runs before g (a scalar): written `g * L * G + at < limit`, the
+            # compiler carried g * L * G as a 64-bit induction variable and compared in 64 bits, 2 instructions a
+            # step more (bench/sass.py)
+            ok = at < limit - g * (lanes * run)
             return ok if block_lanes == lanes else ok & live[:, None]
 
         def read_run(g):
@@ -416,23 +419,22 @@ def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0,
     shift = group_shift(words_ref)
     last = words_ref.shape[0] - 1
     sym, x = rc.rans_step(x, *lookup(table_ref, x, coarse_bits, table_base, hints))
-    if pair_base is not None and shift:
-        return pair_step_word_pairs(words_ref, table_ref, sym, x, ptr, word, sink, pair_base)
     if pair_base is not None:
         x, need = rc.renormalise(x, word)
         esc = sym == rc.ESC
-        # the bypass word: the held word if the lane took no renormalisation word, else the one after it (a
-        # lane reads up to two words in a step; this load is live only for such lanes: at most the ESC rate,
-        # 0.15% of pairs on Gaussian weights)
-        second = plgpu.load(words_ref.at[jnp.minimum(ptr + 1, last)], mask=esc & need,
-                            other=word.astype(jnp.uint16)).astype(jnp.uint32)
+        # the bypass word follows the renormalisation word, if any: the held word or the one after it. Every ESC
+        # lane loads it (a lane reads up to two words in a step; at the ESC rate, 0.15% of pairs on Gaussian
+        # weights): with no `other` to keep, the load costs fewer instructions than one masked to ESC lanes
+        # that renormalised (63.8 against 65.5 a step, bench/sass.py)
+        at = ptr + need.astype(jnp.int32)
+        second = plgpu.load(words_ref.at[jnp.minimum(at, last)], mask=esc, other=0).astype(jnp.uint32)
         payload, escaped = rc.bypass(x, second)
         x = jnp.where(esc, escaped, x)
-        moved = need.astype(jnp.int32) + esc.astype(jnp.int32)
-        ptr = ptr + moved
-        word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=moved > 0,
+        ptr = at + esc.astype(jnp.int32)
+        word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=need | esc,
                           other=word.astype(jnp.uint16)).astype(jnp.uint32)
-        pair = plgpu.load(table_ref.at[sym.astype(jnp.int32) + pair_base], mask=~esc, other=0)
+        # (every lane loads its pair-table entry, ESC's being in the table: no mask, no `other`)
+        pair = plgpu.load(table_ref.at[sym.astype(jnp.int32) + pair_base])
         return jnp.where(esc, rc.exponents_in_place(payload), pair), (x, ptr, word, sink)
     if shift:  # `word` is the pair holding ptr: its low half at even ptr, its high half at odd
         x, need = rc.renormalise(x, (word >> ((ptr & 1) << 4).astype(jnp.uint32)) & 0xFFFF)
@@ -446,29 +448,6 @@ def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0,
         word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=need,
                           other=word.astype(jnp.uint16)).astype(jnp.uint32)
     return sym, (x, ptr, word, sink)
-
-
-def half(pair, ptr):
-    """The word at read position ``ptr`` of the uint32 word pair that holds it (its low half at even ``ptr``)."""
-    return (pair >> ((ptr & 1) << 4).astype(jnp.uint32)) & 0xFFFF
-
-
-def pair_step_word_pairs(words_ref, table_ref, sym, x, ptr, word, sink, pair_base):
-    """The rest of a pair symbol's step (after its slot lookup) with ``word_group=2``: ``word`` is the uint32
-    word pair that holds ``ptr``. The ESC's bypass word (at ``ptr + need``) is in that pair unless the lane
-    renormalised from the pair's high half; the lane loads a pair only when it moves into another one."""
-    last = words_ref.shape[0] - 1
-    x, need = rc.renormalise(x, half(word, ptr))
-    esc = sym == rc.ESC
-    at = ptr + need.astype(jnp.int32)
-    held = ptr >> 1
-    second = plgpu.load(words_ref.at[jnp.minimum(at >> 1, last)], mask=esc & ((at >> 1) != held), other=word)
-    payload, escaped = rc.bypass(x, half(second, at))
-    x = jnp.where(esc, escaped, x)
-    ptr = at + esc.astype(jnp.int32)
-    word = plgpu.load(words_ref.at[jnp.minimum(ptr >> 1, last)], mask=(ptr >> 1) != held, other=word)
-    pair = plgpu.load(table_ref.at[sym.astype(jnp.int32) + pair_base], mask=~esc, other=0)
-    return jnp.where(esc, rc.exponents_in_place(payload), pair), (x, ptr, word, sink)
 
 
 def lookup(table_ref, x, coarse_bits: int, base=0, hints=True):
@@ -659,6 +638,9 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
     for arrays, (n, lanes, steps, dtype, carry, run), tl in zip(tensors, metas, tiles):
         _check(*arrays, n, lanes, steps, dtype, carry, run)
         check_words(arrays[0], stack_lead(arrays[3]), word_group)
+        if dtype == rc.PAIRS and word_group != 1:  # (measured: the pair layer 1143-1151 GB/s against 1191-1210 with
+            # single words, u4 c5 p0 r1, bench/RESULTS.md session 17; the code was not kept)
+            raise ValueError(f"{word_group=} must be 1 for pair symbols (a lane may read two words in a step)")
         c, programs = launch_shape(arrays[3], tl, lanes)
         copies.append(c)
         starts.append(starts[-1] + (programs // c * window if window else programs))

@@ -103,7 +103,7 @@ def rans_pack_kernel(
         limit = jnp.minimum(count, (steps - carry) * lanes)[:, None]  # the tile's values in runs
 
         def run_ok(g):
-            return (g * (lanes * run) + at < limit) & live[:, None]
+            return (at < limit - g * (lanes * run)) & live[:, None]  # (a bound less g's values: 32-bit, see rans_float)
 
         def read_run(g):
             return load_raw(raw_ref, raw_at[:, None] + g * (lanes * run) + at, run_ok(g), rb)
