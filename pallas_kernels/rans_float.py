@@ -87,17 +87,10 @@ def rans_float_kernel(
     # the raw array holds the other steps of every full tile, then the last tile's (value units here)
     full = t < n // tile
     per_value = rc.raw_layout(dtype)[1]  # raw_ref elements per value (pair symbols: one uint16 per pair)
-    # pair symbols in runs read their raw uint16s two to a uint32 (kernel_raw): a run's G/2 words, loaded a block
-    # ahead, are carried as they are and split where they are used, in the next block
-    halves = dtype == rc.PAIRS and jnp.dtype(raw_ref.dtype) == jnp.uint32
-    raw_tile = c * (raw_ref.shape[0] * (1 + halves) // (copies * per_value)) + t * ((steps - carry) * lanes)
+    raw_tile = c * (raw_ref.shape[0] // (copies * per_value)) + t * ((steps - carry) * lanes)
     raw_first = raw_tile + l
 
     def read_raw(k, ok):  # [B] uint32 raw bits of step k (masked past the end, and where carried)
-        if halves:
-            i = raw_first + k * lanes
-            both = plgpu.load(raw_ref.at[i >> 1], mask=ok, other=0, **STREAM)
-            return (both >> ((i & 1) << 4).astype(jnp.uint32)) & 0xFFFF
         return load_raw(raw_ref, raw_first + k * lanes, ok, rb)
 
     def write(k, sym, raw, mask):
@@ -120,17 +113,9 @@ def rans_float_kernel(
             return ok if block_lanes == lanes else ok & live[:, None]
 
         def read_run(g):
-            if halves:  # [B, G/2] uint32: the run's raw uint16s two to a word (whole runs: one mask a run)
-                rel = (l * (run // 2))[:, None] + jnp.arange(run // 2, dtype=jnp.int32)[None, :]
-                ok = (l * run)[:, None] < limit - g * (lanes * run)
-                ok = ok if block_lanes == lanes else ok & live[:, None]
-                return plgpu.load(raw_ref.at[(raw_tile >> 1) + g * (lanes * run // 2) + rel],
-                                  mask=jnp.broadcast_to(ok, rel.shape), other=0, **STREAM)
             return load_raw(raw_ref, raw_tile + g * (lanes * run) + at, run_ok(g), rb)
 
         def write_run(g, sym, raw):
-            if halves:
-                raw = columns_of(raw & 0xFFFF, raw >> 16)
             bits = rc.join_float(sym, raw, dtype).astype(out_ref.dtype)
             plgpu.store(out_ref.at[out_base + p * tile + g * (lanes * run) + out_at], bits, mask=run_ok(g), **STREAM)
 
@@ -229,12 +214,6 @@ def decode_lane_runs(words_ref, table_ref, lane_state, read_run, write_run, writ
     for i, sym in enumerate(tail):
         write_tail(i, sym, lane_state[0])
     return lane_state
-
-
-def columns_of(even, odd):
-    """[B, H] x 2 -> [B, 2H]: column 2u from ``even``, 2u + 1 from ``odd`` (Triton's join: in registers)."""
-    both = jnp.stack([even, odd], axis=-1)
-    return both.reshape(both.shape[0], -1)
 
 
 def run_unroll(unroll: int, steps: int, carry: int, run: int) -> int:
@@ -682,21 +661,11 @@ def rans_float_decode_many(tensors, *, metas, tiles=None, start=None, window: in
         name=f"rans_float_u{unroll}_w{num_warps}_{rc.lookup_name(coarse_bits)}_p{prefetch}"
              + (f"_g{word_group}" if word_group > 1 else "") + ("_r1" if raw_early else ""),
     )(*[flat(a) for arrays, m in zip(tensors, metas)
-        for a in (kernel_words(arrays[0], word_group), *arrays[1:4], kernel_raw(arrays[4], m),
+        for a in (kernel_words(arrays[0], word_group), *arrays[1:5],
                   kernel_table(arrays[5], coarse_bits, m[3] == rc.PAIRS))],
       *[tl for tl in tiles if tl is not None], *extra)
     return [lax.bitcast_convert_type(b, value_dtype(m[3])).reshape((window or c, -1) if t[3].ndim == 2 else (-1,))
             for b, m, c, t in zip(outs[:len(metas)], metas, copies, tensors)]
-
-
-def kernel_raw(raw, meta):
-    """The raw array the kernel reads: as it is, or for pair symbols in whole runs (a run's raw uint16s start at an
-    even index; the last tile's values a multiple of the run) viewed as uint32 pairs of them where each copy's count
-    is even: a reshape and a bitcast, no copy."""
-    n, lanes, steps, dtype, carry, run = meta
-    if dtype != rc.PAIRS or run % 2 or raw.shape[-1] % 2 or n % (lanes * steps) % run:
-        return raw
-    return lax.bitcast_convert_type(raw.reshape(raw.shape[:-1] + (-1, 2)), jnp.uint32)
 
 
 def value_dtype(dtype: str):

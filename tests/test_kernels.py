@@ -492,18 +492,6 @@ class TestPairSymbols(KernelTestBase):
         if steps == codecs.PAIR_STEPS:
             assert enc.record["run"] == codecs.PAIR_RUN
 
-    @pytest.mark.parametrize("n,lanes,steps,blocks", [
-        (2 * 640, 32, 9, {}), (2 * 360, 24, 13, {}), (2 * 360 - 1, 24, 13, {}), (2 * 640, 32, 9, dict(unroll=8))])
-    def test_whole_runs_read_raw_in_words(self, n, lanes, steps, blocks):
-        """Pairs in whole runs of 4 (the last tile's pairs a multiple of 4) with an even raw count: the kernel
-        reads the raw uint16s two to a uint32 (kernel_raw); an odd value count still decodes exactly."""
-        rng = np.random.default_rng(n)
-        x = random_float(rng, (n,), "bfloat16")
-        x[:40] = random_float(rng, (40,), "bfloat16", "bits")  # escapes
-        enc = self.check_pairs(x, lanes, steps, 4, **blocks)
-        args, meta = tensor.kernel_args(tensor.from_encoded(enc))
-        assert rans_float.kernel_raw(args[4], meta).dtype == jnp.uint32
-
     @pytest.mark.parametrize("unroll,num_warps,coarse_bits,prefetch,raw_early", [
         (1, 1, 5, 0, False), (4, 2, 0, 16, True), (8, 4, 3, 1, False)])
     def test_block_sizes(self, unroll, num_warps, coarse_bits, prefetch, raw_early):
