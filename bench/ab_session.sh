@@ -3,7 +3,7 @@
 # (A B A B), so that both are timed on the same machine, warm, side by side.
 # A is the working tree; B is a commit, packed beside it before the call (the device copy has no .git):
 #   git archive -o bench/ab_ref.tar <commit> pyproject.toml README.md jcodec pallas_kernels models bench
-# then on the device, from the repository root, with `.whl` (zstandard for Python 3.12) carried:
+# (AB_REF names another such tar) then on the device, from the repository root, with `.whl` (zstandard for Python 3.12) carried:
 #   AB_ARGS='--steps 240 --skip int8,...' ROUNDS=2 bash bench/ab_session.sh
 # AB_ARGS_B replaces AB_ARGS for B where the two decode.py versions spell an option differently.
 # AB_SAME_BENCH=1 runs A's bench/decode.py on both libraries (B's jcodec, A's timing), with AB_ARGS.
@@ -14,7 +14,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_whl .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site_A . || exit 1
-rm -rf /tmp/ab_B && mkdir -p /tmp/ab_B && tar -xf bench/ab_ref.tar -C /tmp/ab_B || exit 1
+rm -rf /tmp/ab_B /tmp/site_B && mkdir -p /tmp/ab_B && tar -xf ${AB_REF:-bench/ab_ref.tar} -C /tmp/ab_B || exit 1
 (cd /tmp/ab_B && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site_B .) || exit 1
 export PYTHONUNBUFFERED=1
 for round in $(seq 1 ${ROUNDS:-2}); do

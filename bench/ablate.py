@@ -20,7 +20,8 @@ The outputs of an ablation are not the tensor (only ``base`` is checked bit for 
 access costs in the loop as it is. ``--waves``: the base kernel on a subset of each tensor's tiles, so that the
 launch has whole waves of programs (132 SMs x 16 programs on the H100) against the full 3.36: what the last,
 partial wave costs. ``--runs 1,4``: the layer encoded with each run length (``jcodec.rans.lane_positions``; 1 is
-format version 3's layout), timed side by side in one run.
+format version 3's layout), timed side by side in one run; ``--steps 121,101``: the same with steps per lane
+(a launch's programs are whole waves of 132 x 16 when their count is a multiple of 2112).
 """
 from __future__ import annotations
 
@@ -124,25 +125,36 @@ def wave_tiles(metas, programs: int):
 def time_runs(args, opts, runs, n_total):
     """The layer encoded with lanes decoding runs of each length in ``runs`` (1: format version 3's layout), timed
     side by side: each in turn, then again in reverse order."""
-    layers = {}
+    geometries = []
     for run in runs:
         steps = codecs.PAIR_STEPS - 1
         while (steps - 1) % run:  # (one carried step a lane)
             steps += 1
+        geometries.append((steps, run))
+    time_geometries(args, opts, geometries, n_total)
+
+
+def time_geometries(args, opts, geometries, n_total):
+    """The layer encoded at each ``(steps, run)`` (run None: the encoder's default), timed side by side: each in
+    turn, then again in reverse order."""
+    layers = {}
+    for steps, run in geometries:
         layer = bench.encode_all(list(bench.LAYER.values()), "bf16-lossless", codecs.DEFAULT_LANES, steps, seed0=30,
                                  pairs=True, run=run)
+        run = layer[0][1].record.get("run", 1)
         ratio = sum(e.nbytes for _, e in layer) / sum(x.nbytes for x, _ in layer)
         sets = [[tensor.kernel_args(tensor.from_encoded(e)) for _, e in layer] for _ in range(args.rotate)]
-        layers[run] = (steps, ratio, [x for x, _ in layer], [tuple(a for a, _ in one) for one in sets],
-                       tuple(m for _, m in sets[0]))
-    for run in runs + runs[::-1]:
-        steps, ratio, xs, sets, metas = layers[run]
+        layers[steps, run] = (ratio, [x for x, _ in layer], [tuple(a for a, _ in one) for one in sets],
+                              tuple(m for _, m in sets[0]))
+    for steps, run in list(layers) + list(layers)[::-1]:
+        ratio, xs, sets, metas = layers[steps, run]
         fn = jax.jit(lambda *ts, metas=metas: rans_float.rans_float_decode_many(list(ts), metas=metas,
                                                                                 interpret=bench.INTERPRET, **opts))
         exact = all(bench.same_bits(o, x) for o, x in zip(fn(*sets[0]), xs))
         s, _ = bench.time_fn(fn, sets, args.reps)
-        bench.record("ablate", f"runs of {run}, {steps} steps, ratio {ratio:.4f} exact={exact}", s, n_total,
-                     us=s * 1e6, run=run, steps=steps, ratio=ratio, exact=exact)
+        programs = sum(num_tiles(*m[:3]) for m in metas)
+        bench.record("ablate", f"runs of {run}, {steps} steps, {programs} programs, ratio {ratio:.4f} exact={exact}", s,
+                     n_total, us=s * 1e6, run=run, steps=steps, programs=programs, ratio=ratio, exact=exact)
 
 
 def variant_options(spec: str) -> dict:
@@ -175,6 +187,8 @@ def main():
                     "smallest steps >= codecs.PAIR_STEPS - 1 that allow it), timed in turn, twice")
     ap.add_argument("--compare", default="", help="';'-separated launch variants 'u,w,c,p[,gG][,rR]' timed in turn, "
                     "then in reverse order (e.g. '4,4,5,0,r1;4,4,5,0,r1,g2')")
+    ap.add_argument("--steps", default="", help="comma list of steps per lane: the layer encoded with each (runs: "
+                    "the encoder's default), timed in turn, then in reverse order")
     ap.add_argument("--small", action="store_true", help="tiny shapes, interpret mode: a dry run on CPU")
     args = ap.parse_args()
     if args.small:
@@ -221,6 +235,8 @@ def main():
         bench.guarded(f"waves {p}")(run)("base", tiles, f"base on {p} of {programs} programs")
     if args.compare:
         bench.guarded("variants")(time_variants)(args.compare.split(";"), sets, metas, xs, n_total, args.reps)
+    if args.steps:
+        bench.guarded("steps")(time_geometries)(args, opts, [(int(v), None) for v in args.steps.split(",")], n_total)
     if args.runs:
         bench.guarded("runs")(time_runs)(args, opts, [int(v) for v in args.runs.split(",")], n_total)
     bench.guarded("ablate base (again)")(run)("base", None, "base again")
