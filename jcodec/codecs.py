@@ -49,15 +49,19 @@ CARRY = {1: 2, 2: 1, 3: 1}  # raw bytes per symbol -> symbols carried per lane (
 # bytes and output bits as one 16- and one 32-bit access. Symbols are the ranks of the tensor's most frequent
 # exponent pairs; every other pair is rans.ESC followed by its 16 bits. On the H100 a prototype kernel decoded
 # 1.23-1.29x faster than the one-exponent kernel, side by side (bench/RESULTS.md, session 10); on Gaussian
-# weights the pairs cost 2.554 bits per exponent against 2.550. A lane's steps count pairs: 121 steps hold
-# the 242 values of a one-exponent lane, 120 of them in runs of PAIR_RUN.
-PAIR_STEPS = 121
+# weights the pairs cost 2.554 bits per exponent against 2.550. A lane's steps count pairs: 105 steps, 104 of them
+# in runs of PAIR_RUN. Shorter lanes cost ratio (each has its state and start) and give more, shorter programs: a
+# Llama-3-8B layer in one launch on the H100, side by side, 1223.7 / 1181.8 GB/s at 121 steps (7,044 programs,
+# 3.34 waves of 132 SMs x 16, ratio 0.6641), 1264.7 / 1267.4 at 105 (8,119, 3.84 waves, 0.6648); 101 steps
+# (3.996 waves, 1289.5) cost 0.66501 (bench/RESULTS.md, session 17). A launch's last, partial wave leaves SMs
+# idle for about one program's time, and a program is shorter with fewer steps.
+PAIR_STEPS = 105
 # Runs (format version 4, ``rans.lane_positions``): a lane decodes PAIR_RUN consecutive symbols of its tile at a
 # time, not symbols ``lanes`` apart, so a GPU lane loads a run's raw bytes in one load and stores its values in one
 # store (pairs: 8 and 16 bytes) where it made 4 narrow accesses of each. The pair layer on the H100, side by side
 # in one run: 1188.9 / 1203.1 GB/s with runs of 4 against 1077.9 / 1074.3 without (bench/RESULTS.md, session 16;
 # runs of 8 decoded at 580.5 in a prototype). A lane's last ``carry`` steps (its carried values) are not in
-# runs, so runs need (steps - carry) % run == 0: 121 - 1 = 120 steps, 30 runs.
+# runs, so runs need (steps - carry) % run == 0: 105 - 1 = 104 steps, 26 runs.
 PAIR_RUN = 4
 RUNS = (1, 2, 4, 8)
 PAIR_ALPHABETS = (15, 31, 63, 127, 191, 255)  # alphabet sizes (ESC included) the encoder tries
