@@ -424,8 +424,9 @@ def lanes_step(words_ref, table_ref, lane_state, coarse_bits: int, table_base=0,
         esc = sym == rc.ESC
         # the bypass word follows the renormalisation word, if any: the held word or the one after it. Every ESC
         # lane loads it (a lane reads up to two words in a step; at the ESC rate, 0.15% of pairs on Gaussian
-        # weights): with no `other` to keep, the load costs fewer instructions than one masked to ESC lanes
-        # that renormalised (63.8 against 65.5 a step, bench/sass.py)
+        # weights): with no `other` to keep, fewer instructions than a load masked to the ESC lanes that
+        # renormalised (bench/sass.py, the pair layer's kernel: 65.5 -> 63.8 a step; 69.5 in session 16, before
+        # this, the unmasked pair-table load and the run mask; its time under ncu did not change, session 17)
         at = ptr + need.astype(jnp.int32)
         second = plgpu.load(words_ref.at[jnp.minimum(at, last)], mask=esc, other=0).astype(jnp.uint32)
         payload, escaped = rc.bypass(x, second)

@@ -480,7 +480,8 @@ class TestPairSymbols(KernelTestBase):
     @pytest.mark.parametrize("n,lanes,steps,run,blocks", [
         (1, 32, 8, 1, {}), (3, 32, 8, 1, {}), (1025, 32, 8, 1, {}), (700, 7, 5, 1, {}), (700, 7, 5, 2, {}),
         (1025, 32, 9, 4, {}), (3 * 2 * 24 * 13 + 77, 24, 13, 4, dict(unroll=8, prefetch=8, coarse_bits=0)),
-        (2 * 32 * 17 + 9, 32, 17, 8, dict(unroll=8, raw_early=False)), (64 * 2 * codecs.PAIR_STEPS + 6, 128, codecs.PAIR_STEPS, None, {})])
+        (2 * 32 * 17 + 9, 32, 17, 8, dict(unroll=8, raw_early=False)),
+        (64 * 2 * codecs.PAIR_STEPS + 6, 128, codecs.PAIR_STEPS, None, {})])
     def test_ragged_sizes_edges_and_escapes(self, n, lanes, steps, run, blocks):
         """(run None: the encoder's default, runs of codecs.PAIR_RUN at the default steps.)"""
         rng = np.random.default_rng(n + lanes)
