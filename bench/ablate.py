@@ -18,10 +18,11 @@ with arithmetic on what the lane already holds, so that the rest of the loop run
 
 The outputs of an ablation are not the tensor (only ``base`` is checked bit for bit); their times say what each
 access costs in the loop as it is. ``--waves``: the base kernel on a subset of each tensor's tiles, so that the
-launch has whole waves of programs (132 SMs x 16 programs on the H100) against the full 3.36: what the last,
+launch has whole waves of programs (132 SMs x 16 programs on the H100) against the full 3.84: what the last,
 partial wave costs. ``--runs 1,4``: the layer encoded with each run length (``jcodec.rans.lane_positions``; 1 is
-format version 3's layout), timed side by side in one run; ``--steps 121,101``: the same with steps per lane
-(a launch's programs are whole waves of 132 x 16 when their count is a multiple of 2112).
+format version 3's layout), timed side by side in one run; ``--steps 121,105``: the same with steps per lane
+(a launch's programs are whole waves of 132 x 16 when their count is a multiple of 2112); ``--compare
+'4,4,5,0,r1;4,4,5,0,r1,g2'``: launch variants of the default layer, the same way.
 """
 from __future__ import annotations
 
