@@ -23,7 +23,7 @@ from jcodec import codecs
 
 FORMAT_VERSION = 4
 # version 1: no carried raw bytes (a record without `carry`); version 2: no pair symbols (no `pairs`); version 3:
-# no runs (no `group`)
+# no runs (no `run`)
 READS_VERSIONS = ("1", "2", "3", "4")
 VERSION_KEY = "jcodec.version"
 RECORD_PREFIX = "jcodec.tensor."
