@@ -13,6 +13,7 @@
 set -u
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_whl .whl/*.whl || exit 1
+rm -rf /tmp/site_A  # (a warm machine keeps the last call's copy: A must be this tree)
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site_A . || exit 1
 rm -rf /tmp/ab_B /tmp/site_B && mkdir -p /tmp/ab_B && tar -xf ${AB_REF:-bench/ab_ref.tar} -C /tmp/ab_B || exit 1
 (cd /tmp/ab_B && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site_B .) || exit 1
