@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests (compiled kernels, model on compressed weights), the decode bench, the
-# generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py), each under its own time limit (0 skips a part; ABLATE_S: bench/ablate.py).
+# generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py; LONE_S: bench/lone_matrix.py), each under its own time limit (0 skips a part; ABLATE_S: bench/ablate.py).
 # Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
 #   TEST_S=240 BITWISE_S=0 DECODE_S=300 PROFILE_S=0 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
 # PROFILE_VARIANT picks the kernel variant ncu profiles, PROFILE_ARGS adds decode.py flags (--steps N, --profile-layer, --profile-codec
@@ -27,6 +27,10 @@ fi
 if [ "${ABLATE_S:-0}" != 0 ]; then  # the pair layer with one kind of memory access taken out at a time (bench/ablate.py)
   timeout ${ABLATE_S} python3 -P bench/ablate.py --out $OUT/ablate.json ${ABLATE_ARGS:-} 2>&1 \
       | tee $OUT/ablate.log | tail -20; echo "[ablate: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
+fi
+if [ "${LONE_S:-0}" != 0 ]; then  # the lone pair matrix: per-call cost and the last wave (bench/lone_matrix.py)
+  timeout ${LONE_S} python3 -P bench/lone_matrix.py --out $OUT/lone.json ${LONE_ARGS:-} 2>&1 \
+      | tee $OUT/lone.log | tail -30; echo "[lone: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
 if [ "${DECODE_S:-0}" != 0 ]; then
   timeout ${DECODE_S} python3 -P bench/decode.py --out $OUT/decode.json ${DECODE_ARGS:-} 2>&1 \

@@ -1,0 +1,129 @@
+"""The lone 4096 x 14336 pair matrix (the peers' shape): where its time goes beyond the kernel's own.
+
+    python3 -P bench/lone_matrix.py --out lone.json          # on the GPU machine (a few minutes)
+    python3 -P bench/lone_matrix.py --small                  # a dry run on CPU (interpret mode)
+
+A layer decoded in one launch runs above 1.2 TB/s; this matrix alone does not (bench/RESULTS.md session 17:
+1019.9-1140.4 GB/s), though it is the same kernel. Two suspects, each timed here side by side with the
+ceiling (an XLA elementwise pass over the BF16 matrix):
+
+- **per call**: each timed call is one jitted function, one kernel. ``--per-jit 1,8`` times K decodes of
+  K different copies inside ONE jitted function (as a model's forward runs its decodes) and divides by K:
+  what is left between K = 1 and K = 8 is what a call costs around its kernel.
+- **the last wave**: 2112 programs (132 SMs x 16) run at once on the H100; at 105 steps the matrix has 2206,
+  so 94 programs run after the rest, alone. ``--steps`` encodes the matrix at each steps per lane (the
+  format's field: any file may use it) and times them in turn, then in reverse order.
+
+Every row's output is compared bit for bit with the matrix before it is timed. GB/s counts BF16 output.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import decode as bench  # noqa: E402  (bench/decode.py: encoding, timing and the rows' format)
+
+from jcodec import codecs, tensor  # noqa: E402
+from jcodec.pallas_kernels import rans_float  # noqa: E402
+from jcodec.rans import num_tiles  # noqa: E402
+
+SLOTS = 132 * 16  # programs resident at once on the H100 (132 SMs, 16 programs of 4 warps each)
+
+
+def encode_each(steps_list):
+    """{steps: (x, enc)}: the matrix (one seed) encoded with pair symbols at each steps, one process each."""
+    jobs = [(bench.MATRIX, 0, "bf16-lossless", codecs.DEFAULT_LANES, s, True, None) for s in steps_list]
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
+        return dict(zip(steps_list, pool.map(bench._encode, jobs)))
+
+
+def k_decodes(meta, opts, k):
+    """One jitted function decoding ``k`` different copies (distinct buffers: XLA cannot merge the calls)."""
+    def fn(*arrays):
+        return [rans_float.rans_float_decode_many([a], metas=(meta,), interpret=bench.INTERPRET, **opts)[0]
+                for a in arrays]
+    return jax.jit(fn)
+
+
+def k_passes(k):
+    return jax.jit(lambda *xs: [bench.lax_xor(x) for x in xs[:k]])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out")
+    ap.add_argument("--steps", default=f"{codecs.PAIR_STEPS}", help="comma list of steps per lane")
+    ap.add_argument("--per-jit", default="1,8", help="comma list of K: decodes in one jitted function")
+    ap.add_argument("--variant", help="launch options 'u,w,c,p[,rR]' (default: the launch's own for one tensor)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--small", action="store_true", help="tiny shapes, interpret mode: a dry run on CPU")
+    args = ap.parse_args()
+    if args.small:
+        bench.shrink()
+    bench.BATCHES = 4
+    log = bench.log
+    log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    steps_list = [int(v) for v in args.steps.split(",")]
+    ks = [int(v) for v in args.per_jit.split(",")]
+    copies = max(ks) + (1 if max(ks) == 1 else 0)  # K = 1 still rotates over two copies (L2: 50 MB)
+    opts = {}
+    if args.variant:
+        import ablate  # noqa: E402  (the variant parser)
+        opts = ablate.variant_options(args.variant)
+    t0 = time.time()
+    encoded = encode_each(steps_list)
+    log(f"encoded {len(steps_list)} geometries in {time.time() - t0:.1f}s; launch options {opts or 'the defaults'}")
+    if not args.small:
+        bench.warm_up()
+    x = encoded[steps_list[0]][0]
+    n = x.size
+    plain = [jax.device_put(x) for _ in range(copies)]
+    setups = {}
+    for steps, (xs, enc) in encoded.items():
+        cts = [tensor.from_encoded(enc) for _ in range(copies)]
+        meta = tensor.kernel_args(cts[0])[1]
+        programs = num_tiles(*meta[:3])
+        setups[steps] = (xs, [tensor.kernel_args(c)[0] for c in cts], meta, programs, enc.nbytes / xs.nbytes)
+        log(f"  steps {steps}: {programs} programs ({programs / SLOTS:.3f} waves of {SLOTS}), ratio "
+            f"{enc.nbytes / xs.nbytes:.4f}")
+    order = steps_list + steps_list[::-1]
+    for rnd, steps in enumerate(order):
+        xs, arrays, meta, programs, ratio = setups[steps]
+        for k in ks:
+            fn = k_decodes(meta, opts, k)
+            inputs = [tuple(arrays[i:i + k]) for i in range(0, copies - k + 1, k)]
+            if k == 1:
+                inputs = [(a,) for a in arrays[:2]]
+            outs = fn(*inputs[0])
+            exact = all(bench.same_bits(o, xs) for o in outs)
+            del outs
+            s, _ = bench.time_fn(fn, inputs, args.reps)
+            bench.record("lone matrix", f"s{steps} ({programs} programs) {k} a jit exact={exact}", s / k, n,
+                         steps=steps, programs=programs, per_jit=k, ratio=ratio, exact=exact,
+                         round=0 if rnd < len(steps_list) else 1)
+        if rnd in (0, len(order) - 1):  # the ceiling, first and last
+            for k in ks:
+                inputs = [tuple(plain[:k])] if k > 1 else [(a,) for a in plain[:2]]
+                s, _ = bench.time_fn(k_passes(k), inputs, args.reps)
+                bench.record("ceiling", f"XLA elementwise pass {bench.MATRIX} {k} a jit", s / k, n, per_jit=k)
+    log("\n| group | row | us | GB/s (BF16 out) |\n|---|---|---|---|")
+    for r in bench.ROWS:
+        log(f"| {r['group']} | {r['name']} | {r['ms'] * 1e3:.1f} | {r['gbs_bf16_out']:.1f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=bench.ROWS), f, indent=1,
+                      default=str)
+
+
+if __name__ == "__main__":
+    main()
