@@ -112,20 +112,78 @@ def time_fn(fn, inputs, reps):
         dispatch.append((t1 - t0) / calls)
         del outs
     LAST_DISPATCH = statistics.median(dispatch)
+    if TRACE:
+        global LAST_DEVICE
+        LAST_DEVICE = device_times(fn, inputs)
     return statistics.median(runs), runs
+
+
+TRACE = True  # --no-trace: time_fn also takes one run's device timeline (device_times); record logs it
+LAST_DEVICE: dict | None = None
+_LINES_SHOWN = False
+
+
+def device_times(fn, inputs) -> dict | None:
+    """One more run as time_fn's (the same calls, enqueued back to back), under ``jax.profiler.trace``: per call,
+    the device's ``span`` (the first kernel's start to the last kernel's end, over the run's calls: what the
+    GPU spent, gaps between kernels included, the host's start-up and final wait not) and ``kernels`` (the
+    kernels' own durations, summed), in seconds, and ``launches`` (kernels a call). The host-timed median
+    also counts the time before the first kernel starts (the first call's dispatch, up to 0.25 ms) over only
+    ``BATCHES * len(inputs)`` calls (session 18). None where the trace holds no GPU kernels (CPU)."""
+    global _LINES_SHOWN
+    import glob
+    import tempfile
+    from jax.profiler import ProfileData
+    calls = BATCHES * len(inputs)
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            outs = [fn(*inp) for _ in range(BATCHES) for inp in inputs]
+            jax.block_until_ready(outs)
+            del outs
+        files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        if not files:
+            return None
+        data = ProfileData.from_file(files[0])
+        events = []
+        for plane in data.planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            lines = list(plane.lines)
+            if not _LINES_SHOWN:
+                log(f"    (trace: {plane.name} lines {[ln.name for ln in lines]})")
+                _LINES_SHOWN = True
+            for line in lines:
+                if line.name.startswith("Stream"):  # the kernels as CUPTI saw them (not the derived "XLA Ops")
+                    events += [(e.start_ns, e.duration_ns) for e in line.events]
+    if not events:
+        return None
+    start, end = min(s for s, _ in events), max(s + t for s, t in events)
+    return dict(span=(end - start) / calls * 1e-9, kernels=sum(t for _, t in events) / calls * 1e-9,
+                launches=len(events) / calls)
 
 
 BATCHES = 4  # --batches (main sets it)
 
 
 def record(group, name, seconds, n_values, **extra):
-    global LAST_DISPATCH
+    global LAST_DISPATCH, LAST_DEVICE
     gbs = n_values * 2 / seconds / 1e9
     dispatch, LAST_DISPATCH = LAST_DISPATCH, None
+    dev, LAST_DEVICE = LAST_DEVICE, None
+    if dev:
+        per = extra.pop("per_call", 1)  # decodes a call (a call of K decodes: the row's seconds are per decode)
+        dev = dict(device_ms=dev["span"] / per * 1e3, device_gbs=n_values * 2 * per / dev["span"] / 1e9,
+                   kernel_ms=dev["kernels"] / per * 1e3, kernel_gbs=n_values * 2 * per / dev["kernels"] / 1e9,
+                   launches=dev["launches"])
+    else:
+        extra.pop("per_call", None)
     row = dict(group=group, name=name, ms=seconds * 1e3, gbs_bf16_out=gbs, values=n_values,
-               dispatch_ms=None if dispatch is None else dispatch * 1e3, **extra)
+               dispatch_ms=None if dispatch is None else dispatch * 1e3, **(dev or {}), **extra)
     ROWS.append(row)
     host = "" if dispatch is None else f"  (dispatch {dispatch * 1e3:.3f} ms)"
+    if dev:
+        host += (f"  device {dev['device_ms']:.3f} ms {dev['device_gbs']:.1f} GB/s, kernels {dev['kernel_ms']:.3f} ms"
+                 f" {dev['kernel_gbs']:.1f} GB/s ({dev['launches']:g} a call)")
     log(f"  {group:<24} {name:<44} {seconds * 1e3:9.3f} ms  {gbs:8.1f} GB/s{host}")
     return row
 
@@ -538,11 +596,12 @@ def main():
                     "PAIR_LAYER_VARIANTS)")
     ap.add_argument("--pack-variants", default="", help="also decode the pair layer as ONE pack (rans_pack) with these "
                     "variants, same form (g ignored)")
+    ap.add_argument("--no-trace", action="store_true", help="no device timeline (jax.profiler) after each timed row")
     ap.add_argument("--hlo", action="store_true", help="print the compiled entry computation of each layer's first "
                     "variant (the operations a timed call runs)")
     args = ap.parse_args()
-    global SHOW_HLO, BATCHES
-    SHOW_HLO, BATCHES = args.hlo, args.batches
+    global SHOW_HLO, BATCHES, TRACE
+    SHOW_HLO, BATCHES, TRACE = args.hlo, args.batches, not args.no_trace
     if args.profile:
         if args.small:
             shrink()
@@ -618,12 +677,15 @@ def main():
         for steps in int8_steps if "int8layer" not in skip else []:
             for iv in parse(args.int8_layer_variants, INT8_LAYER_VARIANT, 4, INT8_OPTIONS):
                 bench_int8_layer(args.rotate, args.reps, iv, steps)
-    log("\n| group | variant | ms | GB/s (BF16 out) |\n|---|---|---|---|")
+    log("\n| group | variant | ms | GB/s (BF16 out) | device ms | GB/s | kernels ms | GB/s |\n"
+        "|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         if "ms" in r:
-            log(f"| {r['group']} | {r['name']} | {r['ms']:.3f} | {r['gbs_bf16_out']:.1f} |")
+            dev = (f"{r['device_ms']:.3f} | {r['device_gbs']:.1f} | {r['kernel_ms']:.3f} | {r['kernel_gbs']:.1f}"
+                   if "device_ms" in r else " | | | ")
+            log(f"| {r['group']} | {r['name']} | {r['ms']:.3f} | {r['gbs_bf16_out']:.1f} | {dev} |")
         else:
-            log(f"| {r['group']} | FAILED | | |")
+            log(f"| {r['group']} | FAILED | | | | | | |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=ROWS), f, indent=1, default=str)

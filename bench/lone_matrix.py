@@ -27,7 +27,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import decode as bench  # noqa: E402  (bench/decode.py: encoding, timing and the rows' format)
@@ -109,16 +108,19 @@ def main():
             del outs
             s, _ = bench.time_fn(fn, inputs, args.reps)
             bench.record("lone matrix", f"s{steps} ({programs} programs) {k} a jit exact={exact}", s / k, n,
-                         steps=steps, programs=programs, per_jit=k, ratio=ratio, exact=exact,
+                         per_call=k, steps=steps, programs=programs, per_jit=k, ratio=ratio, exact=exact,
                          round=0 if rnd < len(steps_list) else 1)
         if rnd in (0, len(order) - 1):  # the ceiling, first and last
             for k in ks:
                 inputs = [tuple(plain[:k])] if k > 1 else [(a,) for a in plain[:2]]
                 s, _ = bench.time_fn(k_passes(k), inputs, args.reps)
-                bench.record("ceiling", f"XLA elementwise pass {bench.MATRIX} {k} a jit", s / k, n, per_jit=k)
-    log("\n| group | row | us | GB/s (BF16 out) |\n|---|---|---|---|")
+                bench.record("ceiling", f"XLA elementwise pass {bench.MATRIX} {k} a jit", s / k, n, per_call=k,
+                             per_jit=k)
+    log("\n| group | row | host-timed us | GB/s | device us | GB/s | kernels us | GB/s |\n|---|---|---|---|---|---|---|---|")
     for r in bench.ROWS:
-        log(f"| {r['group']} | {r['name']} | {r['ms'] * 1e3:.1f} | {r['gbs_bf16_out']:.1f} |")
+        dev = (f"{r['device_ms'] * 1e3:.1f} | {r['device_gbs']:.1f} | {r['kernel_ms'] * 1e3:.1f} | {r['kernel_gbs']:.1f}"
+               if "device_ms" in r else " | | | ")
+        log(f"| {r['group']} | {r['name']} | {r['ms'] * 1e3:.1f} | {r['gbs_bf16_out']:.1f} | {dev} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=bench.ROWS), f, indent=1,
