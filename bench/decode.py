@@ -9,8 +9,10 @@ Inputs are Gaussian weights (std 0.02) in BF16: a Llama-3-8B MLP matrix (4096 x 
 matrix, and all seven weights of one Llama-3-8B layer decoded in one kernel launch. They are encoded once
 (NumPy, one process per tensor), then decoded many times. GB/s always counts decoded BF16 output bytes
 (2 B per weight) over the median time of one decode; each timed run decodes ``--rotate`` different copies
-of the input (more bytes than L2 holds) ``--batches`` times, all enqueued back to back, and divides. Every
-variant's output is compared bit for bit with the NumPy decoder before it is timed. Baselines in the same
+of the input (more bytes than L2 holds) at least ``--batches`` times (more, up to 64 calls, until a run
+lasts ~20 ms), all enqueued back to back, and divides. Each timed row also takes one such run's device
+timeline (``jax.profiler``): "device" is the GPU's span a call, from the first kernel's start to the last one's
+end (no host start-up in it), "kernels" the kernels' own time. Every variant's output is compared bit for bit with the NumPy decoder before it is timed. Baselines in the same
 run: an XLA elementwise pass over the BF16 weights (2 B read + 2 B written per weight: the memory ceiling),
 the pure-JAX decoder under XLA, and host zstd decode + device_put.
 """
@@ -90,54 +92,61 @@ LAST_DISPATCH: float | None = None  # the last time_fn's median host seconds to 
 
 
 def time_fn(fn, inputs, reps):
-    """Median seconds per call of ``fn(*inputs[i])``, over ``reps`` timed runs; a run enqueues ``len(inputs)``
-    calls per batch, one on each input set in turn, in ``BATCHES`` batches back to back, and waits once.
+    """Median seconds per call of ``fn(*inputs[i])``, over ``reps`` timed runs; a run enqueues calls on each
+    input set in turn, back to back, in whole rounds (at least ``BATCHES``; more, up to ``MAX_CALLS`` calls, until
+    a run lasts about ``RUN_SECONDS``), and waits once.
 
     The GPU then runs call after call while the host enqueues the next, so a run times the device (a model's
     jitted forward also launches its decodes back to back), not the host's dispatch: a Llama layer's decode
     takes 42 arrays, and waiting after every few calls left the GPU idle while they were dispatched (session
-    14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). The host's time to
-    enqueue one call is kept in LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
+    14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). A run still counts the
+    time before its first kernel starts (the first call's dispatch, 0.04-0.25 ms): over session 17's 8 calls
+    of the matrix that added ~9 us a call, hence the longer runs (session 18). The host's time to enqueue one
+    call is kept in LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
     global LAST_DISPATCH
+    t0 = time.perf_counter()
     for inp in inputs:
         jax.block_until_ready(fn(*inp))
+    one = (time.perf_counter() - t0) / len(inputs)
+    rounds = max(BATCHES, min(math.ceil(RUN_SECONDS / one / len(inputs)), MAX_CALLS // len(inputs)))
     runs, dispatch = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        outs = [fn(*inp) for _ in range(BATCHES) for inp in inputs]
+        outs = [fn(*inp) for _ in range(rounds) for inp in inputs]
         t1 = time.perf_counter()
         jax.block_until_ready(outs)
-        calls = BATCHES * len(inputs)
+        calls = rounds * len(inputs)
         runs.append((time.perf_counter() - t0) / calls)
         dispatch.append((t1 - t0) / calls)
         del outs
     LAST_DISPATCH = statistics.median(dispatch)
     if TRACE:
         global LAST_DEVICE
-        LAST_DEVICE = device_times(fn, inputs)
+        LAST_DEVICE = device_times(fn, inputs, rounds)
     return statistics.median(runs), runs
 
 
+RUN_SECONDS, MAX_CALLS = 0.02, 64  # a timed run's length to reach, and its most calls (their outputs are all held)
 TRACE = True  # --no-trace: time_fn also takes one run's device timeline (device_times); record logs it
 LAST_DEVICE: dict | None = None
 _LINES_SHOWN = False
 
 
-def device_times(fn, inputs) -> dict | None:
+def device_times(fn, inputs, rounds) -> dict | None:
     """One more run as time_fn's (the same calls, enqueued back to back), under ``jax.profiler.trace``: per call,
     the device's ``span`` (the first kernel's start to the last kernel's end, over the run's calls: what the
     GPU spent, gaps between kernels included, the host's start-up and final wait not) and ``kernels`` (the
-    kernels' own durations, summed), in seconds, and ``launches`` (kernels a call). The host-timed median
-    also counts the time before the first kernel starts (the first call's dispatch, up to 0.25 ms) over only
-    ``BATCHES * len(inputs)`` calls (session 18). None where the trace holds no GPU kernels (CPU)."""
+    kernels' own durations, summed), in seconds, and ``launches`` (kernels a call). Tracing slows the host's
+    dispatch: a row whose dispatch is near its time shows gaps here that an untraced run does not have
+    (``kernels`` holds either way). None where the trace holds no GPU kernels (CPU)."""
     global _LINES_SHOWN
     import glob
     import tempfile
     from jax.profiler import ProfileData
-    calls = BATCHES * len(inputs)
+    calls = rounds * len(inputs)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
-            outs = [fn(*inp) for _ in range(BATCHES) for inp in inputs]
+            outs = [fn(*inp) for _ in range(rounds) for inp in inputs]
             jax.block_until_ready(outs)
             del outs
         files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
@@ -567,7 +576,7 @@ def main():
                     "matrix (steps: --steps, --int8-steps' first, or --pair-steps' first)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rotate", type=int, default=3, help="input copies a timed run cycles through")
-    ap.add_argument("--batches", type=int, default=4, help="times a timed run cycles through them before it "
+    ap.add_argument("--batches", type=int, default=4, help="times (at least) a timed run cycles through them before it "
                     "waits (calls enqueued back to back: the device's time, not the host's dispatch)")
     ap.add_argument("--small", action="store_true", help="tiny shapes: a dry run of this script on CPU")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: "
@@ -681,9 +690,9 @@ def main():
         "|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         if "ms" in r:
-            dev = (f"{r['device_ms']:.3f} | {r['device_gbs']:.1f} | {r['kernel_ms']:.3f} | {r['kernel_gbs']:.1f}"
-                   if "device_ms" in r else " | | | ")
-            log(f"| {r['group']} | {r['name']} | {r['ms']:.3f} | {r['gbs_bf16_out']:.1f} | {dev} |")
+            cells = (f"{r['device_ms']:.3f} | {r['device_gbs']:.1f} | {r['kernel_ms']:.3f} | {r['kernel_gbs']:.1f}"
+                     if "device_ms" in r else " | | | ")
+            log(f"| {r['group']} | {r['name']} | {r['ms']:.3f} | {r['gbs_bf16_out']:.1f} | {cells} |")
         else:
             log(f"| {r['group']} | FAILED | | | | | | |")
     if args.out:
