@@ -100,9 +100,10 @@ def time_fn(fn, inputs, reps):
     jitted forward also launches its decodes back to back), not the host's dispatch: a Llama layer's decode
     takes 42 arrays, and waiting after every few calls left the GPU idle while they were dispatched (session
     14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). A run still counts the
-    time before its first kernel starts (the first call's dispatch, 0.04-0.25 ms): over session 17's 8 calls
-    of the matrix that added ~9 us a call, hence the longer runs (session 18). The host's time to enqueue one
-    call is kept in LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
+    time before its first kernel starts (the first call's dispatch, 0.04-0.25 ms), hence the longer runs, and
+    it waits on the last call's outputs only: waiting on all of a run's outputs added 6-23 us a decode after the
+    GPU was done (session 18, bench/lone_matrix.py, on the lone matrix and the ceiling alike). The host's time
+    to enqueue one call is kept in LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
     global LAST_DISPATCH
     t0 = time.perf_counter()
     for inp in inputs:
@@ -114,10 +115,11 @@ def time_fn(fn, inputs, reps):
         t0 = time.perf_counter()
         outs = [fn(*inp) for _ in range(rounds) for inp in inputs]
         t1 = time.perf_counter()
-        jax.block_until_ready(outs)
+        jax.block_until_ready(outs[-1])  # one stream runs the calls in order: the last call's outputs come last
         calls = rounds * len(inputs)
         runs.append((time.perf_counter() - t0) / calls)
         dispatch.append((t1 - t0) / calls)
+        jax.block_until_ready(outs)  # (untimed: see above)
         del outs
     LAST_DISPATCH = statistics.median(dispatch)
     if TRACE:

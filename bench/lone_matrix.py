@@ -23,6 +23,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 
@@ -52,6 +53,31 @@ def k_decodes(meta, opts, k):
         return [rans_float.rans_float_decode_many([a], metas=(meta,), interpret=bench.INTERPRET, **opts)[0]
                 for a in arrays]
     return jax.jit(fn)
+
+
+def slope_and_last(fn, inputs, reps, decodes_per_call, few=32, many=96):
+    """Two other host timings of the same calls, seconds a decode: the slope between runs of ~``few`` and ~``many``
+    decodes (what a run costs once, its start-up and its final wait, cancels), and runs that wait on the LAST
+    call's outputs only (one stream runs the calls in order), then on all, untimed."""
+    def rounds(d):
+        return max(1, -(-d // (decodes_per_call * len(inputs))))
+
+    def run(r, last_only=False):
+        t0 = time.perf_counter()
+        outs = [fn(*inp) for _ in range(r) for inp in inputs]
+        jax.block_until_ready(outs[-1] if last_only else outs)
+        t = time.perf_counter() - t0
+        jax.block_until_ready(outs)
+        return t
+
+    r1, r2 = rounds(few), rounds(many)
+    n1, n2 = r1 * len(inputs) * decodes_per_call, r2 * len(inputs) * decodes_per_call
+    slopes, lasts = [], []
+    for _ in range(reps):
+        a, b = run(r1), run(r2)
+        slopes.append((b - a) / (n2 - n1))
+        lasts.append(run(r2, last_only=True) / n2)
+    return statistics.median(slopes), statistics.median(lasts)
 
 
 def k_passes(k):
@@ -107,15 +133,21 @@ def main():
             exact = all(bench.same_bits(o, xs) for o in outs)
             del outs
             s, _ = bench.time_fn(fn, inputs, args.reps)
+            slope, last = slope_and_last(fn, inputs, args.reps, k)
             bench.record("lone matrix", f"s{steps} ({programs} programs) {k} a jit exact={exact}", s / k, n,
-                         per_call=k, steps=steps, programs=programs, per_jit=k, ratio=ratio, exact=exact,
+                         per_call=k, slope_us=slope * 1e6, wait_last_us=last * 1e6, steps=steps, programs=programs, per_jit=k, ratio=ratio, exact=exact,
                          round=0 if rnd < len(steps_list) else 1)
         if rnd in (0, len(order) - 1):  # the ceiling, first and last
             for k in ks:
                 inputs = [tuple(plain[:k])] if k > 1 else [(a,) for a in plain[:2]]
                 s, _ = bench.time_fn(k_passes(k), inputs, args.reps)
+                slope, last = slope_and_last(k_passes(k), inputs, args.reps, k)
                 bench.record("ceiling", f"XLA elementwise pass {bench.MATRIX} {k} a jit", s / k, n, per_call=k,
-                             per_jit=k)
+                             slope_us=slope * 1e6, wait_last_us=last * 1e6, per_jit=k)
+    log("\n| group | row | slope us | GB/s | wait on last us | GB/s |\n|---|---|---|---|---|---|")
+    for r in bench.ROWS:
+        log(f"| {r['group']} | {r['name']} | {r['slope_us']:.1f} | {n * 2 / r['slope_us'] / 1e3:.1f} | "
+            f"{r['wait_last_us']:.1f} | {n * 2 / r['wait_last_us'] / 1e3:.1f} |")
     log("\n| group | row | host-timed us | GB/s | device us | GB/s | kernels us | GB/s |\n|---|---|---|---|---|---|---|---|")
     for r in bench.ROWS:
         dev = (f"{r['device_ms'] * 1e3:.1f} | {r['device_gbs']:.1f} | {r['kernel_ms'] * 1e3:.1f} | {r['kernel_gbs']:.1f}"
