@@ -104,7 +104,7 @@ def time_fn(fn, inputs, reps):
     it waits on the last call's outputs only: waiting on all of a run's outputs added 6-23 us a decode after the
     GPU was done (session 18, bench/lone_matrix.py, on the lone matrix and the ceiling alike). The host's time
     to enqueue one call is kept in LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
-    global LAST_DISPATCH
+    global LAST_DISPATCH, LAST_CALLS
     t0 = time.perf_counter()
     for inp in inputs:
         jax.block_until_ready(fn(*inp))
@@ -122,6 +122,7 @@ def time_fn(fn, inputs, reps):
         jax.block_until_ready(outs)  # (untimed: see above)
         del outs
     LAST_DISPATCH = statistics.median(dispatch)
+    LAST_CALLS = rounds * len(inputs)
     if TRACE:
         global LAST_DEVICE
         LAST_DEVICE = device_times(fn, inputs, rounds)
@@ -129,6 +130,7 @@ def time_fn(fn, inputs, reps):
 
 
 RUN_SECONDS, MAX_CALLS = 0.02, 64  # a timed run's length to reach, and its most calls (their outputs are all held)
+LAST_CALLS: int | None = None  # the calls of the last time_fn's runs (record logs it)
 TRACE = True  # --no-trace: time_fn also takes one run's device timeline (device_times); record logs it
 LAST_DEVICE: dict | None = None
 _LINES_SHOWN = False
@@ -177,8 +179,9 @@ BATCHES = 4  # --batches (main sets it)
 
 
 def record(group, name, seconds, n_values, **extra):
-    global LAST_DISPATCH, LAST_DEVICE
+    global LAST_DISPATCH, LAST_DEVICE, LAST_CALLS
     gbs = n_values * 2 / seconds / 1e9
+    calls, LAST_CALLS = LAST_CALLS, None
     dispatch, LAST_DISPATCH = LAST_DISPATCH, None
     dev, LAST_DEVICE = LAST_DEVICE, None
     if dev:
@@ -189,9 +192,9 @@ def record(group, name, seconds, n_values, **extra):
     else:
         extra.pop("per_call", None)
     row = dict(group=group, name=name, ms=seconds * 1e3, gbs_bf16_out=gbs, values=n_values,
-               dispatch_ms=None if dispatch is None else dispatch * 1e3, **(dev or {}), **extra)
+               dispatch_ms=None if dispatch is None else dispatch * 1e3, calls_a_run=calls, **(dev or {}), **extra)
     ROWS.append(row)
-    host = "" if dispatch is None else f"  (dispatch {dispatch * 1e3:.3f} ms)"
+    host = "" if dispatch is None else f"  (dispatch {dispatch * 1e3:.3f} ms, {calls} calls a run)"
     if dev:
         host += (f"  device {dev['device_ms']:.3f} ms {dev['device_gbs']:.1f} GB/s, kernels {dev['kernel_ms']:.3f} ms"
                  f" {dev['kernel_gbs']:.1f} GB/s ({dev['launches']:g} a call)")
