@@ -9,8 +9,8 @@ Inputs are Gaussian weights (std 0.02) in BF16: a Llama-3-8B MLP matrix (4096 x 
 matrix, and all seven weights of one Llama-3-8B layer decoded in one kernel launch. They are encoded once
 (NumPy, one process per tensor), then decoded many times. GB/s always counts decoded BF16 output bytes
 (2 B per weight) over the median time of one decode; each timed run decodes ``--rotate`` different copies
-of the input (more bytes than L2 holds) at least ``--batches`` times (more, up to 64 calls, until a run
-lasts ~20 ms), all enqueued back to back, and divides. Each timed row also takes one such run's device
+of the input (more bytes than L2 holds) at least ``--batches`` times (more, until a run lasts ~50 ms or
+holds 16 GB of outputs), all enqueued back to back, and divides. Each timed row also takes one such run's device
 timeline (``jax.profiler``): "device" is the GPU's span a call, from the first kernel's start to the last one's
 end (no host start-up in it), "kernels" the kernels' own time. Every variant's output is compared bit for bit with the NumPy decoder before it is timed. Baselines in the same
 run: an XLA elementwise pass over the BF16 weights (2 B read + 2 B written per weight: the memory ceiling),
@@ -93,23 +93,29 @@ LAST_DISPATCH: float | None = None  # the last time_fn's median host seconds to 
 
 def time_fn(fn, inputs, reps):
     """Median seconds per call of ``fn(*inputs[i])``, over ``reps`` timed runs; a run enqueues calls on each
-    input set in turn, back to back, in whole rounds (at least ``BATCHES``; more, up to ``MAX_CALLS`` calls, until
-    a run lasts about ``RUN_SECONDS``), and waits once.
+    input set in turn, back to back, in whole rounds (at least ``BATCHES``; more, until a run lasts about
+    ``RUN_SECONDS`` or its outputs, all held until it ends, reach ``RUN_BYTES``), and waits on the last call.
 
     The GPU then runs call after call while the host enqueues the next, so a run times the device (a model's
     jitted forward also launches its decodes back to back), not the host's dispatch: a Llama layer's decode
     takes 42 arrays, and waiting after every few calls left the GPU idle while they were dispatched (session
-    14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). A run still counts the
-    time before its first kernel starts (the first call's dispatch, 0.04-0.25 ms), hence the longer runs, and
-    it waits on the last call's outputs only: waiting on all of a run's outputs added 6-23 us a decode after the
-    GPU was done (session 18, bench/lone_matrix.py, on the lone matrix and the ceiling alike). The host's time
-    to enqueue one call is kept in LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
+    14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). A run still counts
+    once its start-up (the first call's dispatch) and its end: over runs of 4-10 calls of the matrix that was
+    10-15 us a decode (session 18, bench/lone_matrix.py), hence the long runs, sized from a call timed after
+    the warm-up (the first calls after a compile are slow). The host's time to enqueue one call is kept in
+    LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
     global LAST_DISPATCH, LAST_CALLS
-    t0 = time.perf_counter()
     for inp in inputs:
         jax.block_until_ready(fn(*inp))
+    t0 = time.perf_counter()
+    outs = [fn(*inp) for inp in inputs]
+    jax.block_until_ready(outs[-1])
     one = (time.perf_counter() - t0) / len(inputs)
-    rounds = max(BATCHES, min(math.ceil(RUN_SECONDS / one / len(inputs)), MAX_CALLS // len(inputs)))
+    out_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(outs[0]))
+    jax.block_until_ready(outs)
+    del outs
+    rounds = max(BATCHES, min(math.ceil(RUN_SECONDS / one / len(inputs)),
+                              int(RUN_BYTES / max(out_bytes, 1) / len(inputs))))
     runs, dispatch = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -119,7 +125,7 @@ def time_fn(fn, inputs, reps):
         calls = rounds * len(inputs)
         runs.append((time.perf_counter() - t0) / calls)
         dispatch.append((t1 - t0) / calls)
-        jax.block_until_ready(outs)  # (untimed: see above)
+        jax.block_until_ready(outs)
         del outs
     LAST_DISPATCH = statistics.median(dispatch)
     LAST_CALLS = rounds * len(inputs)
@@ -129,7 +135,7 @@ def time_fn(fn, inputs, reps):
     return statistics.median(runs), runs
 
 
-RUN_SECONDS, MAX_CALLS = 0.02, 64  # a timed run's length to reach, and its most calls (their outputs are all held)
+RUN_SECONDS, RUN_BYTES = 0.05, 16e9  # a timed run's length to reach, and its most output bytes (all held)
 LAST_CALLS: int | None = None  # the calls of the last time_fn's runs (record logs it)
 TRACE = True  # --no-trace: time_fn also takes one run's device timeline (device_times); record logs it
 LAST_DEVICE: dict | None = None
