@@ -24,7 +24,6 @@ import json
 import math
 import multiprocessing
 import os
-import statistics
 import time
 import traceback
 
@@ -36,6 +35,7 @@ import ml_dtypes  # noqa: E402
 
 # the installed package (pip install .); run it with `python -P` from the repository root
 from jcodec import codecs, tensor  # noqa: E402
+from jcodec.benchmark import time_calls  # noqa: E402
 from jcodec.pallas_kernels import rans_common as rc, rans_float, rans_int8, rans_pack  # noqa: E402
 
 MATRIX = (4096, 14336)
@@ -92,50 +92,24 @@ LAST_DISPATCH: float | None = None  # the last time_fn's median host seconds to 
 
 
 def time_fn(fn, inputs, reps):
-    """Median seconds per call of ``fn(*inputs[i])``, over ``reps`` timed runs; a run enqueues calls on each
-    input set in turn, back to back, in whole rounds (at least ``BATCHES``; more, until a run lasts about
-    ``RUN_SECONDS`` or its outputs, all held until it ends, reach ``RUN_BYTES``), and waits on the last call.
+    """Median seconds per call of ``fn(*inputs[i])``, over ``reps`` timed runs of calls enqueued back to back
+    (``jcodec.benchmark.time_calls``: at least ``BATCHES`` rounds over the inputs, more until a run lasts ~50
+    ms or holds 16 GB of outputs; it waits on the last call).
 
     The GPU then runs call after call while the host enqueues the next, so a run times the device (a model's
     jitted forward also launches its decodes back to back), not the host's dispatch: a Llama layer's decode
     takes 42 arrays, and waiting after every few calls left the GPU idle while they were dispatched (session
-    14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). A run still counts
-    once its start-up (the first call's dispatch) and its end: over runs of 4-10 calls of the matrix that was
-    10-15 us a decode (session 18, bench/lone_matrix.py), hence the long runs, sized from a call timed after
-    the warm-up (the first calls after a compile are slow). The host's time to enqueue one call is kept in
-    LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
-    global LAST_DISPATCH, LAST_CALLS
-    for inp in inputs:
-        jax.block_until_ready(fn(*inp))
-    t0 = time.perf_counter()
-    outs = [fn(*inp) for inp in inputs]
-    jax.block_until_ready(outs[-1])
-    one = (time.perf_counter() - t0) / len(inputs)
-    out_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(outs[0]))
-    jax.block_until_ready(outs)
-    del outs
-    rounds = max(BATCHES, min(math.ceil(RUN_SECONDS / one / len(inputs)),
-                              int(RUN_BYTES / max(out_bytes, 1) / len(inputs))))
-    runs, dispatch = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        outs = [fn(*inp) for _ in range(rounds) for inp in inputs]
-        t1 = time.perf_counter()
-        jax.block_until_ready(outs[-1])  # one stream runs the calls in order: the last call's outputs come last
-        calls = rounds * len(inputs)
-        runs.append((time.perf_counter() - t0) / calls)
-        dispatch.append((t1 - t0) / calls)
-        jax.block_until_ready(outs)
-        del outs
-    LAST_DISPATCH = statistics.median(dispatch)
-    LAST_CALLS = rounds * len(inputs)
+    14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). Runs of 4-10 calls
+    still read the lone matrix 10-15 us a call slow (session 18). The host's time to enqueue one call is kept
+    in LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
+    global LAST_DISPATCH, LAST_CALLS, LAST_DEVICE
+    t = time_calls(fn, inputs, reps, min_rounds=BATCHES)
+    LAST_DISPATCH, LAST_CALLS = t.dispatch, t.calls
     if TRACE:
-        global LAST_DEVICE
-        LAST_DEVICE = device_times(fn, inputs, rounds)
-    return statistics.median(runs), runs
+        LAST_DEVICE = device_times(fn, inputs, t.calls // len(inputs))
+    return t.seconds, t.runs
 
 
-RUN_SECONDS, RUN_BYTES = 0.05, 16e9  # a timed run's length to reach, and its most output bytes (all held)
 LAST_CALLS: int | None = None  # the calls of the last time_fn's runs (record logs it)
 TRACE = True  # --no-trace: time_fn also takes one run's device timeline (device_times); record logs it
 LAST_DEVICE: dict | None = None

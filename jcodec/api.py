@@ -231,28 +231,32 @@ def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | No
     (default: chosen by ``llama.auto_layer_group``, 1 for large layers, a few for small models).
     """
     from jcodec.generation import Model, default_dtype
-    from jcodec.models import llama
 
     if not is_jcodec_checkpoint(path):
         if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
             Checkpoint(path)  # an unreadable jcodec folder: raise its own error rather than a vaguer one
         return Model.load(path, dtype)
-    config, folder, get = load_tensors(path, mode)
-    cfg = llama.LlamaConfig.from_hf(config)
-    ckpt_names = Checkpoint(path).names()
-    try:
-        llama.check_tensor_names(cfg, ckpt_names)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
     dtype = dtype or default_dtype()
-    if mode == "decoded":
-        params = load_decoded(path, cfg, dtype)
-    else:
-        params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
-        params = llama.group_layers(params, layers_per_decode or llama.auto_layer_group(cfg, params))
+    cfg, params = load_params(path, mode, dtype, layers_per_decode)
     from transformers import AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
     except Exception as e:  # transformers raises OSError, ValueError ... on missing or bad tokenizer files
-        raise CheckpointError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     return Model(cfg, params, tokenizer, dtype)
+
+
+def load_params(path, mode: str, dtype, layers_per_decode: int | None = None):
+    """``(LlamaConfig, Params)`` of a jcodec checkpoint in ``mode`` (what :func:`load` builds a Model from, less
+    the tokenizer; ``jcodec bench`` needs no tokenizer)."""
+    from jcodec.models import llama
+    config, _, get = load_tensors(path, mode)
+    cfg = llama.LlamaConfig.from_hf(config)
+    try:
+        llama.check_tensor_names(cfg, Checkpoint(path).names())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if mode == "decoded":
+        return cfg, load_decoded(path, cfg, dtype)
+    params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
+    return cfg, llama.group_layers(params, layers_per_decode or llama.auto_layer_group(cfg, params))

@@ -80,6 +80,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from jcodec.benchmark import bench_checkpoint, report
+    result = bench_checkpoint(args.path, reps=args.reps, layers_per_decode=args.layers_per_decode)
+    print(report(result))
+    if args.json:
+        import json
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0 if result["exact"] else 1
+
+
 def _answer(model, prompt: str, args) -> None:
     import jcodec
     stream = sys.stdout
@@ -165,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     _add_generation_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="time the layers' decode on this device, beside a plain pass over as many bytes",
+                       description="Decode every layer of a jcodec checkpoint as the forward pass does (a group of "
+                                   "layers per kernel launch, inside one jitted scan), after checking the first "
+                                   "group bit for bit, and time it beside an XLA elementwise pass over as many bytes.")
+    p.add_argument("path", help="jcodec checkpoint folder")
+    p.add_argument("--reps", type=int, default=5, help="timed runs (default 5; the median is shown)")
+    p.add_argument("--layers-per-decode", type=int, default=None,
+                   help="layers a launch (default: as jcodec.load chooses)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="convert the embedded SmolLM2-135M and answer a question from the compressed copy")
     p.add_argument("--out", default="smollm2-135m.jcodec", help="where to write the compressed checkpoint")

@@ -391,12 +391,7 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
         return x, k_cache, v_cache
 
     G = layer_group(params)
-    L = cfg.num_layers
-    # compressed layers held on the device are decoded G at a time straight from their [L, ...] stacks
-    # (decode_window): scanning over them would copy each step's compressed arrays out of the stack first
-    stacks = {f: jax.tree_util.tree_map(lambda a: a.reshape((L,) + a.shape[2 if G > 1 else 1:]), w)
-              for f, w in ((f.name, getattr(params.layers, f.name)) for f in dataclasses.fields(params.layers))
-              if isinstance(w, CompressedTensor) and jax.typeof(w.arrays["states"]).memory_space != jax.memory.Space.Host}
+    stacks = layer_stacks(params)
     scanned = params.layers.replace(**{f: None for f in stacks})
 
     def group(carry, xs):
@@ -469,6 +464,17 @@ def output_logits(x, head, chunk: int | None, dtype):
     parts = jax.lax.map(lambda c: matmul(rows(c)), jnp.arange(-(-V // chunk), dtype=jnp.int32))  # [n, ..., chunk]
     parts = jnp.moveaxis(parts, 0, -2)                                                          # [..., n, chunk]
     return parts.reshape(parts.shape[:-2] + (-1,))[..., :V]
+
+
+def layer_stacks(params: Params) -> dict:
+    """{field: CompressedTensor [L, ...]} of the compressed layer weights held on the device, ungrouped: the
+    forward decodes them G layers at a time straight from these stacks (``decode_window``), since scanning over
+    them would copy each step's compressed arrays out of the stack first. (``jcodec bench`` times the same.)"""
+    G = layer_group(params)
+    L = params.layers.input_layernorm.shape[0] * G
+    return {f: jax.tree_util.tree_map(lambda a: a.reshape((L,) + a.shape[2 if G > 1 else 1:]), w)
+            for f, w in ((f.name, getattr(params.layers, f.name)) for f in dataclasses.fields(params.layers))
+            if isinstance(w, CompressedTensor) and jax.typeof(w.arrays["states"]).memory_space != jax.memory.Space.Host}
 
 
 def layer_group(params: Params) -> int:

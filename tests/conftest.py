@@ -49,14 +49,26 @@ TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "voc
               "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
+def _write_llama(folder, **config):
+    """A tiny Llama checkpoint (every tensor the model needs, bfloat16, Gaussian), with no tokenizer;
+    ``config``: changes to TINY_LLAMA."""
+    from jcodec.models import llama
+    config = {**TINY_LLAMA, **config}
+    cfg = llama.LlamaConfig.from_hf(config)
+    rng = np.random.default_rng(0)
+    tensors = {n: rng.normal(0, 0.02, s).astype(BF16) for n, s in llama.param_shapes(cfg).items()}
+    return write_hf_folder(folder, tensors, config)
+
+
 @pytest.fixture
 def llama_folder(tmp_path):
     """A tiny Llama checkpoint (every tensor the model needs, bfloat16), with no tokenizer."""
-    from jcodec.models import llama
-    cfg = llama.LlamaConfig.from_hf(TINY_LLAMA)
-    rng = np.random.default_rng(0)
-    tensors = {n: rng.normal(0, 0.02, s).astype(BF16) for n, s in llama.param_shapes(cfg).items()}
-    return write_hf_folder(tmp_path / "llama", tensors, TINY_LLAMA)
+    return _write_llama(tmp_path / "llama")
+
+
+@pytest.fixture
+def write_llama():
+    return _write_llama
 
 
 def _write_gguf(path, tokens=None):

@@ -3,6 +3,7 @@ import importlib.util
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jcodec.cli import main
@@ -65,6 +66,36 @@ def test_flipped_payload_byte_is_reported(tmp_path, hf_folder, capsys):
     shard.write_bytes(bytes(data))
     rc, _, err = run(capsys, "verify", out, "--quiet")
     assert rc == 2 and "model.safetensors: tensor " in err
+
+
+def test_bench_decodes_every_layer_exactly(tmp_path, write_llama, capsys):
+    """`jcodec bench` decodes all layers as the forward does (2 a launch here), checks the first group against the
+    NumPy decoder, and reports bytes that add up; a checkpoint with nothing compressed in its layers is a clear
+    error, as is a missing path."""
+    import json
+    from jcodec.models import llama
+    src = write_llama(tmp_path / "src", num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                      num_key_value_heads=2)  # (every weight of a layer >= 4096 values: all are encoded)
+    out = tmp_path / "m.jcodec"
+    assert run(capsys, "convert", src, out, "--quiet", "--lanes", 16, "--steps", 33)[0] == 0
+    rc, text, err = run(capsys, "bench", out, "--reps", 1, "--layers-per-decode", 2, "--json", tmp_path / "b.json")
+    assert rc == 0, err
+    assert "4 layers x 7 tensors (bf16-lossless), 2 a launch" in text and "NumPy decoder: yes" in text
+    r = json.loads((tmp_path / "b.json").read_text())
+    cfg = llama.LlamaConfig.from_hf(json.loads((src / "config.json").read_text()))
+    shapes = llama.param_shapes(cfg)
+    per_layer = sum(2 * np.prod(shapes[f"model.layers.0.{hf}"]) for f, hf in llama.LAYER_NAMES.items()
+                    if not f.endswith("layernorm"))
+    assert r["exact"] is True and r["layers"] == 4 and r["decoded_bytes"] == 4 * per_layer
+    assert r["stored_bytes"] > 0 and r["decode_gbs"] > 0 and r["ceiling_gbs"] > 0  # (tiny tensors: tables dominate)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+    zstd = tmp_path / "z.jcodec"
+    assert run(capsys, "convert", src, zstd, "--quiet", "--codec", "zstd")[0] == 0
+    for path in (zstd, tmp_path / "nowhere"):
+        rc, _, err = run(capsys, "bench", path)
+        assert rc == 2 and err.startswith("jcodec: error: ") and err.count("\n") == 1, err
+    assert "no compressed layer weights" in run(capsys, "bench", zstd)[2]
 
 
 def test_help_as_a_subprocess():
