@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests (compiled kernels, model on compressed weights), the decode bench, the
-# generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py; LONE_S: bench/lone_matrix.py), each under its own time limit (0 skips a part; ABLATE_S: bench/ablate.py).
+# generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py; LONE_S: bench/lone_matrix.py; CLI_S: jcodec bench), each under its own time limit (0 skips a part; ABLATE_S: bench/ablate.py).
 # Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
 #   TEST_S=240 BITWISE_S=0 DECODE_S=300 PROFILE_S=0 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
 # PROFILE_VARIANT picks the kernel variant ncu profiles, PROFILE_ARGS adds decode.py flags (--steps N, --profile-layer, --profile-codec
@@ -31,6 +31,13 @@ fi
 if [ "${LONE_S:-0}" != 0 ]; then  # the lone pair matrix: per-call cost and the last wave (bench/lone_matrix.py)
   timeout ${LONE_S} python3 -P bench/lone_matrix.py --out $OUT/lone.json ${LONE_ARGS:-} 2>&1 \
       | tee $OUT/lone.log | tail -30; echo "[lone: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
+fi
+if [ "${CLI_S:-0}" != 0 ]; then  # `jcodec bench` on random-weight checkpoints (bench/random_checkpoint.py), ';'-separated
+  IFS=';' read -ra models <<< "${CLI_MODELS:-smollm2-135m}"
+  for i in "${!models[@]}"; do
+    timeout ${CLI_S} bash -c "python3 -P bench/random_checkpoint.py ${models[$i]} /tmp/rc$i && python3 -P -m jcodec.cli bench \
+        /tmp/rc$i.jcodec --json $OUT/cli_bench$i.json" 2>&1 | tee $OUT/cli_bench$i.log | tail -8; echo "[jcodec bench $i: exit ${PIPESTATUS[0]}]"
+  done
 fi
 if [ "${DECODE_S:-0}" != 0 ]; then
   timeout ${DECODE_S} python3 -P bench/decode.py --out $OUT/decode.json ${DECODE_ARGS:-} 2>&1 \

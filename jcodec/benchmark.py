@@ -130,6 +130,7 @@ def report(r: dict) -> str:
         f"{what:<56} {size(r['decoded_bytes']):>10} {r['decode_ms']:>9.3f} {r['decode_gbs']:>8.1f}",
         f"{'XLA elementwise pass over as many bytes (the ceiling)':<56} {size(r['decoded_bytes']):>10} "
         f"{r['ceiling_ms']:>9.3f} {r['ceiling_gbs']:>8.1f}",
-        f"in device memory: {size(r['stored_bytes'])}, {r['ratio']:.4f} of the decoded bytes; layers 0-"
-        f"{r['layers_per_launch'] - 1} decoded bit for bit as the NumPy decoder: {'yes' if r['exact'] else 'NO'}",
+        f"in device memory: {size(r['stored_bytes'])}, {r['ratio']:.4f} of the decoded bytes; "
+        f"{'layer 0' if r['layers_per_launch'] == 1 else 'layers 0-%d' % (r['layers_per_launch'] - 1)} decoded bit "
+        f"for bit as the NumPy decoder: {'yes' if r['exact'] else 'NO'}",
         "GB/s: decoded bytes over the median time of one pass over all layers"])
