@@ -122,7 +122,8 @@ def report(r: dict) -> str:
     """The result of :func:`bench_checkpoint` as a short table."""
     size = lambda b: f"{b / 1e6:.1f} MB" if b < 1e9 else f"{b / 1e9:.2f} GB"  # noqa: E731
     how = "Pallas kernels" if r["backend"] == "pallas" else "pure-JAX decoder"
-    what = (f"{r['layers']} layers x {r['tensors_per_layer']} tensors ({'+'.join(r['codecs'])}), "
+    what = (f"{r['layers']} layer{'s' * (r['layers'] > 1)} x {r['tensors_per_layer']} tensors "
+            f"({'+'.join(r['codecs'])}), "
             f"{r['layers_per_launch']} a launch")
     return "\n".join([
         f"{r['path']} on {r['device']} ({how}), jax {r['jax']}",
