@@ -27,7 +27,6 @@ format version 3's layout), timed side by side in one run; ``--steps 121,105``: 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -192,11 +191,8 @@ def main():
                     "the encoder's default), timed in turn, then in reverse order")
     ap.add_argument("--small", action="store_true", help="tiny shapes, interpret mode: a dry run on CPU")
     args = ap.parse_args()
-    if args.small:
-        bench.shrink()
-    bench.BATCHES = 4
+    bench.start_script(args.small)
     log = bench.log
-    log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     if not args.small:
         bench.warm_up()
     t0 = time.time()
@@ -243,9 +239,7 @@ def main():
     bench.guarded("ablate base (again)")(run)("base", None, "base again")
     patch("base")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=bench.ROWS), f, indent=1,
-                      default=str)
+        bench.write_rows(args.out)
 
 
 if __name__ == "__main__":

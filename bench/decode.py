@@ -191,6 +191,12 @@ def temp_bytes(fn, *args):
         return f"n/a ({type(e).__name__})"
 
 
+def write_rows(path) -> None:
+    """All rows recorded so far, with the device and jax version, as JSON at ``path``."""
+    with open(path, "w") as f:
+        json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=ROWS), f, indent=1, default=str)
+
+
 def same_bits(out, want) -> bool:
     out = np.asarray(out)
     want = np.asarray(want)
@@ -542,6 +548,16 @@ def profile_once(steps, codec="bf16-lossless", pairs=False, layer=False):
         all(same_bits(o, w) for o, w in zip(outs, wants)))
 
 
+def start_script(small: bool) -> None:
+    """The start of a script built on this one (ablate.py, lone_matrix.py): ``--small``'s tiny shapes, runs of
+    at least 4 rounds, the device logged."""
+    global BATCHES
+    if small:
+        shrink()
+    BATCHES = 4
+    log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+
+
 def shrink():
     """--small: tiny shapes, for a dry run of this script on CPU."""
     global MATRIX, SQUARE, LAYER, SMOL_LAYER
@@ -681,8 +697,7 @@ def main():
         else:
             log(f"| {r['group']} | FAILED | | | | | | |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=ROWS), f, indent=1, default=str)
+        write_rows(args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import multiprocessing
 import os
 import statistics
@@ -93,11 +92,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--small", action="store_true", help="tiny shapes, interpret mode: a dry run on CPU")
     args = ap.parse_args()
-    if args.small:
-        bench.shrink()
-    bench.BATCHES = 4
+    bench.start_script(args.small)
     log = bench.log
-    log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     steps_list = [int(v) for v in args.steps.split(",")]
     ks = [int(v) for v in args.per_jit.split(",")]
     copies = max(ks) + (1 if max(ks) == 1 else 0)  # K = 1 still rotates over two copies (L2: 50 MB)
@@ -158,9 +154,7 @@ def main():
                if "device_ms" in r else " | | | ")
         log(f"| {r['group']} | {r['name']} | {r['ms'] * 1e3:.1f} | {r['gbs_bf16_out']:.1f} | {dev} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=bench.ROWS), f, indent=1,
-                      default=str)
+        bench.write_rows(args.out)
 
 
 if __name__ == "__main__":
