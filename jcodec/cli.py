@@ -87,9 +87,13 @@ def cmd_bench(args) -> int:
     if args.json:
         import json
         tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(tmp, args.json)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return 0 if result["exact"] else 1
 
 
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="time the layers' decode on this device, beside a plain pass over as many bytes",
+    p = sub.add_parser("bench", help="time the layers' decode on this device, beside a plain pass over as many bytes (<= 2 GiB)",
                        description="Decode every layer of a jcodec checkpoint as the forward pass does (a group of "
                                    "layers per kernel launch, inside one jitted scan), after checking the first "
                                    "group bit for bit, and time it beside an XLA elementwise pass over as many bytes.")
@@ -224,6 +228,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("jcodec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`jcodec info X | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing to flush at exit)
+        return 1
 
 
 if __name__ == "__main__":
