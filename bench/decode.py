@@ -10,11 +10,12 @@ matrix, and all seven weights of one Llama-3-8B layer decoded in one kernel laun
 (NumPy, one process per tensor), then decoded many times. GB/s always counts decoded BF16 output bytes
 (2 B per weight) over the median time of one decode; each timed run decodes ``--rotate`` different copies
 of the input (more bytes than L2 holds) at least ``--batches`` times (more, until a run lasts ~50 ms or
-holds 16 GB of outputs), all enqueued back to back, and divides. Each timed row also takes one such run's device
-timeline (``jax.profiler``): "device" is the GPU's span a call, from the first kernel's start to the last one's
-end (no host start-up in it), "kernels" the kernels' own time. Every variant's output is compared bit for bit with the NumPy decoder before it is timed. Baselines in the same
-run: an XLA elementwise pass over the BF16 weights (2 B read + 2 B written per weight: the memory ceiling),
-the pure-JAX decoder under XLA, and host zstd decode + device_put.
+holds 16 GB of outputs), all enqueued back to back, and divides. Each timed row also takes one such run's
+device timeline (``jax.profiler``): "device" is the GPU's span a call, from the first kernel's start to the
+last one's end (no host start-up in it), "kernels" the kernels' own time. Every variant's output is compared
+bit for bit with the NumPy decoder before it is timed. Baselines in the same run: an XLA elementwise pass
+over the BF16 weights (2 B read + 2 B written per weight: the memory ceiling), the pure-JAX decoder under XLA,
+and host zstd decode + device_put.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import ml_dtypes  # noqa: E402
 
 # the installed package (pip install .); run it with `python -P` from the repository root
 from jcodec import codecs, tensor  # noqa: E402
-from jcodec.benchmark import time_calls  # noqa: E402
+from jcodec.benchmark import bits_of, time_calls  # noqa: E402
 from jcodec.pallas_kernels import rans_common as rc, rans_float, rans_int8, rans_pack  # noqa: E402
 
 MATRIX = (4096, 14336)
@@ -82,7 +83,11 @@ def _encode(job):
 def encode_all(shapes, codec, lanes, steps, seed0=0, pairs=False, run=None):
     """[(x, enc)] for each shape, one process per tensor (``pairs``: bf16-lossless with pair symbols; ``run``:
     lanes decode runs, None: the encoder's default)."""
-    jobs = [(s, seed0 + i, codec, lanes, steps, pairs, run) for i, s in enumerate(shapes)]
+    return encode_jobs([(s, seed0 + i, codec, lanes, steps, pairs, run) for i, s in enumerate(shapes)])
+
+
+def encode_jobs(jobs):
+    """[(x, enc)] for each job ``(shape, seed, codec, lanes, steps, pairs, run)``, one process each."""
     ctx = multiprocessing.get_context("spawn")  # the parent holds a CUDA context: no fork
     with cf.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
         return list(pool.map(_encode, jobs))
@@ -164,13 +169,11 @@ def record(group, name, seconds, n_values, **extra):
     calls, LAST_CALLS = LAST_CALLS, None
     dispatch, LAST_DISPATCH = LAST_DISPATCH, None
     dev, LAST_DEVICE = LAST_DEVICE, None
+    per = extra.pop("per_call", 1)  # decodes a call (a call of K decodes: the row's seconds are per decode)
     if dev:
-        per = extra.pop("per_call", 1)  # decodes a call (a call of K decodes: the row's seconds are per decode)
         dev = dict(device_ms=dev["span"] / per * 1e3, device_gbs=n_values * 2 * per / dev["span"] / 1e9,
                    kernel_ms=dev["kernels"] / per * 1e3, kernel_gbs=n_values * 2 * per / dev["kernels"] / 1e9,
                    launches=dev["launches"])
-    else:
-        extra.pop("per_call", None)
     row = dict(group=group, name=name, ms=seconds * 1e3, gbs_bf16_out=gbs, values=n_values,
                dispatch_ms=None if dispatch is None else dispatch * 1e3, calls_a_run=calls, **(dev or {}), **extra)
     ROWS.append(row)
@@ -189,6 +192,15 @@ def temp_bytes(fn, *args):
         return int(ma.temp_size_in_bytes)
     except Exception as e:  # noqa: BLE001
         return f"n/a ({type(e).__name__})"
+
+
+def device_cells(row, scale: float = 1.0) -> str:
+    """A row's device columns for a markdown table: span and kernels, each in ms times ``scale``, and GB/s
+    (empty cells where the row has no device timeline)."""
+    if "device_ms" not in row:
+        return " | | | "
+    return (f"{row['device_ms'] * scale:.{3 if scale == 1 else 1}f} | {row['device_gbs']:.1f} | "
+            f"{row['kernel_ms'] * scale:.{3 if scale == 1 else 1}f} | {row['kernel_gbs']:.1f}")
 
 
 def write_rows(path) -> None:
@@ -518,11 +530,6 @@ def show_hlo(fn, args):
         log("      " + line[:150])
 
 
-def bits_of(a):
-    a = np.asarray(a)
-    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
-
-
 def profile_once(steps, codec="bf16-lossless", pairs=False, layer=False):
     """Encode the matrix (``layer``: the 7 tensors of a layer), decode it in one launch, once: a target for
     ``ncu -k regex:rans``. PROFILE_VARIANT: the kernel's variant, in the form of ``--variants`` or, for int8,
@@ -691,9 +698,7 @@ def main():
         "|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         if "ms" in r:
-            cells = (f"{r['device_ms']:.3f} | {r['device_gbs']:.1f} | {r['kernel_ms']:.3f} | {r['kernel_gbs']:.1f}"
-                     if "device_ms" in r else " | | | ")
-            log(f"| {r['group']} | {r['name']} | {r['ms']:.3f} | {r['gbs_bf16_out']:.1f} | {cells} |")
+            log(f"| {r['group']} | {r['name']} | {r['ms']:.3f} | {r['gbs_bf16_out']:.1f} | {device_cells(r)} |")
         else:
             log(f"| {r['group']} | FAILED | | | | | | |")
     if args.out:

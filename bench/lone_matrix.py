@@ -3,25 +3,24 @@
     python3 -P bench/lone_matrix.py --out lone.json          # on the GPU machine (a few minutes)
     python3 -P bench/lone_matrix.py --small                  # a dry run on CPU (interpret mode)
 
-A layer decoded in one launch runs above 1.2 TB/s; this matrix alone does not (bench/RESULTS.md session 17:
-1019.9-1140.4 GB/s), though it is the same kernel. Two suspects, each timed here side by side with the
-ceiling (an XLA elementwise pass over the BF16 matrix):
+Session 17's host-timed rows put this matrix at 1019.9-1140.4 GB/s, under a layer decoded in one launch,
+though it is the same kernel. Each suspect is timed here side by side with the ceiling (an XLA elementwise
+pass over the BF16 matrix), and each row five ways: decode.py's host median, the device timeline's span and
+kernels, the slope between short and long runs, and one run waiting on its last call.
 
-- **per call**: each timed call is one jitted function, one kernel. ``--per-jit 1,8`` times K decodes of
-  K different copies inside ONE jitted function (as a model's forward runs its decodes) and divides by K:
-  what is left between K = 1 and K = 8 is what a call costs around its kernel.
-- **the last wave**: 2112 programs (132 SMs x 16) run at once on the H100; at 105 steps the matrix has 2206,
-  so 94 programs run after the rest, alone. ``--steps`` encodes the matrix at each steps per lane (the
-  format's field: any file may use it) and times them in turn, then in reverse order.
+- **per call**: ``--per-jit 1,8`` times K decodes of K different copies inside ONE jitted function (as a
+  model's forward runs its decodes) and divides by K: what is left between K = 1 and K = 8 is what a call
+  costs around its kernel.
+- **the last wave**: 2112 programs (132 SMs x 16) run at once on the H100 when a kernel holds 32 registers.
+  ``--steps`` encodes the matrix at each steps per lane (the format's field: any file may use it) and times
+  them in turn, then in reverse order.
 
-Every row's output is compared bit for bit with the matrix before it is timed. GB/s counts BF16 output.
+Session 18 found neither: the timed runs were too short (bench/RESULTS.md). Every row's output is compared
+bit for bit with the matrix before it is timed. GB/s counts BF16 output.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -41,9 +40,15 @@ SLOTS = 132 * 16  # programs resident at once on the H100 (132 SMs, 16 programs 
 def encode_each(steps_list):
     """{steps: (x, enc)}: the matrix (one seed) encoded with pair symbols at each steps, one process each."""
     jobs = [(bench.MATRIX, 0, "bf16-lossless", codecs.DEFAULT_LANES, s, True, None) for s in steps_list]
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
-        return dict(zip(steps_list, pool.map(bench._encode, jobs)))
+    return dict(zip(steps_list, bench.encode_jobs(jobs)))
+
+
+def input_sets(arrays, k):
+    """The input sets a timed run cycles through, K arrays each: two sets of one for K = 1 (more bytes than L2
+    holds), else the copies K at a time."""
+    if k == 1:
+        return [(a,) for a in arrays[:2]]
+    return [tuple(arrays[i:i + k]) for i in range(0, len(arrays) - k + 1, k)]
 
 
 def k_decodes(meta, opts, k):
@@ -79,8 +84,9 @@ def slope_and_last(fn, inputs, reps, decodes_per_call, few=32, many=96):
     return statistics.median(slopes), statistics.median(lasts)
 
 
-def k_passes(k):
-    return jax.jit(lambda *xs: [bench.lax_xor(x) for x in xs[:k]])
+def k_passes():
+    """One jitted function passing over each of its arguments (the ceiling, as many arrays as decodes)."""
+    return jax.jit(lambda *xs: [bench.lax_xor(x) for x in xs])
 
 
 def main():
@@ -122,9 +128,7 @@ def main():
         xs, arrays, meta, programs, ratio = setups[steps]
         for k in ks:
             fn = k_decodes(meta, opts, k)
-            inputs = [tuple(arrays[i:i + k]) for i in range(0, copies - k + 1, k)]
-            if k == 1:
-                inputs = [(a,) for a in arrays[:2]]
+            inputs = input_sets(arrays, k)
             outs = fn(*inputs[0])
             exact = all(bench.same_bits(o, xs) for o in outs)
             del outs
@@ -135,24 +139,25 @@ def main():
                 slope, last = slope_and_last(fn, inputs, args.reps, k)
                 s, _ = bench.time_fn(fn, inputs, args.reps)
             bench.record("lone matrix", f"s{steps} ({programs} programs) {k} a jit exact={exact}", s / k, n,
-                         per_call=k, slope_us=slope * 1e6, wait_last_us=last * 1e6, steps=steps, programs=programs, per_jit=k, ratio=ratio, exact=exact,
-                         round=0 if rnd < len(steps_list) else 1)
+                         per_call=k, slope_us=slope * 1e6, wait_last_us=last * 1e6, steps=steps, programs=programs,
+                         per_jit=k, ratio=ratio, exact=exact, round=0 if rnd < len(steps_list) else 1)
         if rnd in (0, len(order) - 1):  # the ceiling, first and last
+            passes = k_passes()
             for k in ks:
-                inputs = [tuple(plain[:k])] if k > 1 else [(a,) for a in plain[:2]]
-                s, _ = bench.time_fn(k_passes(k), inputs, args.reps)
-                slope, last = slope_and_last(k_passes(k), inputs, args.reps, k)
+                inputs = input_sets(plain, k)
+                s, _ = bench.time_fn(passes, inputs, args.reps)
+                slope, last = slope_and_last(passes, inputs, args.reps, k)
                 bench.record("ceiling", f"XLA elementwise pass {bench.MATRIX} {k} a jit", s / k, n, per_call=k,
                              slope_us=slope * 1e6, wait_last_us=last * 1e6, per_jit=k)
     log("\n| group | row | slope us | GB/s | wait on last us | GB/s |\n|---|---|---|---|---|---|")
     for r in bench.ROWS:
         log(f"| {r['group']} | {r['name']} | {r['slope_us']:.1f} | {n * 2 / r['slope_us'] / 1e3:.1f} | "
             f"{r['wait_last_us']:.1f} | {n * 2 / r['wait_last_us'] / 1e3:.1f} |")
-    log("\n| group | row | host-timed us | GB/s | device us | GB/s | kernels us | GB/s |\n|---|---|---|---|---|---|---|---|")
+    log("\n| group | row | host-timed us | GB/s | device us | GB/s | kernels us | GB/s |\n"
+        "|---|---|---|---|---|---|---|---|")
     for r in bench.ROWS:
-        dev = (f"{r['device_ms'] * 1e3:.1f} | {r['device_gbs']:.1f} | {r['kernel_ms'] * 1e3:.1f} | {r['kernel_gbs']:.1f}"
-               if "device_ms" in r else " | | | ")
-        log(f"| {r['group']} | {r['name']} | {r['ms'] * 1e3:.1f} | {r['gbs_bf16_out']:.1f} | {dev} |")
+        log(f"| {r['group']} | {r['name']} | {r['ms'] * 1e3:.1f} | {r['gbs_bf16_out']:.1f} | "
+            f"{bench.device_cells(r, 1e3)} |")
     if args.out:
         bench.write_rows(args.out)
 

@@ -66,7 +66,8 @@ def time_calls(fn, inputs, reps: int, *, min_rounds: int = 4, run_seconds: float
 CEILING_BYTES = 2 << 30  # the ceiling's pass runs over as many bytes as the layers decode to, at most this many
 
 
-def _bits(a) -> np.ndarray:
+def bits_of(a) -> np.ndarray:
+    """The bits of an array of 1-, 2- or 4-byte values, as unsigned integers (to compare bit for bit)."""
     a = np.asarray(a)
     return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
@@ -96,7 +97,7 @@ def bench_checkpoint(path, *, reps: int = 5, layers_per_decode: int | None = Non
     for field, out in zip(stacks, first):
         for j in range(G):
             want = codecs.decode(ckpt.read(f"model.layers.{j}.{llama.LAYER_NAMES[field]}"))
-            exact &= np.array_equal(_bits(out[j]).reshape(-1), _bits(want).reshape(-1))
+            exact &= out.dtype == want.dtype and np.array_equal(bits_of(out[j]).reshape(-1), bits_of(want).reshape(-1))
     del first
 
     def all_layers(cts):  # every group decoded as the forward decodes it; one value of each output kept
