@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import MODES, SHAPES, TINY, random_tensors  # noqa: E402
 
-from jcodec import generation as gen  # noqa: E402
+from jcodec import generation as gen, schedule  # noqa: E402
 from jcodec.models import llama  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
             params = MODES[mode](cfg, get)
             logits = np.asarray(llama.logits(params, tokens, cfg, jnp.bfloat16))
             out, _ = gen.generate_tokens(gen.Model(cfg, params, None, jnp.bfloat16), prompts, max_new_tokens=16)
-            results[mode] = (logits, out, llama.layer_group(params), llama.head_chunk_rows(cfg))
+            results[mode] = (logits, out, schedule.layer_group(cfg, params.layers), schedule.head_chunk_rows(cfg))
             del params
         base_logits, base_tokens = results["bf16"][:2]
         for mode, (logits, out, group, chunk) in results.items():

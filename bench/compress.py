@@ -1,6 +1,6 @@
 """Compression ratios and CPU encode/decode speeds of every codec, with zstd and zipnn side by side.
 
-    python bench/compress.py --out bench/compress.json            # SmolLM2-135M (bf16) + Gaussian 4096x14336
+    python bench/compress.py --out compress.json                  # SmolLM2-135M (bf16) + Gaussian 4096x14336
     python bench/compress.py --gaussian 1024x4096 --no-smollm2     # quick
 
 Ratios are stored bytes over BF16 bytes, all metadata counted (records, tables, states, tile index; for the

@@ -37,19 +37,19 @@ import ml_dtypes  # noqa: E402
 # the installed package (pip install .); run it with `python -P` from the repository root
 from jcodec import codecs, tensor  # noqa: E402
 from jcodec.benchmark import bits_of, time_calls  # noqa: E402
-from jcodec.pallas_kernels import rans_common as rc, rans_float, rans_int8, rans_pack  # noqa: E402
+from jcodec.pallas_kernels import bf16_lossless, bf16_lossless_pack, int8, rans_math as rc  # noqa: E402
 
 MATRIX = (4096, 14336)
 SQUARE = (4096, 4096)
 LAYER = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
          "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
 # (unroll, num_warps, coarse_bits, prefetch) of the bf16-lossless kernel (one program per 128-lane tile) to
-# time on the matrix (the first of each list is the kernel's default for that launch: rans_float.ONE_TENSOR /
+# time on the matrix (the first of each list is the kernel's default for that launch: bf16_lossless.ONE_TENSOR /
 # SEVERAL_TENSORS)
 FLOAT_VARIANTS = "16,4,5,8,r1;16,4,5,0;8,4,5,0;16,4,0,8,r1"
 # one launch for the whole layer: unroll 4 (each tensor adds a copy of the loop; unroll 8 compiles 4x longer)
 LAYER_VARIANTS = "4,4,5,0"
-# pair symbols (the converter's default for bfloat16): rans_float.PAIR_ONE_TENSOR / PAIR_SEVERAL_TENSORS first
+# pair symbols (the converter's default for bfloat16): bf16_lossless.PAIR_ONE_TENSOR / PAIR_SEVERAL_TENSORS first
 PAIR_VARIANTS = "8,4,0,8,r1"
 PAIR_LAYER_VARIANTS = "4,4,5,0,r1"
 INT8_VARIANTS = "16,4,0,8;16,4,5,8"  # unroll, num_warps, coarse_bits, prefetch (the launch's default first)
@@ -57,7 +57,7 @@ INT8_LAYER_VARIANT = "4,4,0,0,s1;4,4,5,0"
 # Options after a variant's numbers, as a letter and a value ("4,4,5,0,g2", "16,4,5,8,r1"); absent ones
 # take the kernel's default: g word_group (2 reads the words as uint32 pairs: the default for int8, not for
 # bf16-lossless), r raw_early (bf16-lossless: 1 loads a block's raw bytes at the top of the block before).
-# gG: word_group G; rR: raw_early; s1: the lookup by symbol (coarse_bits rans_common.BY_SYMBOL, the c field
+# gG: word_group G; rR: raw_early; s1: the lookup by symbol (coarse_bits rans_math.BY_SYMBOL, the c field
 # ignored; tables that lack the symbol tables get them before the timed calls)
 FLOAT_OPTIONS, INT8_OPTIONS = {"g": 1, "r": 0, "s": 0}, {"g": 2, "s": 0}
 
@@ -308,9 +308,9 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
     for v in variants:
         un, nw, cb, pf, g, r, sy = v
         cb = rc.BY_SYMBOL if sy else cb
-        timed = [symbol_tables(a, 5, meta[3] == rc.PAIRS, sy) for a in arrays]
-        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode(
-            *a, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3], carry=meta[4], run=meta[5], unroll=un,
+        timed = [symbol_tables(a, 5, meta.pairs, sy) for a in arrays]
+        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: bf16_lossless.bf16_lossless_decode(
+            *a, **meta._asdict(), unroll=un,
             num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET))
         try:
             t0 = time.perf_counter()
@@ -329,8 +329,7 @@ def bench_float_matrix(x, enc, rotate, reps, variants, label="matrix"):
 
 @guarded("bf16-lossless reference")
 def bench_float_reference(x, arrays, meta, rotate, reps, label="matrix"):
-    fn = jax.jit(lambda *a: rans_float.rans_float_reference(*a, n=meta[0], lanes=meta[1], steps=meta[2],
-                                                            dtype=meta[3], carry=meta[4], run=meta[5]))
+    fn = jax.jit(lambda *a: bf16_lossless.bf16_lossless_reference(*a, **meta._asdict()))
     ok = same_bits(fn(*arrays[0]), x)
     s, _ = time_fn(fn, arrays[:2], max(3, reps // 4))
     record(f"bf16-lossless {label}", f"pure-JAX reference under XLA exact={ok}", s, meta[0], exact=ok,
@@ -371,8 +370,8 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
     for v in variants:
         un, nw, cb, pf, g, r, sy = v
         cb = rc.BY_SYMBOL if sy else cb
-        timed = [tuple(symbol_tables(a, 5, m[3] == rc.PAIRS, sy) for a, m in zip(st, metas)) for st in sets]
-        one = jax.jit(lambda *ts, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: rans_float.rans_float_decode_many(
+        timed = [tuple(symbol_tables(a, 5, m.pairs, sy) for a, m in zip(st, metas)) for st in sets]
+        one = jax.jit(lambda *ts, un=un, nw=nw, cb=cb, pf=pf, g=g, r=r: bf16_lossless.bf16_lossless_decode_many(
             list(ts), metas=metas, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf,
             word_group=g, raw_early=bool(r), interpret=INTERPRET))
         first, ok = first_call_exact(one, timed[0], xs)
@@ -388,15 +387,16 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
     if "separate" in skip:
         return
     un, nw, cb, pf, g, r, _ = variants[0]
-    sep = jax.jit(lambda *ts: [rans_float.rans_float_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4],
-                                                            unroll=un, num_warps=nw, coarse_bits=cb,
-                                                            prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
+    sep = jax.jit(lambda *ts: [bf16_lossless.bf16_lossless_decode(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4],
+                                                                  pairs=m.pairs, unroll=un, num_warps=nw, coarse_bits=cb,
+                                                                  prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
                                for t, m in zip(ts, metas)])
     s, _ = time_fn(sep, sets, reps)
     record("bf16-lossless layer", f"pallas 7 launches u{un} w{nw} c{cb} p{pf}{opts_name(FLOAT_OPTIONS, g=g, r=r)}", s, n_total)
     if "ref" in skip and "ceiling" in skip:
         return
-    ref = jax.jit(lambda *ts: [rans_float.rans_float_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4])
+    ref = jax.jit(lambda *ts: [bf16_lossless.bf16_lossless_reference(*t, n=m[0], lanes=m[1], steps=m[2], dtype=m[3], carry=m[4],
+                                                                     pairs=m.pairs)
                                for t, m in zip(ts, metas)])
     if "ref" not in skip:
         s, _ = time_fn(ref, sets[:1], 3)
@@ -410,16 +410,16 @@ def bench_float_layer(layer, rotate, reps, variants, skip=frozenset(), label="la
 
 
 def bench_pack_layer(xs, encs, rotate, reps, variants, label, ratio):
-    """The layer as ONE pack (``rans_pack``): one step loop for all its tensors, a uniform branch per step picks
+    """The layer as ONE pack (``bf16_lossless_pack``): one step loop for all its tensors, a uniform branch per step picks
     a program's output (decode_many compiles a loop per tensor, so its unroll is held to 4)."""
     n_total = sum(x.size for x in xs)
     arrays, static = tensor.pack_float([tensor.from_encoded(e) for e in encs])
     sets = [tuple(jax.device_put(a) for a in arrays) for _ in range(rotate)]
     for un, nw, cb, pf, _, r, sy in variants:
         cb = rc.BY_SYMBOL if sy else cb
-        timed = [symbol_tables(a, 4, static["dtype"] == rc.PAIRS, sy) for a in sets]
+        timed = [symbol_tables(a, 4, static["pairs"], sy) for a in sets]
         un = math.gcd(un, static["steps"])  # what the kernel runs (a block of steps divides the lane's steps)
-        one = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, r=r: rans_pack.rans_float_decode_pack(
+        one = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, r=r: bf16_lossless_pack.bf16_lossless_decode_pack(
             *a, **static, unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, raw_early=bool(r), interpret=INTERPRET))
         first, ok = first_call_exact(one, timed[0], xs)
         s, _ = time_fn(one, timed, reps)
@@ -440,7 +440,7 @@ def bench_int8(shape, rotate, reps, variants, label, steps):
     for un, nw, cb, pf, g, sy in variants:
         cb = rc.BY_SYMBOL if sy else cb
         timed = [symbol_tables(a, 4, False, sy) for a in arrays]
-        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g: rans_int8.rans_int8_decode(
+        fn = jax.jit(lambda *a, un=un, nw=nw, cb=cb, pf=pf, g=g: int8.int8_decode(
             *a, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3], steps=meta[4], dtype=meta[5],
             predictors_used=meta[6], unroll=un, num_warps=nw, coarse_bits=cb, prefetch=pf, word_group=g,
             interpret=INTERPRET))
@@ -449,8 +449,8 @@ def bench_int8(shape, rotate, reps, variants, label, steps):
         record(f"int8 {label}", f"pallas u{un} w{nw} c{cb} p{pf}{opts_name(INT8_OPTIONS, g=g, s=sy)} exact={ok}", s, meta[0],
                ratio=ratio, exact=ok, temp_bytes=temp_bytes(fn, *timed[0]) if best is None else None)
         best = min(best or (s, un, nw, cb, pf, g, sy), (s, un, nw, cb, pf, g, sy))
-    ref = jax.jit(lambda *a: rans_int8.rans_int8_reference(*a, n=meta[0], rows=meta[1], cols=meta[2],
-                                                           lanes=meta[3], steps=meta[4], dtype=meta[5]))
+    ref = jax.jit(lambda *a: int8.int8_reference(*a, n=meta[0], rows=meta[1], cols=meta[2],
+                                                 lanes=meta[3], steps=meta[4], dtype=meta[5]))
     ok = same_bits(ref(*arrays[0]), want)
     s, _ = time_fn(ref, arrays[:1], 3)
     record(f"int8 {label}", f"pure-JAX reference under XLA exact={ok}", s, meta[0], exact=ok)
@@ -478,9 +478,9 @@ def bench_int8_layer(rotate, reps, variant, steps):
     cb = rc.BY_SYMBOL if sy else cb
     sets = [tuple(symbol_tables(a, 4, False, sy) for a in st) for st in sets]
     log(f"[layer s{steps}] int8: ratio {ratio:.4f}")
-    one = jax.jit(lambda *ts: rans_int8.rans_int8_decode_many(list(ts), metas=metas, unroll=un, num_warps=nw,
-                                                              coarse_bits=cb, prefetch=pf, word_group=g,
-                                                              interpret=INTERPRET))
+    one = jax.jit(lambda *ts: int8.int8_decode_many(list(ts), metas=metas, unroll=un, num_warps=nw,
+                                                    coarse_bits=cb, prefetch=pf, word_group=g,
+                                                    interpret=INTERPRET))
     t0 = time.perf_counter()
     ok = all(same_bits(o, w) for o, w in zip(one(*sets[0]), wants))
     log(f"    (first call incl. compile and check {time.perf_counter() - t0:.1f}s)")
@@ -541,28 +541,18 @@ def profile_once(steps, codec="bf16-lossless", pairs=False, layer=False):
     spec = os.environ.get("PROFILE_VARIANT") or default.split(";")[0]
     if codec == "int8":
         (un, nw, cb, pf, g, sy), = parse_variants(spec, 4, INT8_OPTIONS)
-        outs = rans_int8.rans_int8_decode_many([symbol_tables(a, 4, False, sy) for a in arrays], metas=metas,
-                                               unroll=un, num_warps=nw, coarse_bits=rc.BY_SYMBOL if sy else cb,
-                                               prefetch=pf, word_group=g, interpret=INTERPRET)
+        outs = int8.int8_decode_many([symbol_tables(a, 4, False, sy) for a in arrays], metas=metas,
+                                     unroll=un, num_warps=nw, coarse_bits=rc.BY_SYMBOL if sy else cb,
+                                     prefetch=pf, word_group=g, interpret=INTERPRET)
         wants = [codecs.decode(e) for _, e in encoded]
     else:
         (un, nw, cb, pf, g, r, sy), = parse_variants(spec, 4, FLOAT_OPTIONS)
-        outs = rans_float.rans_float_decode_many([symbol_tables(a, 5, pairs, sy) for a in arrays], metas=metas,
-                                                 unroll=un, num_warps=nw, coarse_bits=rc.BY_SYMBOL if sy else cb,
-                                                 prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
+        outs = bf16_lossless.bf16_lossless_decode_many([symbol_tables(a, 5, pairs, sy) for a in arrays], metas=metas,
+                                                       unroll=un, num_warps=nw, coarse_bits=rc.BY_SYMBOL if sy else cb,
+                                                       prefetch=pf, word_group=g, raw_early=bool(r), interpret=INTERPRET)
         wants = [x for x, _ in encoded]
     log(f"profile run ({codec}{' pairs' if pairs else ''}, {'layer' if layer else 'matrix'}, {spec}) exact:",
         all(same_bits(o, w) for o, w in zip(outs, wants)))
-
-
-def start_script(small: bool) -> None:
-    """The start of a script built on this one (ablate.py, lone_matrix.py): ``--small``'s tiny shapes, runs of
-    at least 4 rounds, the device logged."""
-    global BATCHES
-    if small:
-        shrink()
-    BATCHES = 4
-    log(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
 
 
 def shrink():
@@ -611,7 +601,7 @@ def main():
                     "PAIR_VARIANTS; also the layer's when --pair-layer-variants is not given)")
     ap.add_argument("--pair-layer-variants", help="variants for the pair-symbol layer rows, same form (default: "
                     "PAIR_LAYER_VARIANTS)")
-    ap.add_argument("--pack-variants", default="", help="also decode the pair layer as ONE pack (rans_pack) with these "
+    ap.add_argument("--pack-variants", default="", help="also decode the pair layer as ONE pack (bf16_lossless_pack) with these "
                     "variants, same form (g ignored)")
     ap.add_argument("--no-trace", action="store_true", help="no device timeline (jax.profiler) after each timed row")
     ap.add_argument("--hlo", action="store_true", help="print the compiled entry computation of each layer's first "

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcodec import generation as gen
+from jcodec import generation as gen, schedule
 from jcodec.models import llama
 
 SHAPES = {  # HF-config-like dicts of the models benchmarked
@@ -81,7 +81,7 @@ def build_codec(codec: str, mode: str, pairs: bool = True):
         params = place_params(llama.params_from_tensors(cfg, get_encoded, jnp.bfloat16), mode)
         if mode == "decoded":
             return decode_params(params)
-        return llama.group_layers(params, llama.auto_layer_group(cfg, params))
+        return params.replace(layers=schedule.group_layers(cfg, params.layers))
 
     return build
 
@@ -146,7 +146,8 @@ def run_row(model_name: str, mode: str, args) -> dict:
     model = gen.Model(cfg, params, None, jnp.bfloat16)
     row = dict(model=model_name, weights=weights, mode=mode, params=cfg.num_params, load_s=load_s,
                peak_after_load_bytes=peak_bytes(),
-               weight_bytes=weight_bytes(params), layers_per_decode=llama.layer_group(params), batches=[])
+               weight_bytes=weight_bytes(params), layers_per_decode=schedule.layer_group(cfg, params.layers),
+               batches=[])
     rng = np.random.default_rng(0)
     for b in args.batches:
         prompts = rng.integers(0, cfg.vocab_size, (b, args.prompt_len)).tolist()

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One device call: GPU tests (compiled kernels, model on compressed weights), the decode bench, the
-# generation bench, the forward's planned memory and the load bench (PAIRS_S: bench/pairs_proto.py; LONE_S: bench/lone_matrix.py; CLI_S: jcodec bench), each under its own time limit (0 skips a part; ABLATE_S: bench/ablate.py).
+# One device call: GPU tests (compiled kernels, model on compressed weights), the bitwise check, `jcodec bench`
+# (CLI_S), the decode bench, ncu profiles, the generation bench, the forward's planned memory and the load bench,
+# each under its own time limit (0 skips a part). Figures and their commands: bench/README.md.
 # Run from the repository root on the GPU machine, with `.whl` (zstandard for Python 3.12) carried:
 #   TEST_S=240 BITWISE_S=0 DECODE_S=300 PROFILE_S=0 GEN_S=0 LOAD_S=0 bash bench/gpu_session.sh
 # PROFILE_VARIANT picks the kernel variant ncu profiles, PROFILE_ARGS adds decode.py flags (--steps N, --profile-layer, --profile-codec
-# int8) (bench/decode.py --profile; bench/stalls.py reads it), PROFILE_SECTIONS replaces ncu's section flags
+# int8) (bench/decode.py --profile), PROFILE_SECTIONS replaces ncu's section flags
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site . || exit 1  # --upgrade: a warm machine keeps the last call's copy otherwise
@@ -20,18 +21,6 @@ fi
 if [ "${BITWISE_S:-0}" != 0 ]; then
   timeout ${BITWISE_S} python3 -P bench/bitwise.py --out $OUT/bitwise.json 2>&1 | tee $OUT/bitwise.log | tail -12; echo "[bitwise: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
-if [ "${PAIRS_S:-0}" != 0 ]; then  # the pair-symbol prototype against the production kernel (bench/pairs_proto.py)
-  timeout ${PAIRS_S} python3 -P bench/pairs_proto.py --bench --out $OUT/pairs.json ${PAIRS_ARGS:-} 2>&1 \
-      | tee $OUT/pairs.log | tail -40; echo "[pairs: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
-fi
-if [ "${ABLATE_S:-0}" != 0 ]; then  # the pair layer with one kind of memory access taken out at a time (bench/ablate.py)
-  timeout ${ABLATE_S} python3 -P bench/ablate.py --out $OUT/ablate.json ${ABLATE_ARGS:-} 2>&1 \
-      | tee $OUT/ablate.log | tail -20; echo "[ablate: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
-fi
-if [ "${LONE_S:-0}" != 0 ]; then  # the lone pair matrix: per-call cost and the last wave (bench/lone_matrix.py)
-  timeout ${LONE_S} python3 -P bench/lone_matrix.py --out $OUT/lone.json ${LONE_ARGS:-} 2>&1 \
-      | tee $OUT/lone.log | tail -30; echo "[lone: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
-fi
 if [ "${CLI_S:-0}" != 0 ]; then  # `jcodec bench` on random-weight checkpoints (bench/random_checkpoint.py), ';'-separated
   IFS=';' read -ra models <<< "${CLI_MODELS:-smollm2-135m}"
   for i in "${!models[@]}"; do
@@ -43,9 +32,9 @@ if [ "${DECODE_S:-0}" != 0 ]; then
   timeout ${DECODE_S} python3 -P bench/decode.py --out $OUT/decode.json ${DECODE_ARGS:-} 2>&1 \
       | tee $OUT/decode.log | tail -40; echo "[decode: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
-if [ "${PROFILE_S:-0}" != 0 ]; then  # ncu: where a kernel's warps stall, per SASS instruction
+if [ "${PROFILE_S:-0}" != 0 ]; then  # ncu on one kernel launch: occupancy, memory, warp stalls (its details page)
   # PROFILE_ARGS may hold several profiles separated by '|', each under PROFILE_S; only the summaries come back
-  # ($OUT/profileN_details.txt, $OUT/profileN_stalls.txt: files back from a call are few), the reports stay in /tmp
+  # ($OUT/profileN_details.txt: files back from a call are few), the reports stay in /tmp
   IFS='|' read -ra profiles <<< "${PROFILE_ARGS:-}"; [ ${#profiles[@]} = 0 ] && profiles=("")
   for i in "${!profiles[@]}"; do
     rep=/tmp/profile$i; echo "[profile $i: ${profiles[$i]}]"
@@ -54,9 +43,7 @@ if [ "${PROFILE_S:-0}" != 0 ]; then  # ncu: where a kernel's warps stall, per SA
         --import-source no -f -o $rep python3 -P bench/decode.py --profile ${profiles[$i]} > $rep.log 2>&1; echo "[profile $i: exit $?]"
     grep -E "exact|Error|error" $rep.log | tail -3
     ncu -i $rep.ncu-rep --page details > $OUT/profile${i}_details.txt 2>&1
-    ncu -i $rep.ncu-rep --page source --csv --print-source sass > $rep.csv 2>&1
     grep -E "Warp Cycles Per Issued|Achieved Occupancy|Issued Ipc|Duration|Registers Per|L1/TEX Cache Throughput|L1/TEX Hit|Mem Pipes Busy|Compute \(SM\) Throughput|DRAM Throughput|Memory Throughput" $OUT/profile${i}_details.txt
-    python3 bench/stalls.py $rep.csv > $OUT/profile${i}_stalls.txt 2>&1; tail -30 $OUT/profile${i}_stalls.txt
   done
 fi
 if [ "${GEN_S:-0}" != 0 ]; then

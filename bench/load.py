@@ -57,7 +57,7 @@ def child(row: str, path: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jcodec import api, generation
+    from jcodec import api, generation, schedule
     from jcodec.models import llama
 
     # the backend's start-up and first allocation (~1-2 s, the same for every row) are not part of loading
@@ -76,7 +76,7 @@ def child(row: str, path: str) -> dict:
             params = llama.params_from_tensors(cfg, get, jnp.bfloat16)
             phases["read_s"] = time.perf_counter() - t0
             params = api.place_params(params, mode)
-            params = llama.group_layers(params, llama.auto_layer_group(cfg, params))
+            params = params.replace(layers=schedule.group_layers(cfg, params.layers))
     jax.block_until_ready(params)
     t1 = time.perf_counter()
     model = generation.Model(cfg, params, None, jnp.bfloat16)

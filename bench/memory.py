@@ -19,7 +19,7 @@ import math
 import os
 import sys
 
-BITS_PER_VALUE = {"bf16-lossless": 2.65, "int8": 6.6}  # coded bits per value (bench/RESULTS.md)
+BITS_PER_VALUE = {"bf16-lossless": 2.65, "int8": 6.6}  # coded bits per value (as bench/compress.py measures them)
 # kind "bf16-pairs": bf16-lossless with pair symbols (codecs.encode_pairs), as `jcodec convert --pairs` writes it
 
 
@@ -29,7 +29,7 @@ def abstract_ct(codec: str, shape, layers: int | None, lanes: int = 128, steps: 
     import jax
     import jax.numpy as jnp
     from jcodec import codecs
-    from jcodec.pallas_kernels import rans_common as rc
+    from jcodec.pallas_kernels import rans_math as rc
     from jcodec.tensor import CompressedTensor, TensorMeta, starts_dtype
 
     n = math.prod(shape)
@@ -88,13 +88,14 @@ def analyse(model: str, kind: str, batch: int, slots: int, tiny: bool, dump: str
     import jax
     import jax.numpy as jnp
     from generate import SHAPES, TINY
+    from jcodec import schedule
     from jcodec.models import llama
     from jcodec.tensor import CompressedTensor
 
     cfg = llama.LlamaConfig.from_hf({**SHAPES[model], **(TINY if tiny else {})})
     params = abstract_params(cfg, kind)
     if kind != "bf16":
-        params = llama.group_layers(params, llama.auto_layer_group(cfg, params))
+        params = params.replace(layers=schedule.group_layers(cfg, params.layers))
     cache = jax.eval_shape(lambda: llama.init_cache(cfg, batch, slots, jnp.bfloat16))
     compiled = llama.step.lower(params, jax.ShapeDtypeStruct((batch, tokens), jnp.int32), cache, cfg,
                                 jnp.bfloat16).compile()
@@ -103,9 +104,10 @@ def analyse(model: str, kind: str, batch: int, slots: int, tiny: bool, dump: str
     weights = sum(x.nbytes if isinstance(x, CompressedTensor) else math.prod(x.shape) * x.dtype.itemsize
                   for x in leaves)
     bf16_weights = 2 * cfg.num_params
-    layer = 2 * sum(math.prod(s) for s in llama.layer_shapes(cfg).values()) * llama.layer_group(params)
+    group = schedule.layer_group(cfg, params.layers)
+    layer = 2 * cfg.layer_params * group
     kv = 2 * math.prod(cache.k.shape) * 2
-    row = dict(model=model, kind=kind, batch=batch, tokens=tokens, slots=slots, layers_per_decode=llama.layer_group(params),
+    row = dict(model=model, kind=kind, batch=batch, tokens=tokens, slots=slots, layers_per_decode=group,
                weights=weights, kv_cache=kv, decoded_layer=layer, bf16_weights=bf16_weights,
                argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
                temp=m.temp_size_in_bytes, device=jax.devices()[0].device_kind)

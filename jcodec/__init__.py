@@ -3,10 +3,9 @@
     model = jcodec.load("model.jcodec", mode="compressed")
     print(jcodec.generate(model, "What is the capital of France?"))
 """
+from jcodec.api import load
+from jcodec.generation import Model, generate, perplexity
+from jcodec.tensor import CompressedTensor, decode
+
 __version__ = "0.1.0"
-
-from jcodec.api import load  # noqa: E402
-from jcodec.generation import Model, generate, perplexity  # noqa: E402
-from jcodec.tensor import CompressedTensor, decode  # noqa: E402
-
 __all__ = ["load", "generate", "perplexity", "Model", "CompressedTensor", "decode"]

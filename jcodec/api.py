@@ -14,15 +14,19 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jcodec import codecs
+from jcodec import codecs, schedule
 from jcodec.checkpoint import Checkpoint, CheckpointError
-from jcodec.tensor import CompressedTensor, decode, from_encoded
+from jcodec.generation import Model, default_dtype
+from jcodec.models import llama
+from jcodec.pallas_kernels.rans_math import raw_bytes
+from jcodec.tensor import (CompressedTensor, PackBuilder, decode, decode_pack, fill_packs, from_encoded, host_arrays,
+                           pack_float, pack_groups)
 
 MODES = ("decoded", "compressed", "offload")
 
@@ -84,12 +88,9 @@ def decode_params(params, *, workers: int | None = None, timings: dict | None = 
     arrays go to the device. Peak memory: the model decoded plus the compressed pack being decoded.
     ``timings``: a dict that receives seconds spent packing, waiting for compiles, and decoding.
     """
-    import time
     clock = time.perf_counter
     timings = {} if timings is None else timings
     t0 = clock()
-    from jcodec.tensor import decode_pack, pack_float, pack_groups
-
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
     del params  # the leaves list holds the only references (when the caller passed a temporary)
     todo = [i for i, x in enumerate(leaves) if isinstance(x, CompressedTensor)]
@@ -136,12 +137,6 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
     and zstd tensors, int8, other geometries) goes the general way (:func:`decode_params`).
     ``timings``: a dict that receives seconds spent reading, waiting for the compile, and decoding.
     """
-    import time
-
-    from jcodec.models import llama
-    from jcodec.pallas_kernels.rans_common import RAW_BYTES
-    from jcodec.tensor import PackBuilder, decode_pack, fill_packs, host_arrays
-
     clock, t0 = time.perf_counter, time.perf_counter()
     timings = {} if timings is None else timings
     config, _, get = load_tensors(path, "decoded")
@@ -153,20 +148,20 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
     items = []  # (group, geometry, raw bytes) of the groups that can be packed
     for key, members in groups:
         recs = [_pack_record(ckpt, n) if n in names else None for n in members]
-        if not all(recs) or len({r[:5] for r in recs}) > 1:  # not packable: the general way (which checks it)
+        if not all(recs) or len({r[:6] for r in recs}) > 1:  # not packable: the general way (which checks it)
             continue
-        items.append(((key, members, recs), recs[0][:5], sum(r[5] for r in recs) * RAW_BYTES[recs[0][2]]))
+        items.append(((key, members, recs), recs[0][:6], sum(r[6] for r in recs) * raw_bytes(recs[0][2], recs[0][5])))
     fields, singles = {}, {}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         jobs = []
-        for (lanes, steps, dtype_name, carry, run), pack_groups in fill_packs(items):
-            tensors = [(j, r[5], r[6]) for j, (_, _, recs) in enumerate(pack_groups) for r in recs]
-            builder = PackBuilder(tensors, lanes, steps, dtype_name, carry, run)
+        for (lanes, steps, dtype_name, carry, run, pairs), packed in fill_packs(items):
+            tensors = [(j, r[6], r[7]) for j, (_, _, recs) in enumerate(packed) for r in recs]
+            builder = PackBuilder(tensors, lanes, steps, dtype_name, carry, run, pairs)
             fn = jax.jit(functools.partial(decode_pack, **builder.static))
-            jobs.append((pack_groups, builder, pool.submit(lambda f, a: f.lower(a).compile(), fn, builder.abstract())))
-        for pack_groups, builder, _ in jobs:  # the file, read while the decoders compile
+            jobs.append((packed, builder, pool.submit(lambda f, a: f.lower(a).compile(), fn, builder.abstract())))
+        for packed, builder, _ in jobs:  # the file, read while the decoders compile
             i = 0
-            for _, members, _ in pack_groups:
+            for _, members, _ in packed:
                 for n in members:
                     a = host_arrays(ckpt.read(n))  # (read validates the tensor against its record)
                     try:
@@ -175,12 +170,12 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
                         raise CheckpointError(f"{ckpt.where(n)}: tensor {n}: {e}") from None
                     i += 1
         timings["read_s"] = clock() - t0
-        for pack_groups, builder, job in jobs:
+        for packed, builder, job in jobs:
             t1 = clock()
             decoder = job.result()
             timings["compile_wait_s"] = timings.get("compile_wait_s", 0.0) + clock() - t1
             outs = decoder(jax.device_put(builder.arrays))
-            for (key, members, _), out in zip(pack_groups, outs):
+            for (key, members, _), out in zip(packed, outs):
                 shape = tuple(ckpt.record(members[0])["shape"])
                 if key in llama.LAYER_NAMES.values():  # a field: all layers, stacked
                     fields[key] = out.reshape((L,) + shape)
@@ -195,10 +190,9 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
 
 
 def _pack_record(ckpt, name):
-    """``(lanes, steps, dtype, carry, run, n, words)`` of a bf16-lossless tensor from the file's header (pair symbols:
-    the kernels' dtype "bfloat16x2" and n in pairs), or None when
+    """``(lanes, steps, dtype, carry, run, pairs, n, words)`` of a bf16-lossless tensor from the file's header (pair
+    symbols: n in pairs), or None when
     it is of another codec or its record or entries are not as expected (then it is read the general way)."""
-    from jcodec.pallas_kernels.rans_common import PAIRS
     r = ckpt.record(name)
     try:
         if r.get("codec") != "bf16-lossless" or r.get("dtype") not in ("bfloat16", "float16", "float32"):
@@ -209,17 +203,10 @@ def _pack_record(ckpt, name):
         (words,) = ckpt.stored_shape(name, "words")
         n = math.prod(shape)
         if r.get("pairs") is True:  # the pack counts pairs; an odd size (a padding value) is read the general way
-            return (lanes, steps, PAIRS, carry, run, n // 2, words) if n % 2 == 0 else None
-        return lanes, steps, r["dtype"], carry, run, n, words
+            return (lanes, steps, "bfloat16", carry, run, True, n // 2, words) if n % 2 == 0 else None
+        return lanes, steps, r["dtype"], carry, run, False, n, words
     except Exception:  # noqa: BLE001 - a malformed header is reported by the general path's read
         return None
-
-
-def compressed_bytes(tree) -> int:
-    """Bytes of a params pytree as it sits in memory, CompressedTensors counted compressed."""
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, CompressedTensor))
-    return sum(x.nbytes if isinstance(x, CompressedTensor) else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-               for x in leaves if hasattr(x, "shape"))
 
 
 def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | None = None):
@@ -228,17 +215,15 @@ def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | No
     Plain checkpoints (HF, GGUF) load as they are, whatever ``mode``. ``dtype`` is the compute dtype
     (default: bfloat16 on GPU, float32 on CPU); compressed weights decode to their stored dtype first.
     ``layers_per_decode``: how many compressed layers one kernel launch decodes in the forward pass
-    (default: chosen by ``llama.auto_layer_group``, 1 for large layers, a few for small models).
+    (default: chosen by ``schedule.auto_layer_group``, 1 for large layers, a few for small models).
     """
-    from jcodec.generation import Model, default_dtype
-
     if not is_jcodec_checkpoint(path):
         if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
             Checkpoint(path)  # an unreadable jcodec folder: raise its own error rather than a vaguer one
         return Model.load(path, dtype)
     dtype = dtype or default_dtype()
     cfg, params = load_params(path, mode, dtype, layers_per_decode)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # here, not at the top: it takes seconds to import (sources.py says more)
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
     except Exception as e:  # transformers raises OSError, ValueError ... on missing or bad tokenizer files
@@ -249,7 +234,6 @@ def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | No
 def load_params(path, mode: str, dtype, layers_per_decode: int | None = None):
     """``(LlamaConfig, Params)`` of a jcodec checkpoint in ``mode`` (what :func:`load` builds a Model from, less
     the tokenizer; ``jcodec bench`` needs no tokenizer)."""
-    from jcodec.models import llama
     config, _, get = load_tensors(path, mode)
     cfg = llama.LlamaConfig.from_hf(config)
     try:
@@ -259,4 +243,4 @@ def load_params(path, mode: str, dtype, layers_per_decode: int | None = None):
     if mode == "decoded":
         return cfg, load_decoded(path, cfg, dtype)
     params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
-    return cfg, llama.group_layers(params, layers_per_decode or llama.auto_layer_group(cfg, params))
+    return cfg, params.replace(layers=schedule.group_layers(cfg, params.layers, layers_per_decode))

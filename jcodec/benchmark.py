@@ -18,6 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jcodec import codecs, schedule
+from jcodec.api import load_params
+from jcodec.checkpoint import Checkpoint
+from jcodec.codecs import bits_of
+from jcodec.models import llama
+from jcodec.tensor import decode_window, default_backend
+
 
 @dataclass
 class Timing:
@@ -36,8 +43,8 @@ def time_calls(fn, inputs, reps: int, *, min_rounds: int = 4, run_seconds: float
     Calls enqueued back to back keep the device busy while the host dispatches the next (a jitted forward runs
     its decodes that way), and one stream runs them in order, so the last call's outputs are the last written.
     A run still counts once its start (the first dispatch) and its end: runs of 4-10 calls of a 0.09 ms decode
-    read 10-15 us a call slow on the H100 (bench/RESULTS.md session 18), hence runs sized from a call timed
-    after the warm-up (the first calls after a compile are slow)."""
+    read 10-15 us a call slow on the H100 against the device timeline (bench/decode.py records both), hence runs
+    sized from a call timed after the warm-up (the first calls after a compile are slow)."""
     for inp in inputs:
         jax.block_until_ready(fn(*inp))
     t0 = time.perf_counter()
@@ -66,27 +73,15 @@ def time_calls(fn, inputs, reps: int, *, min_rounds: int = 4, run_seconds: float
 CEILING_BYTES = 2 << 30  # the ceiling's pass runs over as many bytes as the layers decode to, at most this many
 
 
-def bits_of(a) -> np.ndarray:
-    """The bits of an array of 1-, 2- or 4-byte values, as unsigned integers (to compare bit for bit)."""
-    a = np.asarray(a)
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
-
-
 def bench_checkpoint(path, *, reps: int = 5, layers_per_decode: int | None = None) -> dict:
     """Time the layer decodes of the jcodec checkpoint at ``path`` (see the module docstring); returns a dict of
     what was measured. Raises ValueError when it has no compressed layer weights to decode."""
-    from jcodec import codecs
-    from jcodec.api import load_params
-    from jcodec.checkpoint import Checkpoint
-    from jcodec.models import llama
-    from jcodec.tensor import decode_window, default_backend
-
     cfg, params = load_params(path, "compressed", jnp.bfloat16, layers_per_decode)
-    stacks = llama.layer_stacks(params)
+    stacks = schedule.layer_stacks(cfg, params.layers)
     if not stacks:
         raise ValueError(f"{path}: no compressed layer weights to decode (its layers are stored raw or as zstd, "
                          f"which decode on the host at load)")
-    G, L = llama.layer_group(params), cfg.num_layers
+    G, L = schedule.layer_group(cfg, params.layers), cfg.num_layers
     cts = list(stacks.values())
     decoded_bytes = sum(c.meta.size * jnp.dtype(c.meta.dtype).itemsize for c in cts) * L
     stored_bytes = sum(c.nbytes for c in cts)

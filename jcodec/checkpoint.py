@@ -20,6 +20,7 @@ import safetensors
 from safetensors.numpy import save_file
 
 from jcodec import codecs
+from jcodec.sources import SAFETENSORS_DTYPES
 
 FORMAT_VERSION = 4
 # version 1: no carried raw bytes (a record without `carry`); version 2: no pair symbols (no `pairs`); version 3:
@@ -42,7 +43,7 @@ def choose_encoding(array: np.ndarray, codec: str, **opts) -> codecs.EncodedTens
     Raw when coding cannot pay: not a float, 1-D (norms, biases), tiny, or when the encoding is not
     smaller than the raw bytes (incompressible data). ``int8`` falls back to ``bf16-lossless`` for a tensor
     that holds NaN or Inf, since it cannot represent them. ``pairs`` (default True): bfloat16 tensors coded
-    ``bf16-lossless`` get pair symbols (their GPU decode is 1.16-1.26x faster, bench/RESULTS.md session 10).
+    ``bf16-lossless`` get pair symbols (their GPU decode is 1.16-1.26x faster, bench/decode.py).
     """
     if array.dtype not in [dt for dt, _, _ in codecs.FLOAT_DTYPES.values()]:
         return None
@@ -315,6 +316,5 @@ class Checkpoint:
 
 def _itemsize(safetensors_dtype: str) -> int:
     """Bytes per element of a safetensors dtype name (0 for one we do not know)."""
-    from jcodec.sources import SAFETENSORS_DTYPES
     dt = SAFETENSORS_DTYPES.get(safetensors_dtype)
     return 0 if dt is None else np.dtype(dt).itemsize

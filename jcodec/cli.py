@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 
+import jcodec
 from jcodec import codecs
+from jcodec.benchmark import bench_checkpoint, report
+from jcodec.checkpoint import Checkpoint, CheckpointError
+from jcodec.convert import convert, verify
+from jcodec.sources import SourceError, default_model_path
 
 EXIT_BAD_INPUT = 2
 
@@ -30,7 +36,6 @@ def _parse_size(text: str) -> int:
 
 
 def cmd_convert(args) -> int:
-    from jcodec.convert import convert
     rep = convert(args.src, args.out, args.codec, lanes=args.lanes, steps=args.steps, zstd_level=args.zstd_level,
                   pairs=args.pairs,
                   shard_bytes=args.shard_size, overwrite=args.overwrite, progress=not args.quiet)
@@ -41,7 +46,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from jcodec.checkpoint import Checkpoint
     ckpt = Checkpoint(args.path)
     rows = [(name, ckpt.summary(name)) for name in ckpt.names()]
     total_s = sum(s["stored"] for _, s in rows)
@@ -66,7 +70,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from jcodec.convert import verify
     rep = verify(args.path, args.against, progress=not args.quiet)
     extra = f", {rep.compared} compared with {args.against}" if args.against else ""
     print(f"{args.path}: OK, {rep.tensors} tensors, {rep.tiles} tiles decoded, all checksums match{extra}")
@@ -74,18 +77,15 @@ def cmd_verify(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import jcodec
     model = jcodec.load(args.path, mode=args.mode)
     _answer(model, args.prompt, args)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from jcodec.benchmark import bench_checkpoint, report
     result = bench_checkpoint(args.path, reps=args.reps, layers_per_decode=args.layers_per_decode)
     print(report(result))
     if args.json:
-        import json
         tmp = f"{args.json}.tmp-{os.getpid()}"
         try:
             with open(tmp, "w") as f:
@@ -98,20 +98,16 @@ def cmd_bench(args) -> int:
 
 
 def _answer(model, prompt: str, args) -> None:
-    import jcodec
     stream = sys.stdout
     result = jcodec.generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                              on_token=lambda text: (stream.write(text), stream.flush()))
     stream.write("\n")
-    stats = getattr(result, "stats", None) or getattr(jcodec, "last_stats", lambda: None)()
-    if stats:
-        print(f"[{stats}]", file=sys.stderr)
+    print(f"[{result.stats}]", file=sys.stderr)
 
 
 def cmd_demo(args) -> int:
     """Convert the embedded SmolLM2-135M, print its size figures, answer a question from the compressed copy."""
-    from jcodec.sources import default_model_path
     src = default_model_path()
     out = args.out
     if not os.path.exists(out) or args.overwrite:
@@ -122,9 +118,6 @@ def cmd_demo(args) -> int:
     else:
         print(f"{out}: exists, reusing it (--overwrite to convert again)")
     cmd_info(argparse.Namespace(path=out, totals=True))
-    import jcodec
-    if not hasattr(jcodec, "generate"):
-        return 0
     print(f"> {args.prompt}")
     _answer(jcodec.load(out, mode=args.mode), args.prompt, args)
     return 0
@@ -208,14 +201,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # transformers advises at import that it found no torch; jcodec needs none (tokenizers and configs only).
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from jcodec.checkpoint import CheckpointError
-    expected = (CheckpointError, codecs.FormatError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                PermissionError)
-    try:
-        from jcodec.sources import SourceError
-        expected += (SourceError,)
-    except ImportError:
-        pass
+    expected = (CheckpointError, SourceError, codecs.FormatError, FileNotFoundError, IsADirectoryError,
+                NotADirectoryError, PermissionError)
     warnings.filterwarnings("ignore", message=".*Triton.*deprecated.*")
     try:
         return args.func(args)

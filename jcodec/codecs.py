@@ -26,8 +26,8 @@ DEFAULT_LANES = 128
 # Steps per lane by codec. Shorter lanes mean more of them to decode in parallel, at 5 bytes (start state,
 # word count) per lane: bf16-lossless at 240 steps (8-bit counts, raw bytes carried in the end states) costs
 # 0.6639 of BF16 against 0.6609 at 1024 (Gaussian 4096 x 14336), and that matrix decoded 1.24-1.67x faster on
-# the H100 (in one run each, bench/RESULTS.md sessions 5-7). int8 keeps 1024: at 240 steps its file grows
-# 1.4% (0.4415 -> 0.4475), for 1.19x on the matrix in session 7's one (slow) run.
+# the H100 (bench/decode.py, one run each). int8 keeps 1024: at 240 steps its file grows 1.4% (0.4415 -> 0.4475),
+# for 1.19x on the matrix in a single, unrepeated run (bench/decode.py).
 DEFAULT_STEPS = {"bf16-lossless": 240, "int8": 1024}
 MAX_LANES = 4096
 
@@ -47,20 +47,20 @@ CARRY = {1: 2, 2: 1, 3: 1}  # raw bytes per symbol -> symbols carried per lane (
 # Pair symbols (bfloat16, format version 3): one rANS symbol codes the exponents of two adjacent values, so a
 # decoder pays its table gather, state update and renormalisation once per two values, and moves their raw
 # bytes and output bits as one 16- and one 32-bit access. Symbols are the ranks of the tensor's most frequent
-# exponent pairs; every other pair is rans.ESC followed by its 16 bits. On the H100 a prototype kernel decoded
-# 1.23-1.29x faster than the one-exponent kernel, side by side (bench/RESULTS.md, session 10); on Gaussian
+# exponent pairs; every other pair is rans.ESC followed by its 16 bits. On the H100 pairs decoded 1.16-1.26x
+# faster than one exponent a symbol, side by side (bench/decode.py, its matrix and layer rows); on Gaussian
 # weights the pairs cost 2.554 bits per exponent against 2.550. A lane's steps count pairs: 105 steps, 104 of them
 # in runs of PAIR_RUN. Shorter lanes cost ratio (each has its state and start) and give more, shorter programs: a
 # Llama-3-8B layer in one launch on the H100, side by side, 1223.7 / 1181.8 GB/s at 121 steps (7,044 programs,
 # 3.34 waves of 132 SMs x 16, ratio 0.6641), 1264.7 / 1267.4 at 105 (8,119, 3.84 waves, 0.6648); 101 steps
-# (3.996 waves, 1289.5) cost 0.66501 (bench/RESULTS.md, session 17). A launch's last, partial wave leaves SMs
-# idle for about one program's time, and a program is shorter with fewer steps.
+# (3.996 waves, 1289.5) cost 0.66501 (bench/decode.py). A launch's last, partial wave leaves SMs idle for about
+# one program's time, and a program is shorter with fewer steps.
 PAIR_STEPS = 105
 # Runs (format version 4, ``rans.lane_positions``): a lane decodes PAIR_RUN consecutive symbols of its tile at a
 # time, not symbols ``lanes`` apart, so a GPU lane loads a run's raw bytes in one load and stores its values in one
-# store (pairs: 8 and 16 bytes) where it made 4 narrow accesses of each. The pair layer on the H100, side by side
-# in one run: 1188.9 / 1203.1 GB/s with runs of 4 against 1077.9 / 1074.3 without (bench/RESULTS.md, session 16;
-# runs of 8 decoded at 580.5 in a prototype). A lane's last ``carry`` steps (its carried values) are not in
+# store (pairs: 8 and 16 bytes) where it would make 4 narrow accesses of each. bench/decode.py's pair layer on the
+# H100, side by side in one run: 1188.9 / 1203.1 GB/s with runs of 4 against 1077.9 / 1074.3 without (runs of 8,
+# tried in a prototype kernel, decoded at 580.5). A lane's last ``carry`` steps (its carried values) are not in
 # runs, so runs need (steps - carry) % run == 0: 105 - 1 = 104 steps, 26 runs.
 PAIR_RUN = 4
 RUNS = (1, 2, 4, 8)
@@ -90,6 +90,13 @@ class EncodedTensor:
     @property
     def dtype(self) -> np.dtype:
         return FLOAT_DTYPES[self.record["dtype"]][0]
+
+
+def bits_of(a) -> np.ndarray:
+    """The bits of an array of 1-, 2- or 4-byte values as unsigned integers of that size (a view of
+    ``np.asarray(a)``), so that two arrays compare bit for bit: NaN payloads and -0.0 included."""
+    a = np.asarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
 def dtype_name(dtype) -> str:
@@ -270,7 +277,7 @@ def carry_values(dtype: str, steps: int, pairs: bool = False) -> int:
 
 def stored_raw_values(n: int, lanes: int, steps: int, carry: int) -> int:
     """Values whose raw bytes ``raw`` stores: all but the carried ones (``carry`` values of every lane of the
-    full tiles). (``pallas_kernels.rans_float.raw_size`` is its twin: the kernels do not import jcodec.)"""
+    full tiles). (``pallas_kernels.bf16_lossless.raw_size`` is its twin: the kernels do not import jcodec.)"""
     return n - n // (lanes * steps) * carry * lanes
 
 

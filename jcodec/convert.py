@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from jcodec import codecs
 from jcodec.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, choose_encoding
+from jcodec.sources import open_source
 
 
 @dataclasses.dataclass
@@ -38,8 +39,6 @@ def convert(src, out, codec: str = "bf16-lossless", *, lanes: int = codecs.DEFAU
             overwrite: bool = False, progress: bool = True, pairs: bool = True) -> ConvertReport:
     """Encode every tensor of ``src`` (HF folder or .gguf) with ``codec`` into the folder ``out``. ``pairs``
     (default): ``bf16-lossless`` codes a bfloat16 tensor's exponents two values a symbol (``codecs.encode_pairs``)."""
-    from jcodec.sources import open_source
-
     if codec not in codecs.CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(codecs.CODECS)}")
     t0 = time.perf_counter()
@@ -92,7 +91,6 @@ def verify(path, against=None, *, progress: bool = True) -> VerifyReport:
     ckpt = Checkpoint(path)
     source = None
     if against is not None:
-        from jcodec.sources import open_source
         source = open_source(against)
         missing = sorted(set(source.tensor_names()) - set(ckpt.names()))
         if missing:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcodec.models import llama
+from jcodec.sources import open_source
 
 TRACES: collections.Counter = collections.Counter()  # jitted function name -> times traced
 
@@ -47,7 +48,6 @@ class Model:
     @classmethod
     def load(cls, path, dtype=None) -> Model:
         """A plain (uncompressed) HF checkpoint folder or GGUF file, with its tokenizer."""
-        from jcodec.sources import open_source
         src = open_source(path)
         dtype = dtype or default_dtype()
         cfg, params = llama.load_hf(src, dtype)

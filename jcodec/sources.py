@@ -3,7 +3,8 @@
 Why one at a time: converting or loading an 8B checkpoint must fit a 24 GiB machine, so nothing here holds
 more than the tensor being read. Why our own safetensors reader: safetensors' NumPy framework cannot hold
 bfloat16, and the format is simple enough to read with ``np.fromfile`` after checking every offset.
-Nothing is ever unpickled: ``pytorch_model.bin`` is refused.
+Nothing is ever unpickled: ``pytorch_model.bin`` is refused. transformers is imported only where a tokenizer or
+a config is built: it takes seconds to import, which ``jcodec info``, ``verify`` and ``bench`` need not pay.
 
     src = open_source("path/to/hf-folder")        # or a .gguf file, or default_model_path()
     src.config                                    # the HF config dict
@@ -20,6 +21,12 @@ import struct
 
 import ml_dtypes
 import numpy as np
+
+try:  # only GGUF files need it, and some installs (our GPU machines) lack it: GGUFSource says so
+    import gguf
+    import gguf.quants
+except ImportError:
+    gguf = None
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors reference implementation's cap
@@ -205,7 +212,6 @@ class SafetensorsSource(Source):
 
 def _field_value(field):
     """A scalar or string GGUF metadata value (arrays are not needed for the config)."""
-    import gguf
     part = field.parts[field.data[0]]
     if field.types and field.types[0] == gguf.GGUFValueType.STRING:
         return bytes(part).decode("utf-8")
@@ -233,10 +239,8 @@ class GGUFSource(Source):
     """A llama-architecture GGUF file, dequantised tensor by tensor and served as a bfloat16 checkpoint."""
 
     def __init__(self, path: str):
-        try:
-            import gguf
-        except ImportError:
-            raise SourceError(f"{path}: reading GGUF needs the gguf package (pip install gguf)") from None
+        if gguf is None:
+            raise SourceError(f"{path}: reading GGUF needs the gguf package (pip install gguf)")
         self.path = path
         try:
             self._reader = gguf.GGUFReader(path)
@@ -268,7 +272,6 @@ class GGUFSource(Source):
         return LlamaConfig(**cfg).to_dict()
 
     def read(self, name: str) -> np.ndarray:
-        import gguf.quants
         t = self._tensors[self._known(name)]
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(self._shapes[name])
         if name.endswith("self_attn.q_proj.weight"):

@@ -21,13 +21,13 @@ from jcodec import codecs, rans
 #                         a stack's rows to the longest), so the kernels may read it as uint32 word pairs
 #   starts  uint16|uint32[T*L]  where each lane starts reading, in words from its tile's base: the sum of the
 #                         file's counts of the lanes before it in the tile (summed here, once: a prefix sum
-#                         in the kernels made them up to 2.7x slower; bench/RESULTS.md, session 9)
+#                         in the kernels made them up to 2.7x slower, bench/decode.py)
 #   bases   uint32[T]     where each tile's first lane starts in `words` (the file's tile offsets)
 #   states  uint32[T*L]   each lane's start state
 #   table   uint32[4096+128]  packed slot table: cum | symbol << 12 | (freq - 1) << 20, then the kernels'
-#                         coarse table (one entry per 32 slots; pallas_kernels/rans_common.py); with pair
+#                         coarse table (one entry per 32 slots; pallas_kernels/rans_math.py); with pair
 #                         symbols then 256 more: each symbol's two exponents in place, e1 << 7 | e2 << 23;
-#                         int8: uint32[4096+1280], the slot table then the symbol tables (rans_common.symbol_table)
+#                         int8: uint32[4096+1280], the slot table then the symbol tables (rans_math.symbol_table)
 #   raw     uint8[m*rb]   bf16-lossless: the raw sign+mantissa bytes stored (all but those the lanes of full tiles
 #                         carry in their states: `codecs.split_carry`); with pair symbols uint16[m], a pair's two
 #                         bytes in one element
@@ -128,7 +128,7 @@ def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
     r, a = enc.record, enc.arrays
     if r["codec"] not in DEVICE_ARRAYS:
         raise ValueError(f"codec {r['codec']} is decoded on the host, not kept compressed on the device")
-    from jcodec.pallas_kernels import rans_common
+    from jcodec.pallas_kernels import rans_math
 
     slots = rans.packed_slot_table(a["freqs"])
     bases = np.ascontiguousarray(a["tiles"][:, 0])  # each tile's first lane offset (validate checked them)
@@ -136,8 +136,8 @@ def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
     per_step = 2 if r.get("pairs") else 1
     host = dict(words=a["words"], starts=starts.astype(starts_dtype(r["lanes"], r["steps"] * per_step)),
                 bases=bases, states=a["states"],
-                table=np.concatenate([slots, rans_common.symbol_table(slots, np) if r["codec"] == "int8"
-                                      else rans_common.coarse_table(slots, np)]))
+                table=np.concatenate([slots, rans_math.symbol_table(slots, np) if r["codec"] == "int8"
+                                      else rans_math.coarse_table(slots, np)]))
     if r.get("pairs"):
         host["table"] = np.concatenate([host["table"], pair_table(a["pairs"])])
         host["raw"] = a["raw"].view(np.uint16)
@@ -215,31 +215,26 @@ def _check_backend(ct, backend):
     return backend
 
 
-def kernel_dtype(meta: TensorMeta) -> str:
-    """The kernels' dtype of a bf16-lossless tensor: its dtype, or "bfloat16x2" for pair symbols."""
-    from jcodec.pallas_kernels import rans_common
-    return rans_common.PAIRS if meta.pairs else meta.dtype
-
-
 def kernel_args(ct: CompressedTensor):
-    """``(arrays, meta tuple)`` as the kernels' ``*_decode_many`` take them (for one tensor or a stack)."""
+    """``(arrays, meta)`` as the kernels' ``*_decode_many`` take them (for one tensor or a stack): a
+    ``bf16_lossless.LosslessMeta`` (with pair symbols n counts pairs) or an ``int8.Int8Meta``."""
+    from jcodec.pallas_kernels import bf16_lossless, int8
     m, a = ct.meta, ct.arrays
-    if m.codec == "bf16-lossless":  # (pair symbols: the kernels' dtype "bfloat16x2", n counts pairs)
+    if m.codec == "bf16-lossless":
         return (tuple(a[k] for k in ("words", "starts", "bases", "states", "raw", "table")),
-                (m.symbols, m.lanes, m.steps, kernel_dtype(m), m.carry, m.run))
+                bf16_lossless.LosslessMeta(m.symbols, m.lanes, m.steps, m.dtype, m.carry, m.run, m.pairs))
     return (tuple(a[k] for k in ("words", "starts", "bases", "states", "table", "scales", "predictors")),
-            (m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors or (0, 1, 2)))
+            int8.Int8Meta(m.size, m.rows, m.cols, m.lanes, m.steps, m.dtype, m.predictors or (0, 1, 2)))
 
 
 def _reference(ct: CompressedTensor) -> jax.Array:
     """The pure-JAX decoder of one (unstacked) tensor, flat."""
-    from jcodec.pallas_kernels import rans_float, rans_int8
+    from jcodec.pallas_kernels import bf16_lossless, int8
     args, meta = kernel_args(ct)
     if ct.meta.codec == "bf16-lossless":
-        return rans_float.rans_float_reference(*args, n=meta[0], lanes=meta[1], steps=meta[2], dtype=meta[3],
-                                               carry=meta[4], run=meta[5])[:ct.meta.size]
-    return rans_int8.rans_int8_reference(*args, n=meta[0], rows=meta[1], cols=meta[2], lanes=meta[3],
-                                         steps=meta[4], dtype=meta[5])
+        return bf16_lossless.bf16_lossless_reference(*args, **meta._asdict())[:ct.meta.size]
+    return int8.int8_reference(*args, n=meta.n, rows=meta.rows, cols=meta.cols, lanes=meta.lanes, steps=meta.steps,
+                               dtype=meta.dtype)
 
 
 def decode_many(cts: list, *, tiles=None, start=None, window: int = 0, interpret: bool = False) -> list[jax.Array]:
@@ -247,11 +242,11 @@ def decode_many(cts: list, *, tiles=None, start=None, window: int = 0, interpret
     all of one codec in ONE launch. ``tiles``: None, or per tensor None or int32[R] (see ``decode_tiles``);
     ``start``/``window``: copies ``start .. start + window`` of every stack (see ``decode_window``).
     Returns flat arrays: ``[n]``, ``[copies, n]``, ``[window, n]`` or ``[R * tile]``."""
-    from jcodec.pallas_kernels import rans_float, rans_int8
+    from jcodec.pallas_kernels import bf16_lossless, int8
     tiles = [None] * len(cts) if tiles is None else list(tiles)
     out = [None] * len(cts)
-    for codec, fn in (("bf16-lossless", rans_float.rans_float_decode_many),
-                      ("int8", rans_int8.rans_int8_decode_many)):
+    for codec, fn in (("bf16-lossless", bf16_lossless.bf16_lossless_decode_many),
+                      ("int8", int8.int8_decode_many)):
         idx = [i for i, c in enumerate(cts) if c.meta.codec == codec]
         if idx:
             args = [kernel_args(cts[i]) for i in idx]
@@ -381,7 +376,7 @@ def materialize_all(tree, *, backend: str | None = None, interpret: bool = False
     """:func:`materialize` every leaf of ``tree`` (e.g. one layer's weights, or a group of stacked layers).
     On the Pallas backend all CompressedTensors of a codec are decoded together in ONE kernel launch: many
     more lanes in flight than a launch per tensor (measured on the H100: a Llama-3-8B layer at 668-687 GB/s
-    in one launch against 237-246 GB/s in seven; bench/DECODE_NOTES.md)."""
+    in one launch against 237-246 GB/s in seven, bench/decode.py's layer rows)."""
     is_ct = lambda x: isinstance(x, CompressedTensor)  # noqa: E731
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_ct)
     backend = backend or default_backend()
@@ -401,7 +396,7 @@ PACK_LIMIT = (1 << 31) - 1  # values (and raw bytes, and words) per pack: the ke
 
 
 class PackBuilder:
-    """The host arrays of one pack (``pallas_kernels/rans_pack.py``), laid out before any tensor is read.
+    """The host arrays of one pack (``pallas_kernels/bf16_lossless_pack.py``), laid out before any tensor is read.
 
     ``tensors``: per tensor ``(output, n, words)``: which output it goes to (its values follow the output's
     earlier tensors: a stack's layers are consecutive tensors of one output), its value count and the words
@@ -410,8 +405,8 @@ class PackBuilder:
     """
 
     def __init__(self, tensors: list[tuple[int, int, int]], lanes: int, steps: int, dtype: str, carry: int = 0,
-                 run: int = 1):
-        from jcodec.pallas_kernels import rans_common, rans_pack
+                 run: int = 1, pairs: bool = False):
+        from jcodec.pallas_kernels import bf16_lossless_pack, rans_math
         tile = lanes * steps
         outs = 1 + max(j for j, _, _ in tensors)
         sizes = [0] * outs
@@ -422,18 +417,19 @@ class PackBuilder:
             words, lanes_at = words + w, lanes_at + -(-n // tile) * lanes
             values += codecs.stored_raw_values(n, lanes, steps, carry)
             sizes[j] += n
-        rb = rans_common.RAW_BYTES[dtype]
-        raw_dtype, self.raw_per = rans_common.raw_layout(dtype)  # bytes, or with pair symbols one uint16 a pair
+        rb = rans_math.raw_bytes(dtype, pairs)
+        raw_dtype, self.raw_per = rans_math.raw_layout(dtype, pairs)  # bytes, or with pair symbols one uint16 a pair
         raw = np.zeros(values * self.raw_per, raw_dtype)
-        width = rans_common.device_table_size(dtype == rans_common.PAIRS)
+        width = rans_math.device_table_size(pairs)
         if max(words, values * rb, lanes_at * steps) > PACK_LIMIT or min(sizes) < 1:
             raise ValueError(f"a pack holds < 2^31 words, raw bytes and tile values, and every output >= 1 value "
                              f"(got {words} words, {values} values, outputs {sizes})")
         self.lanes, self.steps, self.dtype, self.carry, self.tile = lanes, steps, dtype, carry, tile
         self.arrays = (np.zeros(max(words, 1), np.uint16), np.zeros(lanes_at, np.uint32),
                        np.zeros(lanes_at, np.uint32), raw, np.zeros((len(tensors), width), np.uint32),
-                       np.zeros((lanes_at // lanes, rans_pack.INFO), np.int32))
-        self.static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, carry=carry, run=run)
+                       np.zeros((lanes_at // lanes, bf16_lossless_pack.INFO), np.int32))
+        self.static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, carry=carry, run=run,
+                           pairs=pairs)
 
     def abstract(self):
         """The arrays as ``jax.ShapeDtypeStruct``s (to compile the decoder before they are filled)."""
@@ -442,7 +438,7 @@ class PackBuilder:
     def add(self, i: int, words, starts, bases, states, raw, table) -> None:
         """Tensor ``i``'s arrays in the kernels' layout (``host_arrays``); the pack's lanes start at absolute
         word offsets (their tile's base plus their start, moved to the tensor's words)."""
-        from jcodec.pallas_kernels import rans_pack
+        from jcodec.pallas_kernels.bf16_lossless_pack import COUNT, OUT, OUT_AT, RAW_AT, TABLE
         words_at, lanes_at, values_at, j, out_at, n = self.slots[i]
         w = words.reshape(-1)
         end = self.slots[i + 1][0] if i + 1 < len(self.slots) else self.arrays[0].size
@@ -463,17 +459,17 @@ class PackBuilder:
         tables[i] = table
         first = np.arange(tiles, dtype=np.int64) * self.tile
         rows = info[lanes_at // self.lanes:lanes_at // self.lanes + tiles]
-        rows[:, rans_pack.OUT] = j
-        rows[:, rans_pack.OUT_AT] = out_at + first
-        rows[:, rans_pack.RAW_AT] = values_at + np.arange(tiles, dtype=np.int64) * (self.steps - self.carry) * self.lanes
-        rows[:, rans_pack.COUNT] = np.minimum(self.tile, n - first)
-        rows[:, rans_pack.TABLE] = i
+        rows[:, OUT] = j
+        rows[:, OUT_AT] = out_at + first
+        rows[:, RAW_AT] = values_at + np.arange(tiles, dtype=np.int64) * (self.steps - self.carry) * self.lanes
+        rows[:, COUNT] = np.minimum(self.tile, n - first)
+        rows[:, TABLE] = i
 
 
 def pack_float(cts: list) -> tuple[tuple[np.ndarray, ...], dict]:
     """Host ``bf16-lossless`` CompressedTensors of one geometry (each one tensor or a stack with one leading
     axis) as ONE pack: ``(words, offsets, states, raw, tables, info)`` NumPy arrays and the static
-    arguments ``dict(sizes, lanes, steps, dtype, carry, run)``. Output ``j`` is ``cts[j]`` flat (``[copies * n]``).
+    arguments ``dict(sizes, lanes, steps, dtype, carry, run, pairs)``. Output ``j`` is ``cts[j]`` flat (``[copies * n]``).
     A whole model decodes in one launch of one small kernel: one compile."""
     m0 = cts[0].meta
     entries = []
@@ -487,24 +483,24 @@ def pack_float(cts: list) -> tuple[tuple[np.ndarray, ...], dict]:
         copies = ct.batch_shape[0] if ct.batch_shape else 1
         rows = {k: np.asarray(a).reshape(copies, -1) for k, a in ct.arrays.items()}
         entries += [(j, m.symbols, {k: r[c] for k, r in rows.items()}) for c in range(copies)]
-    pack = PackBuilder([(j, n, a["words"].size) for j, n, a in entries], m0.lanes, m0.steps, kernel_dtype(m0),
-                       m0.carry, m0.run)
+    pack = PackBuilder([(j, n, a["words"].size) for j, n, a in entries], m0.lanes, m0.steps, m0.dtype,
+                       m0.carry, m0.run, m0.pairs)
     for i, (_, _, a) in enumerate(entries):
         pack.add(i, a["words"], a["starts"], a["bases"], a["states"], a["raw"], a["table"])
     return pack.arrays, pack.static
 
 
 def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, carry: int = 0, run: int = 1,
-                backend: str | None = None, interpret: bool = False, unroll: int = 1) -> list[jax.Array]:
+                pairs: bool = False, backend: str | None = None, interpret: bool = False,
+                unroll: int = 1) -> list[jax.Array]:
     """Decode a pack: the Pallas kernel on GPU (``unroll`` 1: it compiles fastest, and a load decodes
     once), the pure-JAX reference elsewhere."""
-    from jcodec.pallas_kernels import rans_pack
+    from jcodec.pallas_kernels import bf16_lossless_pack
     backend = backend or default_backend()
+    static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, carry=carry, run=run, pairs=pairs)
     if backend == "pallas":
-        return rans_pack.rans_float_decode_pack(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype,
-                                                carry=carry, run=run, unroll=unroll, interpret=interpret)
-    return rans_pack.rans_float_pack_reference(*arrays, sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype,
-                                               carry=carry, run=run)
+        return bf16_lossless_pack.bf16_lossless_decode_pack(*arrays, **static, unroll=unroll, interpret=interpret)
+    return bf16_lossless_pack.bf16_lossless_pack_reference(*arrays, **static)
 
 
 def fill_packs(items, limit: int = PACK_LIMIT) -> list[tuple]:
@@ -526,12 +522,14 @@ def fill_packs(items, limit: int = PACK_LIMIT) -> list[tuple]:
 def pack_groups(cts: list, limit: int = PACK_LIMIT) -> list[list[int]]:
     """Indices of ``cts`` grouped into packs: host ``bf16-lossless`` tensors of one geometry, each pack below
     ``limit`` values; tensors that fit no pack (or are on a device) are left out."""
-    items = [(i, (ct.meta.lanes, ct.meta.steps, kernel_dtype(ct.meta), ct.meta.carry, ct.meta.run), _pack_values(ct)) for i, ct in enumerate(cts)
+    items = [(i, (ct.meta.lanes, ct.meta.steps, ct.meta.dtype, ct.meta.carry, ct.meta.run, ct.meta.pairs),
+              _pack_values(ct)) for i, ct in enumerate(cts)
              if ct.meta.codec == "bf16-lossless" and len(ct.batch_shape) <= 1 and not (ct.meta.pairs and ct.meta.size % 2)
              and all(isinstance(a, np.ndarray) for a in ct.arrays.values())]
     return [keys for _, keys in fill_packs(items, limit)]
 
 
 def _pack_values(ct) -> int:
-    from jcodec.pallas_kernels import rans_common
-    return ct.meta.symbols * (ct.batch_shape[0] if ct.batch_shape else 1) * rans_common.RAW_BYTES[kernel_dtype(ct.meta)]
+    from jcodec.pallas_kernels import rans_math
+    copies = ct.batch_shape[0] if ct.batch_shape else 1
+    return ct.meta.symbols * copies * rans_math.raw_bytes(ct.meta.dtype, ct.meta.pairs)

@@ -1,10 +1,12 @@
-"""Llama (2, 3, 3.x, SmolLM2) in JAX, readable top to bottom.
+"""Llama (2, 3, 3.x, SmolLM2) in JAX, readable top to bottom: config, params, KV cache, blocks, layer, forward.
 
 Weights keep the HF layout ``[out, in]`` and HF names, so an encoded tensor in a jcodec checkpoint maps 1:1
 to one leaf here; matmuls are ``x @ w.T`` written as einsums. The layers' weights are stacked on a leading
-axis and the forward is one ``lax.scan``, so a compressed checkpoint decodes one layer at a time inside the
-jitted step: every weight the scan body uses goes through ``materialize`` (identity for an array, decode
-for a ``CompressedTensor``), then is cast to the compute dtype.
+axis and the forward is one ``lax.scan`` over them. Weights may be ``CompressedTensor``s: when and in what
+pieces they are decoded (layers per kernel launch, the output head in chunks of rows, offloaded weights moved
+to the device) is the decode schedule's business, ``jcodec.schedule``: the forward hands it the per-layer
+function, and multiplies through ``jcodec.matmul.linear``, which takes a weight however the schedule holds it
+(an array, a layer of a stack read in place, a compressed tensor) and computes in the compute dtype.
 
 Dimension names, used in shape comments: B batch, T tokens in this call, S cache length, C hidden,
 H query heads, K key/value heads, G = H // K query heads per kv head, D head dim, F MLP width, V vocab,
@@ -22,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jcodec.codecs import DEFAULT_LANES, DEFAULT_STEPS
-from jcodec.tensor import (CompressedTensor, decode_rows, decode_tiles, decode_window, materialize, materialize_all,
-                           stack_layers, take_rows)
+from jcodec import schedule
+from jcodec.matmul import at_least_f32, linear, precision
+from jcodec.sources import open_source
+from jcodec.tensor import materialize, stack_layers
 
 Array = Any  # a jax.Array, or a CompressedTensor standing in for one
 
@@ -84,6 +87,11 @@ class LlamaConfig:
     @property
     def num_params(self) -> int:
         return sum(math.prod(s) for s in param_shapes(self).values())
+
+    @property
+    def layer_params(self) -> int:
+        """Weights in one layer."""
+        return sum(math.prod(s) for s in layer_shapes(self).values())
 
 
 # ------------------------------------------------------------------------------------------------ params
@@ -201,7 +209,6 @@ def check_tensor_names(cfg: LlamaConfig, names) -> None:
 
 def load_hf(path_or_source, dtype=jnp.bfloat16) -> tuple[LlamaConfig, Params]:
     """Load an HF checkpoint folder or a GGUF file (see jcodec.sources) as plain arrays of ``dtype``."""
-    from jcodec.sources import open_source
     src = open_source(path_or_source)
     cfg = LlamaConfig.from_hf(src.config)
     check_tensor_names(cfg, src.tensor_names())
@@ -277,18 +284,16 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def _at_least_f32(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _precision(dtype):
-    """Float32 compute means float32 matmuls: on GPU the default would use TF32 (10-bit mantissas)."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
+def rope_tables(positions, cfg: LlamaConfig):
+    """cos, sin [B, T, D] float32 of positions [B, T] (the frequencies repeated over both halves of D)."""
+    freqs = positions[..., None].astype(jnp.float32) * rope_frequencies(cfg)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)                           # [B, T, D]
+    return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x, cos, sin):
     """x [B, T, N, D]; cos, sin [B, T, D] float32. Rotates the two halves of D (HF's rotate_half layout)."""
-    x32 = x.astype(_at_least_f32(x.dtype))
+    x32 = x.astype(at_least_f32(x.dtype))
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
@@ -296,51 +301,63 @@ def apply_rope(x, cos, sin):
 
 def rms_norm(x, w, eps):
     """As HF: normalise in float32, cast back, then scale."""
-    x32 = x.astype(_at_least_f32(x.dtype))
+    x32 = x.astype(at_least_f32(x.dtype))
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def dense(x, w, dtype):
-    """x [..., in] @ w[out, in].T, the weight decoded (if compressed) and cast to the compute dtype."""
-    return contract(x, materialize(w).astype(dtype), dtype)
+def dense(x, weights, dtype) -> list:
+    """x [..., in] @ w[out, in].T for each of ``weights`` (which share x: one kernel launch on a GPU), in the
+    compute dtype; a weight may be a layer of a stack or compressed (jcodec.matmul)."""
+    return linear(x, weights, dtype)
 
 
-def contract(x, w, dtype, out_dtype=None):
-    """x [..., in] @ w[out, in].T in ``dtype`` (``out_dtype``: the accumulator's, as ``preferred_element_type``).
-
-    In float32 the input axis is summed in blocks of 192 and the block sums added in order, as torch's CPU
-    matmul (MKL sgemm) does; XLA:CPU's dot over 192 inputs rounds as MKL's does within a block, so our
-    float32 matmuls equal transformers' bit for bit (seen for 12 rows or more, and multiples of 4; below 12,
-    the rows past a multiple of 4 differ). One long XLA:CPU dot rounds about twice as much (576 inputs:
-    3.9e-6 from float64, torch 1.9e-6): on SmolLM2 it put our logits 0.5-1.8e-4 from transformers'.
-    Other dtypes (bfloat16 on accelerators) keep one dot.
-    """
-    block = 192
-    n = x.shape[-1]
-
-    def dot(a, b):
-        return jnp.einsum("...i,oi->...o", a, b, precision=_precision(dtype), preferred_element_type=out_dtype)
-
-    if jnp.dtype(dtype) != jnp.float32 or n <= block:
-        return dot(x, w)
-    out = None
-    for a in range(0, n, block):
-        part = dot(x[..., a:a + block], w[:, a:a + block])
-        out = part if out is None else out + part
-    return out
-
-
-def attention(q, k, v, mask):
+def dot_product_attention(q, k, v, mask):
     """q [B, T, H, D]; k, v [B, S, K, D]; mask [B, T, S] -> [B, T, H*D]. Grouped-query: G = H // K."""
     B, T, H, D = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, D)                                            # [B, T, K, G, D]
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=_at_least_f32(q.dtype),
-                   precision=_precision(q.dtype)) * D**-0.5
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=at_least_f32(q.dtype),
+                   precision=precision(q.dtype)) * D**-0.5
     s = jnp.where(mask[:, None, None], s, -1e30)  # finite: a fully masked (padding) row stays NaN-free
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", p, v, precision=_precision(v.dtype)).reshape(B, T, H * D)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v, precision=precision(v.dtype)).reshape(B, T, H * D)
+
+
+def attention(x, w: Layers, k_cache, v_cache, i, pos, cos, sin, mask, cfg: LlamaConfig, dtype):
+    """Self-attention of layer ``i`` on x [B, T, C] -> ([B, T, C], k_cache, v_cache): this call's keys and values
+    are written into the caches [L, B, S, K, D] at layer ``i``, slots pos .. pos+T-1, then attended over."""
+    B, T, _ = x.shape
+    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = dense(x, [w.q_proj, w.k_proj, w.v_proj], dtype)
+    q = apply_rope(q.reshape(B, T, H, D), cos, sin)                          # [B, T, H, D]
+    k = apply_rope(k.reshape(B, T, K, D), cos, sin)                          # [B, T, K, D]
+    v = v.reshape(B, T, K, D)                                                # [B, T, K, D]
+    zero = jnp.zeros((), jnp.int32)
+    at = (i, zero, pos, zero, zero)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+    o = dot_product_attention(q, k_cache[i].astype(dtype), v_cache[i].astype(dtype), mask)  # [B, T, H*D]
+    return dense(o, [w.o_proj], dtype)[0], k_cache, v_cache
+
+
+def mlp(x, w: Layers, dtype):
+    """SwiGLU: x [B, T, C] -> [B, T, C] through F hidden units."""
+    gate, up = dense(x, [w.gate_proj, w.up_proj], dtype)                     # [B, T, F] each
+    return dense(jax.nn.silu(gate) * up, [w.down_proj], dtype)[0]
+
+
+# ------------------------------------------------------------------------------------------------- layer
+
+def layer(carry, w: Layers, i, *, cos, sin, mask, pos, cfg: LlamaConfig, dtype):
+    """Layer ``i`` on its decoded weights ``w`` (one layer's Layers, no L axis): pre-norm attention, then
+    pre-norm MLP, each added to the residual stream. carry: (x [B, T, C], k_cache, v_cache [L, B, S, K, D])."""
+    x, k_cache, v_cache = carry
+    h = rms_norm(x, w.input_layernorm, cfg.rms_norm_eps)
+    o, k_cache, v_cache = attention(h, w, k_cache, v_cache, i, pos, cos, sin, mask, cfg, dtype)
+    x = x + o
+    x = x + mlp(rms_norm(x, w.post_attention_layernorm, cfg.rms_norm_eps), w, dtype)
+    return x, k_cache, v_cache
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -353,167 +370,22 @@ def forward(params: Params, tokens, cache: KVCache, cfg: LlamaConfig, dtype=jnp.
     """
     B, T = tokens.shape
     S = cache.k.shape[2]
-    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     slots = cache.pos + jnp.arange(T, dtype=jnp.int32)                       # [T] slots written now
     positions = slots[None, :] - cache.start[:, None]                        # [B, T]
-    keys = jnp.arange(S, dtype=jnp.int32)
+    keys = jnp.arange(S, dtype=jnp.int32)                                    # [S] cache slots
+    # [B, T, S]: a token sees its row's slots from the row's first real one up to its own
     mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= cache.start[:, None, None])
+    cos, sin = rope_tables(positions, cfg)                                   # [B, T, D]
 
-    freqs = positions[..., None].astype(jnp.float32) * rope_frequencies(cfg)  # [B, T, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)                           # [B, T, D]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-
-    # A head bigger than a layer is multiplied (decoded, if compressed) in chunks of rows, and then a
-    # compressed embedding decodes only the rows it looks up; else the tied embedding is materialised once.
-    chunk = head_chunk_rows(cfg)
-    if params.lm_head is None and chunk is None:
-        embed = materialize(params.embed_tokens)
-        x = embed[tokens].astype(dtype)                                      # [B, T, C]
-    else:
-        x = take_rows(params.embed_tokens, tokens).astype(dtype)             # [B, T, C]
-
-    zero = jnp.zeros((), jnp.int32)
-
-    def layer(carry, w, i):
-        """One layer on decoded weights ``w`` (layer ``i``)."""
-        x, k_cache, v_cache = carry
-        h = rms_norm(x, w.input_layernorm, cfg.rms_norm_eps)
-        q = apply_rope(dense(h, w.q_proj, dtype).reshape(B, T, H, D), cos, sin)
-        k = apply_rope(dense(h, w.k_proj, dtype).reshape(B, T, K, D), cos, sin)
-        v = dense(h, w.v_proj, dtype).reshape(B, T, K, D)
-        at = (i, zero, cache.pos, zero, zero)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-        o = attention(q, k_cache[i].astype(dtype), v_cache[i].astype(dtype), mask)
-        x = x + dense(o, w.o_proj, dtype)
-        h = rms_norm(x, w.post_attention_layernorm, cfg.rms_norm_eps)
-        x = x + dense(jax.nn.silu(dense(h, w.gate_proj, dtype)) * dense(h, w.up_proj, dtype), w.down_proj, dtype)
-        return x, k_cache, v_cache
-
-    G = layer_group(params)
-    stacks = layer_stacks(params)
-    scanned = params.layers.replace(**{f: None for f in stacks})
-
-    def group(carry, xs):
-        w, i = xs  # this group's weights (leading L/G axis scanned away; [G, ...] if grouped), first index
-        if stacks:  # the whole layer (or group of G layers) decoded in one kernel launch on GPU
-            decoded = decode_window(list(stacks.values()), i, G)
-            w = w.replace(**{f: d if G > 1 else d[0] for f, d in zip(stacks, decoded)})
-        # other compressed weights (offload mode: moved from host memory now), also in one launch
-        w = materialize_all(w)
-        if G == 1:
-            return layer(carry, w, i), None
-        # an inner scan, not an unrolled loop: the same layer body as G == 1, so the same numerics
-        return jax.lax.scan(lambda c, wi: (layer(c, *wi), None), carry, (w, i + jnp.arange(G, dtype=jnp.int32)))
-
-    first = jnp.arange(0, cfg.num_layers, G, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(group, (x, cache.k, cache.v), (scanned, first))
+    x, head = schedule.embed(cfg, tokens, params.embed_tokens, params.lm_head)
+    x = x.astype(dtype)                                                      # [B, T, C]
+    body = functools.partial(layer, cos=cos, sin=sin, mask=mask, pos=cache.pos, cfg=cfg, dtype=dtype)
+    x, k, v = schedule.scan_layers(cfg, params.layers, body, (x, cache.k, cache.v))
     x = rms_norm(x, materialize(params.norm), cfg.rms_norm_eps)
     if not all_logits:
-        x = x[:, -1]
-    if params.lm_head is None and chunk is None:
-        head = embed
-    else:
-        head = params.embed_tokens if params.lm_head is None else params.lm_head
-    return output_logits(x, head, chunk, dtype), KVCache(k=k, v=v, start=cache.start, pos=cache.pos + T)
-
-
-HEAD_CHUNK_MIN = 1 << 26  # an output head of at most this many weights is multiplied (and decoded) whole
-HEAD_CHUNK_TILES = tuple(DEFAULT_LANES * s for s in DEFAULT_STEPS.values())  # the converter's default tiles
-
-
-def head_chunk_rows(cfg: LlamaConfig) -> int | None:
-    """Rows of the output head multiplied at a time: about half a layer's weights' worth when the head is
-    larger than a layer (and than HEAD_CHUNK_MIN weights), so that a compressed head decodes in chunks that
-    cost no more memory than a layer; None (all at once) otherwise. It depends on the config only, so plain and
-    compressed weights run the same matmuls, and their logits stay bitwise equal. Chunks are whole tiles of
-    the default geometry, so a compressed chunk is its tiles' output as is (no copy of it is sliced out)."""
-    per_layer = sum(math.prod(s) for s in layer_shapes(cfg).values())
-    if cfg.vocab_size * cfg.hidden_size <= max(per_layer, HEAD_CHUNK_MIN):
-        return None
-    # rows per whole number of tiles, of every codec's default geometry
-    align = math.lcm(*(tile // math.gcd(cfg.hidden_size, tile) for tile in HEAD_CHUNK_TILES))
-    # half a layer: XLA autotunes the chunk's matmul when it compiles, with scratch copies of its operands;
-    # at a whole layer's worth that lifted the 8B batch-1 first-compile peak 0.83 GiB above its steady state
-    chunk = -(-max(1, per_layer // (2 * cfg.hidden_size)) // align) * align
-    return None if chunk >= cfg.vocab_size else chunk
-
-
-def output_logits(x, head, chunk: int | None, dtype):
-    """x [..., C] @ head [V, C].T -> float32 logits [..., V]; ``chunk`` rows of the head at a time (the last
-    chunk runs past V: its extra rows are clamped copies, or for a compressed head whatever its last
-    tiles decode to, and their logits are dropped)."""
-    def matmul(w):
-        return contract(x, w.astype(dtype), dtype, _at_least_f32(dtype))
-
-    if chunk is None:
-        return matmul(materialize(head))
-    V, C = head.shape
-    ids = jnp.arange(chunk, dtype=jnp.int32)
-
-    def rows(c):  # rows c*chunk .. c*chunk + chunk of the head
-        start = c * chunk
-        if not isinstance(head, CompressedTensor):
-            return jnp.take(head, start + ids, axis=0, mode="clip")
-        if chunk * C % head.meta.tile == 0:  # whole tiles: decoded in place
-            k = chunk * C // head.meta.tile
-            return decode_tiles(head, start * C // head.meta.tile + jnp.arange(k, dtype=jnp.int32)).reshape(chunk, C)
-        window = jnp.minimum(start, V - chunk)  # another geometry: the rows that exist, then re-indexed
-        return jnp.take(decode_rows(head, window, chunk), jnp.minimum(start + ids, V - 1) - window, axis=0)
-
-    parts = jax.lax.map(lambda c: matmul(rows(c)), jnp.arange(-(-V // chunk), dtype=jnp.int32))  # [n, ..., chunk]
-    parts = jnp.moveaxis(parts, 0, -2)                                                          # [..., n, chunk]
-    return parts.reshape(parts.shape[:-2] + (-1,))[..., :V]
-
-
-def layer_stacks(params: Params) -> dict:
-    """{field: CompressedTensor [L, ...]} of the compressed layer weights held on the device, ungrouped: the
-    forward decodes them G layers at a time straight from these stacks (``decode_window``), since scanning over
-    them would copy each step's compressed arrays out of the stack first. (``jcodec bench`` times the same.)"""
-    G = layer_group(params)
-    L = params.layers.input_layernorm.shape[0] * G
-    return {f: jax.tree_util.tree_map(lambda a: a.reshape((L,) + a.shape[2 if G > 1 else 1:]), w)
-            for f, w in ((f.name, getattr(params.layers, f.name)) for f in dataclasses.fields(params.layers))
-            if isinstance(w, CompressedTensor) and jax.typeof(w.arrays["states"]).memory_space != jax.memory.Space.Host}
-
-
-def layer_group(params: Params) -> int:
-    """Layers decoded per kernel launch: 1, or G when :func:`group_layers` stacked them as [L/G, G, ...]."""
-    norm = params.layers.input_layernorm  # [L, C], or [L/G, G, C]
-    return norm.shape[1] if norm.ndim == 3 else 1
-
-
-def group_layers(params: Params, group: int) -> Params:
-    """Params whose layers are stacked [L/G, G, ...]: the forward then decodes G layers per kernel launch
-    (more lanes in flight for small layers, at the memory of G decoded layers)."""
-    L = params.layers.input_layernorm.shape[0]
-    if group < 1 or L % group or layer_group(params) != 1:
-        raise ValueError(f"{group=} must divide the {L} layers (of ungrouped params)")
-    if group == 1:
-        return params
-    regroup = lambda a: a.reshape((L // group, group) + a.shape[1:])  # noqa: E731
-    return params.replace(layers=jax.tree_util.tree_map(regroup, params.layers))
-
-
-def auto_layer_group(cfg: LlamaConfig, params: Params, *, lanes_wanted: int = 65536,
-                     memory_share: float = 0.05) -> int:
-    """How many layers of compressed params to decode per launch: enough for ``lanes_wanted`` rANS lanes in
-    flight (fewer leave the kernel latency-bound: bench/RESULTS.md), but at most as many extra decoded
-    layers as fit in ``memory_share`` of the model's decoded weights. 1 for plain params."""
-    leaves = jax.tree_util.tree_leaves(params.layers, is_leaf=lambda x: isinstance(x, CompressedTensor))
-    cts = [x for x in leaves if isinstance(x, CompressedTensor)]
-    if not cts or layer_group(params) != 1:
-        return layer_group(params)
-    lanes = sum(c.arrays["states"].shape[-1] for c in cts)
-    layer_bytes = sum(c.meta.size * jnp.dtype(c.meta.dtype).itemsize for c in cts)
-    total_bytes = cfg.num_params * max(jnp.dtype(c.meta.dtype).itemsize for c in cts)
-    best = 1
-    for g in range(1, cfg.num_layers + 1):
-        if cfg.num_layers % g == 0 and (g - 1) * layer_bytes <= memory_share * total_bytes:
-            best = g
-            if g * lanes >= lanes_wanted:
-                break
-    return best
+        x = x[:, -1]                                                         # [B, C]
+    logits = schedule.head_logits(cfg, head, x, dtype)                       # [B, (T,) V] float32
+    return logits, KVCache(k=k, v=v, start=cache.start, pos=cache.pos + T)
 
 
 # One jitted step serves prefill ([B, T_bucket]) and decode ([B, 1]): it compiles once per shape bucket.

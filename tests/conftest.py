@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from jcodec.models import llama
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -52,7 +54,6 @@ TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "voc
 def _write_llama(folder, **config):
     """A tiny Llama checkpoint (every tensor the model needs, bfloat16, Gaussian), with no tokenizer;
     ``config``: changes to TINY_LLAMA."""
-    from jcodec.models import llama
     config = {**TINY_LLAMA, **config}
     cfg = llama.LlamaConfig.from_hf(config)
     rng = np.random.default_rng(0)

@@ -7,14 +7,11 @@ import pytest
 
 from jcodec import checkpoint, convert
 from jcodec.checkpoint import FORMAT_VERSION, Checkpoint, CheckpointError
+from jcodec.codecs import bits_of
 
 # small tiles so that the small test tensors have several tiles each; 33 steps: pair lanes decode runs of 4
 # (33 - 1 carried step = 8 runs)
 GEOMETRY = dict(lanes=16, steps=33)
-
-
-def bits(a):
-    return np.ascontiguousarray(a).view(np.uint8)
 
 
 @pytest.mark.parametrize("codec", ["bf16-lossless", "zstd"])
@@ -26,7 +23,7 @@ def test_convert_roundtrip_lossless(tmp_path, hf_folder, small_tensors, codec):
     for name, ref in small_tensors.items():
         got = ckpt.decode(name)
         assert got.dtype == ref.dtype and got.shape == ref.shape
-        np.testing.assert_array_equal(bits(got), bits(ref))
+        np.testing.assert_array_equal(bits_of(got), bits_of(ref))
     # norms, tiny and incompressible tensors stay raw: never larger than raw
     assert ckpt.record("model.layers.0.input_layernorm.weight") is None
     assert ckpt.record("model.layers.0.noise.weight") is None
@@ -43,7 +40,7 @@ def test_convert_with_pair_symbols(tmp_path, hf_folder, small_tensors):
     ckpt = Checkpoint(out)
     kinds = {}
     for name, ref in small_tensors.items():
-        np.testing.assert_array_equal(bits(ckpt.decode(name)), bits(ref))
+        np.testing.assert_array_equal(bits_of(ckpt.decode(name)), bits_of(ref))
         r = ckpt.record(name)
         if r is not None:
             kinds[str(ref.dtype)] = kinds.get(str(ref.dtype), set()) | {r.get("pairs", False)}
@@ -66,7 +63,7 @@ def test_sharded_output(tmp_path, hf_folder, small_tensors):
     index = json.loads((out / checkpoint.INDEX_NAME).read_text())
     assert len(set(index["weight_map"].values())) > 1
     for name, ref in small_tensors.items():
-        np.testing.assert_array_equal(bits(Checkpoint(out).decode(name)), bits(ref))
+        np.testing.assert_array_equal(bits_of(Checkpoint(out).decode(name)), bits_of(ref))
 
 
 def test_refuses_to_overwrite(tmp_path, hf_folder):
@@ -119,7 +116,7 @@ def test_reads_version_3(tmp_path, hf_folder, small_tensors):
     assert b'"run"' not in data and b'\\"run\\"' not in data
     f.write_bytes(data.replace(b'"jcodec.version":"%d"' % FORMAT_VERSION, b'"jcodec.version":"3"'))
     for name, ref in small_tensors.items():
-        np.testing.assert_array_equal(bits(Checkpoint(out).decode(name)), bits(ref))
+        np.testing.assert_array_equal(bits_of(Checkpoint(out).decode(name)), bits_of(ref))
 
 
 def _edit_record(folder, name, **changes):
@@ -159,7 +156,7 @@ def test_random_byte_flips_give_error_or_original(converted, small_tensors):
             ckpt = Checkpoint(converted)
             for name, ref in small_tensors.items():
                 got = ckpt.decode(name)
-                np.testing.assert_array_equal(bits(got), bits(ref))
+                np.testing.assert_array_equal(bits_of(got), bits_of(ref))
             outcomes["exact"] += 1
         except CheckpointError:
             outcomes["error"] += 1

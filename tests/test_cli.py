@@ -1,5 +1,6 @@
 """The jcodec command: what a user sees, including on bad input."""
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from jcodec.cli import main
+from jcodec.models import llama
 
 
 def run(capsys, *argv):
@@ -72,8 +74,6 @@ def test_bench_decodes_every_layer_exactly(tmp_path, write_llama, capsys):
     """`jcodec bench` decodes all layers as the forward does (2 a launch here), checks the first group against the
     NumPy decoder, and reports bytes that add up; a checkpoint with nothing compressed in its layers is a clear
     error, as is a missing path."""
-    import json
-    from jcodec.models import llama
     src = write_llama(tmp_path / "src", num_hidden_layers=4, hidden_size=64, intermediate_size=128,
                       num_key_value_heads=2)  # (every weight of a layer >= 4096 values: all are encoded)
     out = tmp_path / "m.jcodec"

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import jcodec
-from jcodec import convert, generation
+from jcodec import codecs, convert, generation
 from jcodec.models import llama
+from jcodec.sources import SourceError, default_model_path
 
 TEXT = (pathlib.Path(__file__).parent / "data" / "pride_and_prejudice_ch1.txt").read_text()
 PROMPT = "What is the capital of France?"
@@ -20,7 +21,6 @@ PROMPT = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def gguf():
-    from jcodec.sources import SourceError, default_model_path
     try:
         return default_model_path()
     except SourceError:
@@ -54,7 +54,7 @@ def test_decoded_and_compressed_logits_bitwise_equal(original, lossless):
     for mode in ("decoded", "compressed"):
         m = jcodec.load(lossless, mode=mode, dtype=jnp.float32)
         got = llama.logits(m.params, tokens, m.config, jnp.float32)
-        np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(ref).view(np.uint32), err_msg=mode)
+        np.testing.assert_array_equal(codecs.bits_of(got), codecs.bits_of(ref), err_msg=mode)
 
 
 def test_int8_perplexity_within_one_percent(gguf, original, tmp_path):

@@ -1,7 +1,8 @@
 """The Pallas rANS kernels == the pure-JAX references == the NumPy decoder, bit for bit.
 
-On CPU the kernels run in Pallas interpret mode; on a GPU (``jax.default_backend() == "gpu"``) the same
-tests compile and run them for real. Sizes are ragged on purpose (a partial last tile, a one-tile tensor,
+As JAX's Pallas tests do: each test class runs the kernels compiled (``INTERPRET = False``: on a GPU only,
+skipped elsewhere with the reason), and its ``*Interpret`` subclass runs the same tests in Pallas interpret
+mode (anywhere); so a GPU run checks both. Sizes are ragged on purpose (a partial last tile, a one-tile tensor,
 a one-row tensor, lanes and steps that are not powers of two).
 """
 from __future__ import annotations
@@ -22,8 +23,8 @@ except ImportError:
 
     sys.modules["jcodec.pallas_kernels"] = pallas_kernels
 
-from jcodec import codecs, tensor
-from jcodec.pallas_kernels import rans_float, rans_int8
+from jcodec import codecs, rans, tensor
+from jcodec.pallas_kernels import bf16_lossless, int8, rans_math as rm
 
 FLOATS = ("bfloat16", "float16", "float32")
 
@@ -37,9 +38,9 @@ def bits(a) -> np.ndarray:
 def device_args(ct: tensor.CompressedTensor):
     """``tensor.kernel_args`` as the one-tensor kernels take them: (arrays, keyword arguments)."""
     arrays, meta = tensor.kernel_args(ct)
-    names = (("n", "lanes", "steps", "dtype", "carry", "run") if ct.meta.codec == "bf16-lossless"
-             else ("n", "rows", "cols", "lanes", "steps", "dtype"))  # (predictors_used: the kernel's default)
-    return arrays, dict(zip(names, meta))
+    kw = meta._asdict()
+    kw.pop("predictors_used", None)  # (int8: the kernel's default)
+    return arrays, kw
 
 
 def random_float(rng, shape, dtype, kind="gauss"):
@@ -84,9 +85,14 @@ def three_predictors() -> np.ndarray:
 
 
 class KernelTestBase:
-    """Every kernel call passes ``interpret=self.INTERPRET``."""
+    """Runs the kernels compiled, on a GPU; a subclass with ``INTERPRET = True`` runs them in interpret mode.
+    Every kernel call passes ``interpret=self.INTERPRET``."""
 
-    INTERPRET = jax.default_backend() != "gpu"
+    INTERPRET = False
+
+    def setup_method(self):
+        if not self.INTERPRET and jax.default_backend() != "gpu":
+            pytest.skip("compiled Pallas kernels need a GPU (the *Interpret class runs these tests in interpret mode)")
 
     def check_float(self, x: np.ndarray, lanes: int, steps: int, run=None, **blocks):
         enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, run=run)
@@ -94,9 +100,9 @@ class KernelTestBase:
         want = bits(codecs.decode(enc)).reshape(-1)
         np.testing.assert_array_equal(want, bits(x).reshape(-1))
         args, kw = device_args(tensor.from_encoded(enc))
-        ref = rans_float.rans_float_reference(*args, **kw)
+        ref = bf16_lossless.bf16_lossless_reference(*args, **kw)
         np.testing.assert_array_equal(bits(ref), want)
-        out = rans_float.rans_float_decode(*args, **kw, **blocks, interpret=self.INTERPRET)
+        out = bf16_lossless.bf16_lossless_decode(*args, **kw, **blocks, interpret=self.INTERPRET)
         assert out.dtype == jnp.dtype(x.dtype) and out.shape == (x.size,)
         np.testing.assert_array_equal(bits(out), want)
 
@@ -106,10 +112,10 @@ class KernelTestBase:
             assert predictors in set(enc.arrays["tiles"][:, 2].tolist()), enc.arrays["tiles"][:, 2]
         want = bits(codecs.decode(enc)).reshape(-1)
         args, kw = device_args(tensor.from_encoded(enc))
-        ref = rans_int8.rans_int8_reference(*args, **kw)
+        ref = int8.int8_reference(*args, **kw)
         np.testing.assert_array_equal(bits(ref), want)
         used = tensor.from_encoded(enc).meta.predictors
-        out = rans_int8.rans_int8_decode(*args, **kw, predictors_used=used, **blocks, interpret=self.INTERPRET)
+        out = int8.int8_decode(*args, **kw, predictors_used=used, **blocks, interpret=self.INTERPRET)
         assert out.dtype == jnp.dtype(x.dtype) and out.shape == (x.size,)
         np.testing.assert_array_equal(bits(out), want)
 
@@ -138,8 +144,8 @@ class TestFloatKernel(KernelTestBase):
         geometry = [(32, 16), (8, 4), (32, 8), (32, 16)]
         encs = [codecs.encode(x, "bf16-lossless", lanes=l, steps=s) for x, (l, s) in zip(xs, geometry)]
         args = [device_args(tensor.from_encoded(e)) for e in encs]
-        metas = tuple((kw["n"], kw["lanes"], kw["steps"], kw["dtype"], kw["carry"], kw["run"]) for _, kw in args)
-        outs = rans_float.rans_float_decode_many([a for a, _ in args], metas=metas, interpret=self.INTERPRET)
+        metas = tuple(bf16_lossless.LosslessMeta(**kw) for _, kw in args)
+        outs = bf16_lossless.bf16_lossless_decode_many([a for a, _ in args], metas=metas, interpret=self.INTERPRET)
         for out, x in zip(outs, xs):
             np.testing.assert_array_equal(bits(out), bits(x).reshape(-1))
 
@@ -157,8 +163,8 @@ class TestFloatKernel(KernelTestBase):
         np.testing.assert_array_equal(bits(codecs.decode(off)), bits(x))
         for enc in (on, off):
             args, kw = device_args(tensor.from_encoded(enc))
-            outs = [rans_float.rans_float_reference(*args, **kw)]
-            outs += [rans_float.rans_float_decode(*args, **kw, unroll=u, raw_early=r, interpret=self.INTERPRET)
+            outs = [bf16_lossless.bf16_lossless_reference(*args, **kw)]
+            outs += [bf16_lossless.bf16_lossless_decode(*args, **kw, unroll=u, raw_early=r, interpret=self.INTERPRET)
                      for u, r in ((1, False), (4, True))]
             for out in outs:
                 np.testing.assert_array_equal(bits(out), bits(x))
@@ -185,8 +191,8 @@ class TestFloatKernel(KernelTestBase):
         assert (enc.record["carry"], enc.record["run"]) == (0, 4)
         np.testing.assert_array_equal(bits(codecs.decode(enc)), bits(x))
         args, kw = device_args(tensor.from_encoded(enc))
-        for out in (rans_float.rans_float_reference(*args, **kw),
-                    rans_float.rans_float_decode(*args, **kw, interpret=self.INTERPRET)):
+        for out in (bf16_lossless.bf16_lossless_reference(*args, **kw),
+                    bf16_lossless.bf16_lossless_decode(*args, **kw, interpret=self.INTERPRET)):
             np.testing.assert_array_equal(bits(out), bits(x))
 
     @pytest.mark.parametrize("dtype", FLOATS)
@@ -233,6 +239,10 @@ class TestFloatKernel(KernelTestBase):
         self.check_float(random_float(rng, (3, 128 * 1024 + 77), "bfloat16"), 128, 1024)
 
 
+class TestFloatKernelInterpret(TestFloatKernel):
+    INTERPRET = True
+
+
 class TestInt8Kernel(KernelTestBase):
     @pytest.mark.parametrize("dtype,shape,lanes,steps", [
         ("bfloat16", (1, 513), 32, 16), ("float16", (1, 513), 32, 16), ("float32", (1, 513), 32, 16),
@@ -270,9 +280,8 @@ class TestInt8Kernel(KernelTestBase):
               smooth(rng, (33, 31), 2).astype(np.float32)]
         encs = [codecs.encode(x, "int8", lanes=32, steps=8) for x in xs]
         args = [device_args(tensor.from_encoded(e)) for e in encs]
-        metas = tuple((kw["n"], kw["rows"], kw["cols"], kw["lanes"], kw["steps"], kw["dtype"], (0, 1, 2))
-                      for _, kw in args)
-        outs = rans_int8.rans_int8_decode_many([a for a, _ in args], metas=metas, interpret=self.INTERPRET)
+        metas = tuple(int8.Int8Meta(**kw, predictors_used=(0, 1, 2)) for _, kw in args)
+        outs = int8.int8_decode_many([a for a, _ in args], metas=metas, interpret=self.INTERPRET)
         for out, e in zip(outs, encs):
             np.testing.assert_array_equal(bits(out), bits(codecs.decode(e)).reshape(-1))
 
@@ -302,6 +311,10 @@ class TestInt8Kernel(KernelTestBase):
         x = rng.standard_normal((6, 300)) * np.array([1e-30, 1e-3, 1.0, 1e3, 1e30, 3e38 / 4])[:, None]
         self.check_int8(x.astype(np.float32), 32, 16)
         self.check_int8((rng.standard_normal((6, 300)) * 1e-6).astype(np.float16), 32, 16)
+
+
+class TestInt8KernelInterpret(TestInt8Kernel):
+    INTERPRET = True
 
 
 class TestInsideJit(KernelTestBase):
@@ -335,6 +348,10 @@ class TestInsideJit(KernelTestBase):
                                       want)
 
 
+class TestInsideJitInterpret(TestInsideJit):
+    INTERPRET = True
+
+
 class TestLaneStarts(KernelTestBase):
     """Each lane's start within its tile is summed on the host: uint16 for short tiles, uint32 past 65535 words."""
 
@@ -353,6 +370,10 @@ class TestLaneStarts(KernelTestBase):
             self.check_float(x, lanes, steps)
         else:
             self.check_int8(x, lanes, steps)
+
+
+class TestLaneStartsInterpret(TestLaneStarts):
+    INTERPRET = True
 
 
 class TestStacksAndTiles(KernelTestBase):
@@ -416,9 +437,9 @@ class TestStacksAndTiles(KernelTestBase):
         stacked = tensor.stack_layers(cts)
         assert stacked.arrays["words"].shape[-1] % 2 == 0
         want = np.stack([bits(codecs.decode(e)).reshape(-1) for e in encs])
-        decode_many, opts = ((rans_float.rans_float_decode_many, dict(word_group=2))
+        decode_many, opts = ((bf16_lossless.bf16_lossless_decode_many, dict(word_group=2))
                              if codec == "bf16-lossless"
-                             else (rans_int8.rans_int8_decode_many, dict(word_group=2)))
+                             else (int8.int8_decode_many, dict(word_group=2)))
         args, meta = tensor.kernel_args(stacked)
         out = decode_many([args], metas=(meta,), **opts, interpret=self.INTERPRET)[0]
         np.testing.assert_array_equal(bits(out), want)
@@ -459,6 +480,10 @@ class TestStacksAndTiles(KernelTestBase):
             np.testing.assert_array_equal(bits(emb(tokens)), want[np.asarray(tokens)])
 
 
+class TestStacksAndTilesInterpret(TestStacksAndTiles):
+    INTERPRET = True
+
+
 class TestPairSymbols(KernelTestBase):
     """bfloat16 with one symbol per two values (codecs.encode_pairs): escapes read a second word in a step."""
 
@@ -470,10 +495,10 @@ class TestPairSymbols(KernelTestBase):
         np.testing.assert_array_equal(want, bits(x).reshape(-1))
         ct = tensor.from_encoded(enc)
         args, meta = tensor.kernel_args(ct)
-        assert meta[0] == -(-x.size // 2) and meta[3] == "bfloat16x2"
+        assert meta.n == -(-x.size // 2) and meta.pairs and meta.dtype == "bfloat16"
         np.testing.assert_array_equal(bits(tensor.decode(ct, backend="reference")).reshape(-1), want)
-        out = rans_float.rans_float_decode_many([args], metas=(meta,), **blocks, interpret=self.INTERPRET)[0]
-        assert out.dtype == jnp.bfloat16 and out.shape == (2 * meta[0],)
+        out = bf16_lossless.bf16_lossless_decode_many([args], metas=(meta,), **blocks, interpret=self.INTERPRET)[0]
+        assert out.dtype == jnp.bfloat16 and out.shape == (2 * meta.n,)
         np.testing.assert_array_equal(bits(out)[:x.size], want)
         return enc
 
@@ -557,17 +582,18 @@ class TestPairSymbols(KernelTestBase):
         ct = tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=32, steps=8, pairs=True))
         args, meta = tensor.kernel_args(ct)
         with pytest.raises(ValueError, match="word_group=2 must be 1 for pair symbols"):
-            rans_float.rans_float_decode_many([args], metas=(meta,), word_group=2, interpret=self.INTERPRET)
+            bf16_lossless.bf16_lossless_decode_many([args], metas=(meta,), word_group=2, interpret=self.INTERPRET)
         with pytest.raises(ValueError, match="raw=uint8"):
-            rans_float.rans_float_decode_many([(*args[:4], args[4].view(jnp.uint8), args[5])], metas=(meta,),
-                                              interpret=self.INTERPRET)
+            bf16_lossless.bf16_lossless_decode_many([(*args[:4], args[4].view(jnp.uint8), args[5])], metas=(meta,),
+                                                    interpret=self.INTERPRET)
+
+
+class TestPairSymbolsInterpret(TestPairSymbols):
+    INTERPRET = True
 
 
 class TestCoarseTable:
     def test_coarse_lookup_equals_full_table(self):
-        from jcodec import rans
-        from jcodec.pallas_kernels import rans_common as rc
-
         rng = np.random.default_rng(11)
         slot = np.arange(4096, dtype=np.uint32)
         for _ in range(20):
@@ -576,10 +602,10 @@ class TestCoarseTable:
             counts[rng.choice(256, k, replace=False)] = rng.integers(1, 10 ** int(rng.integers(1, 6)), k)
             table = rans.packed_slot_table(rans.normalize_freqs(counts))
             for bits_ in (1, 5, 8):
-                coarse = rc.coarse_table(table, np, bits_)
-                np.testing.assert_array_equal(np.asarray(rc.coarse_table(jnp.asarray(table), jnp, bits_)), coarse)
-                # what rans_float.lookup's masked load gives: the full table's entry where MIXED, else the coarse one
-                got = np.where(coarse[slot >> bits_] == rc.MIXED, table, coarse[slot >> bits_])
+                coarse = rm.coarse_table(table, np, bits_)
+                np.testing.assert_array_equal(np.asarray(rm.coarse_table(jnp.asarray(table), jnp, bits_)), coarse)
+                # what lanes.lookup's masked load gives: the full table's entry where MIXED, else the coarse one
+                got = np.where(coarse[slot >> bits_] == rm.MIXED, table, coarse[slot >> bits_])
                 np.testing.assert_array_equal(got, table)
 
 
@@ -588,62 +614,61 @@ class TestErrors(KernelTestBase):
         x = random_float(np.random.default_rng(8), (100,), "bfloat16")
         args, kw = device_args(tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=32, steps=16)))
         with pytest.raises(ValueError, match="starts"):
-            rans_float.rans_float_decode(args[0], args[1].astype(jnp.int32), *args[2:], **kw, interpret=True)
+            bf16_lossless.bf16_lossless_decode(args[0], args[1].astype(jnp.int32), *args[2:], **kw,
+                                               interpret=self.INTERPRET)
         with pytest.raises(ValueError, match="bases"):
-            rans_float.rans_float_decode(args[0], args[1], args[2][:-1], *args[3:], **kw, interpret=True)
+            bf16_lossless.bf16_lossless_decode(args[0], args[1], args[2][:-1], *args[3:], **kw,
+                                               interpret=self.INTERPRET)
         with pytest.raises(ValueError, match="dtype"):
-            rans_float.rans_float_decode(*args, **{**kw, "dtype": "int8"}, interpret=True)
+            bf16_lossless.bf16_lossless_decode(*args, **{**kw, "dtype": "int8"}, interpret=self.INTERPRET)
         with pytest.raises(ValueError, match="states"):
-            rans_float.rans_float_reference(*args[:3], args[3][:-1], *args[4:], **kw)
+            bf16_lossless.bf16_lossless_reference(*args[:3], args[3][:-1], *args[4:], **kw)
         with pytest.raises(ValueError, match="word_group"):
-            rans_float.rans_float_decode(*args, **kw, word_group=4, interpret=True)
+            bf16_lossless.bf16_lossless_decode(*args, **kw, word_group=4, interpret=self.INTERPRET)
         x8 = codecs.encode(random_float(np.random.default_rng(8), (10, 10), "bfloat16"), "int8", lanes=32, steps=16)
         args8, kw8 = device_args(tensor.from_encoded(x8))
         with pytest.raises(ValueError, match="word_group"):
-            rans_int8.rans_int8_decode(args8[0][:-1], *args8[1:], **kw8, word_group=2, interpret=True)
+            int8.int8_decode(args8[0][:-1], *args8[1:], **kw8, word_group=2, interpret=self.INTERPRET)
+
+
+class TestErrorsInterpret(TestErrors):
+    INTERPRET = True
 
 
 class TestSymbolLayout(KernelTestBase):
-    """The lookup by symbol (``coarse_bits=rans_common.BY_SYMBOL``): the symbol tables after the slot table
+    """The lookup by symbol (``coarse_bits=rans_math.BY_SYMBOL``): the symbol tables after the slot table
     (int8's device tables hold them; the float kernels build them when asked) decode the same bits."""
 
     def test_symbol_lookup_equals_packed_table(self):
-        from jcodec import rans
-        from jcodec.pallas_kernels import rans_common as rc
-
         rng = np.random.default_rng(12)
         slot = np.arange(4096, dtype=np.uint32)
         for k in [1, 2, 255, 256] + [int(rng.integers(1, 256)) for _ in range(16)]:
             counts = np.zeros(256, np.int64)
             counts[rng.choice(256, k, replace=False)] = rng.integers(1, 10 ** int(rng.integers(1, 6)), k)
             table = rans.packed_slot_table(rans.normalize_freqs(counts))
-            sym = rc.symbol_table(table, np)
-            assert sym.shape == (rc.SYMBOL_TABLE,) and sym.dtype == np.uint32
-            np.testing.assert_array_equal(np.asarray(rc.symbol_table(jnp.asarray(table))), sym)
-            device = rc.with_symbol_table(np.concatenate([table, rc.coarse_table(table, np)])[None], xp=np)[0]
-            assert device.shape == (rc.device_table_size(by_symbol=True),)
-            info, s = rc.symbol_lookup(jnp.asarray(device), jnp.asarray(slot))
+            sym = rm.symbol_table(table, np)
+            assert sym.shape == (rm.SYMBOL_TABLE,) and sym.dtype == np.uint32
+            np.testing.assert_array_equal(np.asarray(rm.symbol_table(jnp.asarray(table))), sym)
+            device = rm.with_symbol_table(np.concatenate([table, rm.coarse_table(table, np)])[None], xp=np)[0]
+            assert device.shape == (rm.device_table_size(by_symbol=True),)
+            info, s = rm.symbol_lookup(jnp.asarray(device), jnp.asarray(slot))
             np.testing.assert_array_equal(np.asarray(info | (s << 12)), table)
 
     @pytest.mark.parametrize("dtype", FLOATS)
     def test_float(self, dtype):
-        from jcodec.pallas_kernels import rans_common as rc
-
         rng = np.random.default_rng(7)
         x = random_float(rng, (1000,), dtype)
         x[:special_values(dtype).size] = special_values(dtype)
         x[500:540] = random_float(rng, (40,), dtype, "bits")
         enc = codecs.encode(x, "bf16-lossless", lanes=32, steps=9)
         args, kw = device_args(tensor.from_encoded(enc))
-        given = (*args[:5], jnp.asarray(rc.with_symbol_table(np.asarray(args[5]), xp=np)))
+        given = (*args[:5], jnp.asarray(rm.with_symbol_table(np.asarray(args[5]), xp=np)))
         for arrays, blocks in ((args, dict(unroll=4)), (given, dict(unroll=3, prefetch=8, raw_early=True))):
-            out = rans_float.rans_float_decode(*arrays, **kw, coarse_bits=rc.BY_SYMBOL, **blocks,
-                                               interpret=self.INTERPRET)
+            out = bf16_lossless.bf16_lossless_decode(*arrays, **kw, coarse_bits=rm.BY_SYMBOL, **blocks,
+                                                     interpret=self.INTERPRET)
             np.testing.assert_array_equal(bits(out), bits(x))
 
     def test_pairs_stack_and_window(self):
-        from jcodec.pallas_kernels import rans_common as rc
-
         rng = np.random.default_rng(8)
         layers = [random_float(rng, (701,), "bfloat16") * (i + 1) for i in range(3)]
         layers[1][100:140] = random_float(rng, (40,), "bfloat16", "bits")  # escapes
@@ -651,17 +676,19 @@ class TestSymbolLayout(KernelTestBase):
                                   for x in layers])
         args, meta = tensor.kernel_args(st)
         for kw in (dict(), dict(window=2, start=jnp.int32(1))):
-            out = rans_float.rans_float_decode_many([args], metas=(meta,), coarse_bits=rc.BY_SYMBOL, **kw,
-                                                    interpret=self.INTERPRET)[0]
+            out = bf16_lossless.bf16_lossless_decode_many([args], metas=(meta,), coarse_bits=rm.BY_SYMBOL, **kw,
+                                                          interpret=self.INTERPRET)[0]
             want = np.stack(layers[1:] if kw else layers)
             np.testing.assert_array_equal(bits(out)[:, :701], bits(want))
 
     def test_int8_every_predictor_every_lookup(self):
-        from jcodec.pallas_kernels import rans_common as rc
-
         x = three_predictors()
         args, _ = device_args(tensor.from_encoded(codecs.encode(x, "int8", lanes=32, steps=16)))
-        assert args[4].shape == (rc.device_table_size(by_symbol=True),)  # int8's device table holds them
-        for coarse_bits in (rc.BY_SYMBOL, 0, 5):
+        assert args[4].shape == (rm.device_table_size(by_symbol=True),)  # int8's device table holds them
+        for coarse_bits in (rm.BY_SYMBOL, 0, 5):
             for blocks in (dict(unroll=4), dict(unroll=16, prefetch=8)):
                 self.check_int8(x, 32, 16, coarse_bits=coarse_bits, **blocks)
+
+
+class TestSymbolLayoutInterpret(TestSymbolLayout):
+    INTERPRET = True

@@ -11,9 +11,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
-from jcodec import sources
+from jcodec import codecs, matmul, schedule, sources
+from jcodec.generation import Model, generate
 from jcodec.models import llama
+from jcodec.tensor import CompressedTensor, from_encoded
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -142,7 +145,6 @@ def test_rope_frequencies_match_transformers(name):
 # ----------------------------------------------------------------------------------------------- loaders
 
 def _folder(tmp_path, model, drop=None, reshape=None):
-    from safetensors.numpy import save_file
     tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     if drop:
         del tensors[drop]
@@ -200,7 +202,7 @@ def test_gguf_tokenizer_errors_name_the_file(tmp_path, write_gguf):
 
 
 def test_gguf_unpermute_matches_transformers():
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor  # imports torch (optional)
     w = np.random.default_rng(0).normal(size=(3 * 2 * 8, 20)).astype(np.float32)
     proc = LlamaTensorProcessor(config={"num_attention_heads": 6, "num_key_value_heads": 3})
     np.testing.assert_array_equal(sources.unpermute_rows(w, 6), proc.process(w, "blk.0.attn_q.weight").weights)
@@ -288,7 +290,6 @@ def test_smollm2_logits_match_transformers(smollm2):
 
 
 def test_smollm2_knows_the_capital_of_france(smollm2):
-    from jcodec.generation import Model, generate
     src, _ = smollm2
     model = Model.load(src, jnp.bfloat16)  # the serving dtype on accelerators
     answer = generate(model, "The capital of France is", chat=False, max_new_tokens=8)
@@ -303,8 +304,6 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 def test_compressed_params_decode_inside_the_scan(codec):
     """CompressedTensors stacked per layer and decoded inside the jitted scan give bit-for-bit the logits
     of the same weights decoded up front (bf16-lossless: the original weights themselves)."""
-    from jcodec import codecs
-    from jcodec.tensor import CompressedTensor, from_encoded
     cfg = llama.LlamaConfig.from_hf({**CONFIGS["gqa-untied"], "num_hidden_layers": 2})
     rng = np.random.default_rng(0)
     tensors = {n: (rng.normal(0, 0.15, s) if len(s) > 1 else rng.uniform(0.5, 1.5, s)).astype(ml_dtypes.bfloat16)
@@ -328,8 +327,6 @@ def test_compressed_params_decode_inside_the_scan(codec):
 def test_grouped_layers_and_chunked_head_give_the_same_logits(monkeypatch, request, name, chunk):
     """Layers decoded two per launch, the output head decoded in chunks of rows and the embedding decoded
     only at the looked-up rows give bit for bit the logits of the plain weights (head in the same chunks)."""
-    from jcodec import codecs
-    from jcodec.tensor import from_encoded
     cfg = llama.LlamaConfig.from_hf({**CONFIGS[name], "num_hidden_layers": 2})
     rng = np.random.default_rng(1)
     tensors = {n: (rng.normal(0, 0.15, s) if len(s) > 1 else rng.uniform(0.5, 1.5, s)).astype(ml_dtypes.bfloat16)
@@ -341,30 +338,64 @@ def test_grouped_layers_and_chunked_head_give_the_same_logits(monkeypatch, reque
     want = np.asarray(llama.logits(plain, tokens, cfg, jnp.float32))
 
     # `chunk` rows at a time: V is no multiple of it; 64 rows are whole tiles of 8 x 64 (decoded in place)
-    monkeypatch.setattr(llama, "head_chunk_rows", lambda cfg_: chunk)
+    monkeypatch.setattr(schedule, "head_chunk_rows", lambda cfg_: chunk)
     llama.logits.clear_cache()  # retrace with the patch (and, at the end, without it)
     request.addfinalizer(llama.logits.clear_cache)
     chunked = np.asarray(llama.logits(plain, tokens, cfg, jnp.float32))
     np.testing.assert_allclose(chunked, want, atol=1e-5, rtol=0)  # other matmul shapes may round differently
-    grouped = llama.group_layers(compressed, 2)
-    assert llama.layer_group(grouped) == 2 and grouped.layers.q_proj.batch_shape == (1, 2)
+    grouped = compressed.replace(layers=schedule.group_layers(cfg, compressed.layers, 2))
+    assert schedule.layer_group(cfg, grouped.layers) == 2 and grouped.layers.q_proj.batch_shape == (1, 2)
     np.testing.assert_array_equal(np.asarray(llama.logits(grouped, tokens, cfg, jnp.float32)), chunked)
     with pytest.raises(ValueError, match="divide"):
-        llama.group_layers(compressed, 3)
+        schedule.group_layers(cfg, compressed.layers, 3)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_kernel_matmuls_give_equal_logits_however_weights_are_held(monkeypatch, batch):
+    """bfloat16 steps through the stacked-matmul kernel (interpret mode here, compiled on a GPU): layers read in
+    place from plain stacks, decoded from compressed stacks one or two a launch, the head whole or decoded in
+    chunks: bit for bit the same logits, and within bfloat16 rounding of XLA's matmuls."""
+    cfg = llama.LlamaConfig.from_hf(dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    rng = np.random.default_rng(3)
+    tensors = {n: (rng.normal(0, 0.15, s) if len(s) > 1 else rng.uniform(0.5, 1.5, s)).astype(ml_dtypes.bfloat16)
+               for n, s in llama.param_shapes(cfg).items()}
+    enc = {n: codecs.encode(x, "bf16-lossless", lanes=8, steps=64) for n, x in tensors.items() if x.ndim == 2}
+    plain = llama.params_from_tensors(cfg, tensors.__getitem__)
+    compressed = llama.params_from_tensors(cfg, lambda n: from_encoded(enc[n]) if n in enc else tensors[n])
+    grouped = compressed.replace(layers=schedule.group_layers(cfg, compressed.layers, 2))
+    prompt = jnp.asarray(tokens_for(cfg.vocab_size, (batch, 3)))
+
+    def two_steps(params):  # a prefill (3 tokens a row) and a decode step (1 token a row): their logits
+        step = jax.jit(lambda p, t, c: llama.forward(p, t, c, cfg, jnp.bfloat16))  # a new function: traced anew
+        cache = llama.init_cache(cfg, batch, 8, jnp.bfloat16)
+        first, cache = step(params, prompt, cache)
+        second, _ = step(params, jnp.argmax(first, -1)[:, None].astype(jnp.int32), cache)
+        return np.asarray(first), np.asarray(second)
+
+    xla = two_steps(plain)
+    monkeypatch.setattr(matmul, "BACKEND", "interpret")
+    want = two_steps(plain)
+    for got in (two_steps(compressed), two_steps(grouped)):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(schedule, "head_chunk_rows", lambda cfg_: 64)  # V = 160: chunks of 64 rows, the last ragged
+    for a, b in zip(two_steps(grouped), want):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(want, xla):
+        np.testing.assert_allclose(a, b, atol=0.1, rtol=0.02)  # bfloat16 activations, other sums
 
 
 def test_auto_layer_group_spends_little_memory():
     """Small layers are grouped (more lanes per launch) only while the extra decoded layers stay within 5%
     of the model's weights; plain params are never grouped."""
-    from jcodec import codecs
-    from jcodec.tensor import from_encoded
     cfg = llama.LlamaConfig.from_hf({**CONFIGS["gqa-untied"], "num_hidden_layers": 4})
     rng = np.random.default_rng(2)
     tensors = {n: (rng.normal(0, 0.02, s)).astype(ml_dtypes.bfloat16) for n, s in llama.param_shapes(cfg).items()}
     enc = {n: codecs.encode(x, "bf16-lossless", lanes=8, steps=64) for n, x in tensors.items() if x.ndim == 2}
     compressed = llama.params_from_tensors(cfg, lambda n: from_encoded(enc[n]) if n in enc else tensors[n])
-    assert llama.auto_layer_group(cfg, llama.params_from_tensors(cfg, tensors.__getitem__)) == 1
+    assert schedule.auto_layer_group(cfg, llama.params_from_tensors(cfg, tensors.__getitem__).layers) == 1
     # a layer here is ~19% of the weights: no room for a second one at 5%, room for all four at 100%
-    assert llama.auto_layer_group(cfg, compressed) == 1
-    assert llama.auto_layer_group(cfg, compressed, memory_share=1.0) == 4
-    assert llama.auto_layer_group(cfg, compressed, memory_share=1.0, lanes_wanted=1) == 1
+    assert schedule.auto_layer_group(cfg, compressed.layers) == 1
+    assert schedule.auto_layer_group(cfg, compressed.layers, memory_share=1.0) == 4
+    assert schedule.auto_layer_group(cfg, compressed.layers, memory_share=1.0, lanes_wanted=1) == 1

@@ -1,14 +1,18 @@
-"""Packs (``pallas_kernels/rans_pack.py``): many bf16-lossless tensors of one geometry decoded in one
+"""Packs (``pallas_kernels/bf16_lossless_pack.py``): many bf16-lossless tensors of one geometry decoded in one
 launch of one kernel == the pure-JAX pack reference == the NumPy decoder, bit for bit; and
 ``api.decode_params`` (which decodes a loaded model as packs) gives what ``decode`` gives leaf by leaf.
-On CPU the kernel runs in Pallas interpret mode; on a GPU the same tests compile it."""
+As in test_kernels.py: ``TestPackKernel`` runs the kernel compiled (on a GPU only, skipped elsewhere with the
+reason), ``TestPackKernelInterpret`` in Pallas interpret mode (anywhere)."""
 from __future__ import annotations
 
+import json
 import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 try:  # the kernels are installed as jcodec.pallas_kernels; from a bare checkout, alias the folder
     import jcodec.pallas_kernels  # noqa: F401
@@ -18,9 +22,9 @@ except ImportError:
     sys.modules["jcodec.pallas_kernels"] = pallas_kernels
 
 from jcodec import api, codecs, tensor
-from jcodec.pallas_kernels import rans_common as rc, rans_pack
-
-INTERPRET = jax.default_backend() != "gpu"
+from jcodec.convert import convert
+from jcodec.models import llama
+from jcodec.pallas_kernels import bf16_lossless_pack, rans_math as rm
 
 
 def bits(a) -> np.ndarray:
@@ -56,33 +60,47 @@ def make_tensors(dtype, lanes, steps, seed=0, run=1):
     return xs + [np.stack(layers)], cts
 
 
-@pytest.mark.parametrize("dtype,lanes,steps,block_lanes,coarse_bits,opts", [
-    ("bfloat16", 32, 24, 32, 5, {}), ("bfloat16", 24, 16, 64, 0, {}), ("float16", 16, 40, 16, 5, {}),
-    ("float32", 8, 24, 32, 3, {}), ("pairs", 32, 12, 32, 5, {}), ("pairs", 16, 8, 16, 0, {}),
-    ("pairs", 8, 24, 32, 3, {}), ("pairs", 32, 12, 16, 0, dict(unroll=4, raw_early=True)),
-    ("bfloat16", 16, 24, 32, 5, dict(unroll=8, raw_early=True, prefetch=8)),
-    ("pairs", 16, 24, 16, 0, dict(unroll=8, raw_early=True, prefetch=8)),
-    ("pairs", 16, 24, 16, rc.BY_SYMBOL, dict(unroll=8, raw_early=True, prefetch=8, given=True)),
-    ("float32", 8, 24, 32, rc.BY_SYMBOL, {}),
-    ("pairs", 32, 13, 32, 5, dict(run=4)), ("pairs", 16, 25, 16, 0, dict(run=4, unroll=8, raw_early=True, prefetch=8)),
-    ("bfloat16", 24, 18, 64, 5, dict(run=8)), ("float32", 8, 17, 32, 3, dict(run=2, unroll=1))])
-def test_pack_kernel_and_reference_match_numpy(dtype, lanes, steps, block_lanes, coarse_bits, opts):
-    """(coarse_bits: the device tables hold the coarse table for 5; 0 reads past it, 3 builds its own.
-    block_lanes dividing lanes: one output per program, picked by a branch; larger: a masked store per output.
-    BY_SYMBOL: the lookup by symbol, from tables that hold the symbol tables (given) or built by the kernel's caller.
-    run: lanes that decode runs of consecutive values.)"""
-    opts = dict(opts)
-    xs, cts = make_tensors(dtype, lanes, steps, run=opts.pop("run", 1))
-    arrays, static = tensor.pack_float(cts)
-    if opts.pop("given", False):
-        arrays = (*arrays[:4], rc.with_symbol_table(arrays[4], dtype == "pairs", np), arrays[5])
-    assert static["sizes"] == tuple(x.size // (2 if dtype == "pairs" else 1) for x in xs)
-    got = rans_pack.rans_float_decode_pack(*arrays, **static, block_lanes=block_lanes, coarse_bits=coarse_bits,
-                                           interpret=INTERPRET, **opts)
-    ref = rans_pack.rans_float_pack_reference(*arrays, **static)
-    for x, g, r in zip(xs, got, ref):
-        np.testing.assert_array_equal(bits(g), bits(x).reshape(-1))
-        np.testing.assert_array_equal(bits(r), bits(x).reshape(-1))
+class TestPackKernel:
+    """Runs the pack kernel compiled, on a GPU; ``TestPackKernelInterpret`` runs it in interpret mode."""
+
+    INTERPRET = False
+
+    def setup_method(self):
+        if not self.INTERPRET and jax.default_backend() != "gpu":
+            pytest.skip("compiled Pallas kernels need a GPU (TestPackKernelInterpret runs them in interpret mode)")
+
+    @pytest.mark.parametrize("dtype,lanes,steps,block_lanes,coarse_bits,opts", [
+        ("bfloat16", 32, 24, 32, 5, {}), ("bfloat16", 24, 16, 64, 0, {}), ("float16", 16, 40, 16, 5, {}),
+        ("float32", 8, 24, 32, 3, {}), ("pairs", 32, 12, 32, 5, {}), ("pairs", 16, 8, 16, 0, {}),
+        ("pairs", 8, 24, 32, 3, {}), ("pairs", 32, 12, 16, 0, dict(unroll=4, raw_early=True)),
+        ("bfloat16", 16, 24, 32, 5, dict(unroll=8, raw_early=True, prefetch=8)),
+        ("pairs", 16, 24, 16, 0, dict(unroll=8, raw_early=True, prefetch=8)),
+        ("pairs", 16, 24, 16, rm.BY_SYMBOL, dict(unroll=8, raw_early=True, prefetch=8, given=True)),
+        ("float32", 8, 24, 32, rm.BY_SYMBOL, {}),
+        ("pairs", 32, 13, 32, 5, dict(run=4)),
+        ("pairs", 16, 25, 16, 0, dict(run=4, unroll=8, raw_early=True, prefetch=8)),
+        ("bfloat16", 24, 18, 64, 5, dict(run=8)), ("float32", 8, 17, 32, 3, dict(run=2, unroll=1))])
+    def test_pack_kernel_and_reference_match_numpy(self, dtype, lanes, steps, block_lanes, coarse_bits, opts):
+        """(coarse_bits: the device tables hold the coarse table for 5; 0 reads past it, 3 builds its own.
+        block_lanes dividing lanes: one output per program, picked by a branch; larger: a masked store per output.
+        BY_SYMBOL: the lookup by symbol, from tables that hold the symbol tables (given) or built by the kernel's
+        caller. run: lanes that decode runs of consecutive values.)"""
+        opts = dict(opts)
+        xs, cts = make_tensors(dtype, lanes, steps, run=opts.pop("run", 1))
+        arrays, static = tensor.pack_float(cts)
+        if opts.pop("given", False):
+            arrays = (*arrays[:4], rm.with_symbol_table(arrays[4], dtype == "pairs", np), arrays[5])
+        assert static["sizes"] == tuple(x.size // (2 if dtype == "pairs" else 1) for x in xs)
+        got = bf16_lossless_pack.bf16_lossless_decode_pack(*arrays, **static, block_lanes=block_lanes,
+                                                           coarse_bits=coarse_bits, interpret=self.INTERPRET, **opts)
+        ref = bf16_lossless_pack.bf16_lossless_pack_reference(*arrays, **static)
+        for x, g, r in zip(xs, got, ref):
+            np.testing.assert_array_equal(bits(g), bits(x).reshape(-1))
+            np.testing.assert_array_equal(bits(r), bits(x).reshape(-1))
+
+
+class TestPackKernelInterpret(TestPackKernel):
+    INTERPRET = True
 
 
 def test_pack_groups_split_at_the_limit_and_skip_what_cannot_pack():
@@ -123,14 +141,6 @@ def test_decode_params_equals_leafwise_decode():
 def test_load_decoded_gives_the_original_weights(tmp_path, pairs):
     """``decoded`` mode reads each bf16-lossless tensor straight into its pack and decodes the model in one
     launch: every weight is bit for bit the original; tensors that cannot pack (stored raw) load as usual."""
-    import json
-
-    import ml_dtypes
-    from safetensors.numpy import save_file
-
-    from jcodec.convert import convert
-    from jcodec.models import llama
-
     config = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=False, model_type="llama", architectures=["LlamaForCausalLM"])
     cfg = llama.LlamaConfig.from_hf(config)
