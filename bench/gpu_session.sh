@@ -57,3 +57,10 @@ fi
 if [ "${LOAD_S:-0}" != 0 ]; then
   timeout ${LOAD_S} python3 -P bench/load.py --out $OUT/load.json ${LOAD_ARGS:-} 2>&1 | tee $OUT/load.log | tail -20; echo "[load: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
 fi
+if [ "${STEP_S:-0}" != 0 ]; then  # one generation step on the device timeline, beside the copy roofline
+  timeout ${STEP_S} python3 -P bench/step_profile.py ${STEP_ARGS:---models llama-3-8b --modes bf16 --batches 1,16 --prefill 1024} \
+      --out $OUT/step.json 2>&1 | tee $OUT/step.log | tail -40; echo "[step: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
+fi
+if [ "${MATMUL_S:-0}" != 0 ]; then  # the forward's skinny matmuls: in place from the stack against XLA
+  timeout ${MATMUL_S} python3 -P bench/matmul.py ${MATMUL_ARGS:-} --out $OUT/matmul.json 2>&1 | tee $OUT/matmul.log | tail -60; echo "[matmul: exit ${PIPESTATUS[0]} (124: cut by its time limit)]"
+fi
