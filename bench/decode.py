@@ -103,9 +103,9 @@ def time_fn(fn, inputs, reps):
 
     The GPU then runs call after call while the host enqueues the next, so a run times the device (a model's
     jitted forward also launches its decodes back to back), not the host's dispatch: a Llama layer's decode
-    takes 42 arrays, and waiting after every few calls left the GPU idle while they were dispatched (session
-    14: the pair layer's kernel ran 407 us under ncu, the old loop timed 541 us a call). Runs of 4-10 calls
-    still read the lone matrix 10-15 us a call slow (session 18). The host's time to enqueue one call is kept
+    takes 42 arrays, and waiting after every few calls left the GPU idle while they were dispatched (the pair
+    layer's kernel ran 407 us under ncu while a loop that waited timed 541 us a call). Runs of 4-10 calls read
+    the lone matrix 10-15 us a call slow (docs/DECODE_DESIGN.md). The host's time to enqueue one call is kept
     in LAST_DISPATCH; a row whose dispatch is near its time is host-bound."""
     global LAST_DISPATCH, LAST_CALLS, LAST_DEVICE
     t = time_calls(fn, inputs, reps, min_rounds=BATCHES)
@@ -271,7 +271,7 @@ def opts_name(defaults: dict, **opts) -> str:
 # ------------------------------------------------------------------------------------------- parts
 def warm_up(seconds=3.0):
     """Keep the GPU busy for a few seconds before anything is timed: the first rows of a fresh machine
-    measured up to 2x slow (session 5: the elementwise ceiling at 522 GB/s, ~1000 later)."""
+    measured up to 2x slow (the elementwise ceiling at 522 GB/s, then ~1000 once warm)."""
     a = jnp.zeros(MATRIX, jnp.bfloat16)
     ew = jax.jit(lambda a: lax_xor(a))
     t0 = time.perf_counter()
