@@ -59,6 +59,25 @@ def choose_encoding(array: np.ndarray, codec: str, **opts) -> codecs.EncodedTens
     return enc if enc.nbytes < array.nbytes else None
 
 
+def declares_jcodec(path: str | os.PathLike) -> bool:
+    """Whether the folder ``path`` says it is a jcodec checkpoint (its index's or first shard's metadata names a
+    format version), damaged or not: a plain HF folder says nothing of the kind, and is read as it is."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    try:
+        if index.is_file():
+            data = json.loads(index.read_text())
+            if VERSION_KEY in (data.get("metadata") or {}):
+                return True
+            shard = min(data["weight_map"].values())
+        else:
+            shard = "model.safetensors"
+        with safetensors.safe_open(str(path / Path(shard).name), framework="numpy") as f:
+            return VERSION_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - an unreadable index or shard claims nothing; the reader that opens it says why
+        return False
+
+
 class CheckpointWriter:
     """Writes a checkpoint into a temporary folder beside ``out`` and renames it into place on success,
     so an interrupted or failed conversion leaves nothing behind. Tensors are buffered into shards of
