@@ -59,11 +59,28 @@ def choose_encoding(array: np.ndarray, codec: str, **opts) -> codecs.EncodedTens
     return enc if enc.nbytes < array.nbytes else None
 
 
+def declaration() -> dict:
+    """The ``quantization_config`` a jcodec folder's config.json carries, so that other tools refuse the folder.
+
+    It has no ``quant_method`` on purpose: transformers (5.x) skips a ``quantization_config`` whose method it does
+    not know, with a warning, and then loads random weights in place of the encoded tensors; one without the key
+    makes ``from_pretrained`` raise (tests/test_load.py holds it to that)."""
+    return {"format": "jcodec", "format_version": str(FORMAT_VERSION),
+            "load_with": "jcodec.load(path): these tensors are jcodec-encoded; transformers cannot read them"}
+
+
 def declares_jcodec(path: str | os.PathLike) -> bool:
-    """Whether the folder ``path`` says it is a jcodec checkpoint (its index's or first shard's metadata names a
-    format version), damaged or not: a plain HF folder says nothing of the kind, and is read as it is."""
+    """Whether the folder ``path`` says it is a jcodec checkpoint (config.json's ``quantization_config``, or its
+    index's or first shard's metadata, names the format), damaged or not: a plain HF folder says nothing of the
+    kind, and is read as it is."""
     path = Path(path)
     index = path / INDEX_NAME
+    try:
+        quantization = json.loads((path / "config.json").read_text()).get("quantization_config")
+        if isinstance(quantization, dict) and quantization.get("format") == "jcodec":
+            return True
+    except Exception:  # noqa: BLE001 - an unreadable config.json claims nothing; the reader that opens it says why
+        pass
     try:
         if index.is_file():
             data = json.loads(index.read_text())
@@ -133,6 +150,7 @@ class CheckpointWriter:
         index = {"metadata": {"total_size": self.total_bytes, VERSION_KEY: str(FORMAT_VERSION)},
                  "weight_map": dict(sorted(self._weight_map.items()))}
         (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        config = {**config, "quantization_config": declaration()}
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if save_tokenizer is not None:
             save_tokenizer(str(self.tmp))

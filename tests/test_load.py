@@ -2,6 +2,7 @@
 GGUF files (tests/test_end_to_end.py loads the embedded SmolLM2 through jcodec.load) and jcodec folders; anything
 else is one line naming the path."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import jcodec
-from jcodec import convert
+from jcodec import checkpoint, convert
 from jcodec.cli import main
 from jcodec.models import llama
 from jcodec.sources import SourceError, default_model_path
@@ -97,3 +98,32 @@ def test_unreadable_input_exits_2_as_a_subprocess(tmp_path, write_llama):
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("jcodec: error: ") and "Traceback" not in res.stderr
     assert res.stderr.count("\n") == 1 and str(path) in res.stderr, res.stderr
+
+
+def test_transformers_refuses_a_jcodec_folder(tmp_path, write_llama):
+    """config.json declares jcodec (a quantization_config), so that transformers refuses the folder rather than
+    loading random weights in place of its encoded tensors; jcodec reads it, and an older folder without it."""
+    from transformers import AutoModelForCausalLM
+    src = write_llama(tmp_path / "hf", tokenizer=True, hidden_size=64, intermediate_size=128)
+    out = tmp_path / "m.jcodec"
+    convert.convert(src, out, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "jcodec"
+    assert config["quantization_config"]["format_version"] == str(checkpoint.FORMAT_VERSION)
+    with pytest.raises(ValueError, match="quantization config"):
+        AutoModelForCausalLM.from_pretrained(str(out))
+    plain = jcodec.load(src, dtype=jnp.float32)
+    want = llama.logits(plain.params, TOKENS, plain.config, jnp.float32)
+    for folder in (out, _without_declaration(out, tmp_path / "old.jcodec")):
+        model = jcodec.load(folder, dtype=jnp.float32)
+        np.testing.assert_array_equal(np.asarray(llama.logits(model.params, TOKENS, model.config, jnp.float32)),
+                                      np.asarray(want))
+
+
+def _without_declaration(folder, to):
+    """A copy of a jcodec folder as jcodec wrote it before config.json declared the format."""
+    shutil.copytree(folder, to)
+    config = json.loads((to / "config.json").read_text())
+    del config["quantization_config"]
+    (to / "config.json").write_text(json.dumps(config))
+    return to
