@@ -18,42 +18,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
-import numpy as np
 
-from jcodec import codecs, schedule
+from jcodec import schedule
 from jcodec.checkpoint import Checkpoint, CheckpointError, declares_jcodec
 from jcodec.generation import Model, default_dtype
 from jcodec.models import llama
 from jcodec.pallas_kernels.rans_math import raw_bytes
+from jcodec.reader import Reader
 from jcodec.sources import folder_tokenizer
-from jcodec.tensor import (CompressedTensor, PackBuilder, decode, decode_pack, fill_packs, from_encoded, host_arrays,
+from jcodec.tensor import (CompressedTensor, PackBuilder, decode, decode_pack, fill_packs, host_arrays,
                            pack_float, pack_groups)
 
 MODES = ("decoded", "compressed", "offload")
 
 
 def load_tensors(path, mode: str = "compressed"):
-    """(config dict, tokenizer folder, get(name)) for a jcodec checkpoint. ``get`` returns a NumPy array
-    for a raw or zstd tensor, and a host CompressedTensor for an rANS-coded one (to be stacked with its
-    layers, then placed by :func:`place_params`, and for ``decoded`` decoded by :func:`decode_params`)."""
+    """(config dict, folder, get(name)) for a jcodec checkpoint. ``get`` returns a NumPy array for a raw or zstd
+    tensor, and a host CompressedTensor for an rANS-coded one (to be stacked with its layers, then placed by
+    :func:`place_params`, and for ``decoded`` decoded by :func:`decode_params`). To read tensors of any model:
+    :func:`jcodec.open`."""
     if mode not in MODES:
         raise ValueError(f"{mode=} must be one of {', '.join(MODES)}")
-    ckpt = Checkpoint(path)
-
-    def get(name: str):
-        if name not in ckpt.names():
-            raise KeyError(name)
-        value = ckpt.read(name)
-        if isinstance(value, np.ndarray):
-            return value
-        if value.record["codec"] not in ("bf16-lossless", "int8"):  # zstd: the host path
-            try:
-                return codecs.decode(value)
-            except codecs.FormatError as e:
-                raise CheckpointError(f"{ckpt.where(name)}: tensor {name}: {e}") from None
-        return from_encoded(value, to_device=False)  # stacked on the host, then placed once by place_params
-
-    return ckpt.config, os.fspath(path), get
+    reader = Reader(path)
+    return reader.config, os.fspath(path), reader.host_form
 
 
 def place_params(params, mode: str):

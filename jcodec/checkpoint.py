@@ -190,6 +190,7 @@ class Checkpoint:
         self._entries: dict[str, set[str]] = {}
         self._raw_crcs: dict[str, int] = {}
         self._handles: dict[str, object] = {}  # open shards: a header is parsed once, not per tensor read
+        self.metadata: dict[str, str] = {}  # the shards' metadata less records and checksums (format, version)
         for shard in shard_names:
             self._scan_shard(shard)
 
@@ -244,6 +245,7 @@ class Checkpoint:
         if version not in READS_VERSIONS:
             raise CheckpointError(f"{p}: format version {version}, this jcodec reads versions "
                                   f"{', '.join(READS_VERSIONS)}")
+        self.metadata.update({k: v for k, v in meta.items() if not k.startswith((RECORD_PREFIX, RAW_CRC_PREFIX))})
         encoded, crcs = {}, {}
         for key, text in meta.items():
             if key.startswith(RAW_CRC_PREFIX):
