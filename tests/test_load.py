@@ -73,6 +73,9 @@ def _unreadable(tmp_path, write_llama):
     shard = folder / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     cases["truncated shard"] = folder
+    folder = write_llama(tmp_path / "incomplete", tokenizer=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    cases["incomplete config"] = folder
     folder = write_llama(tmp_path / "no-tokenizer")
     cases["no tokenizer"] = folder
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(60))
