@@ -18,49 +18,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
-import numpy as np
 
-from jcodec import codecs, schedule
-from jcodec.checkpoint import Checkpoint, CheckpointError
+from jcodec import schedule
+from jcodec.checkpoint import Checkpoint, CheckpointError, declares_jcodec
 from jcodec.generation import Model, default_dtype
 from jcodec.models import llama
 from jcodec.pallas_kernels.rans_math import raw_bytes
-from jcodec.tensor import (CompressedTensor, PackBuilder, decode, decode_pack, fill_packs, from_encoded, host_arrays,
+from jcodec.reader import Reader
+from jcodec.sources import folder_tokenizer
+from jcodec.tensor import (CompressedTensor, PackBuilder, decode, decode_pack, fill_packs, host_arrays,
                            pack_float, pack_groups)
 
 MODES = ("decoded", "compressed", "offload")
 
 
-def is_jcodec_checkpoint(path) -> bool:
-    try:
-        Checkpoint(path)
-    except CheckpointError:
-        return False
-    return True
-
-
 def load_tensors(path, mode: str = "compressed"):
-    """(config dict, tokenizer folder, get(name)) for a jcodec checkpoint. ``get`` returns a NumPy array
-    for a raw or zstd tensor, and a host CompressedTensor for an rANS-coded one (to be stacked with its
-    layers, then placed by :func:`place_params`, and for ``decoded`` decoded by :func:`decode_params`)."""
+    """(config dict, folder, get(name)) for a jcodec checkpoint. ``get`` returns a NumPy array for a raw or zstd
+    tensor, and a host CompressedTensor for an rANS-coded one (to be stacked with its layers, then placed by
+    :func:`place_params`, and for ``decoded`` decoded by :func:`decode_params`). To read tensors of any model:
+    :func:`jcodec.open`."""
     if mode not in MODES:
         raise ValueError(f"{mode=} must be one of {', '.join(MODES)}")
-    ckpt = Checkpoint(path)
-
-    def get(name: str):
-        if name not in ckpt.names():
-            raise KeyError(name)
-        value = ckpt.read(name)
-        if isinstance(value, np.ndarray):
-            return value
-        if value.record["codec"] not in ("bf16-lossless", "int8"):  # zstd: the host path
-            try:
-                return codecs.decode(value)
-            except codecs.FormatError as e:
-                raise CheckpointError(f"{ckpt.where(name)}: tensor {name}: {e}") from None
-        return from_encoded(value, to_device=False)  # stacked on the host, then placed once by place_params
-
-    return ckpt.config, os.fspath(path), get
+    reader = Reader(path)
+    return reader.config, os.fspath(path), reader.host_form
 
 
 def place_params(params, mode: str):
@@ -217,26 +197,19 @@ def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | No
     ``layers_per_decode``: how many compressed layers one kernel launch decodes in the forward pass
     (default: chosen by ``schedule.auto_layer_group``, 1 for large layers, a few for small models).
     """
-    if not is_jcodec_checkpoint(path):
-        if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
-            Checkpoint(path)  # an unreadable jcodec folder: raise its own error rather than a vaguer one
+    if not (os.path.isdir(path) and declares_jcodec(path)):  # (a damaged jcodec folder gets the jcodec reader's error)
         return Model.load(path, dtype)
     dtype = dtype or default_dtype()
     cfg, params = load_params(path, mode, dtype, layers_per_decode)
-    from transformers import AutoTokenizer  # here, not at the top: it takes seconds to import (sources.py says more)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
-    except Exception as e:  # transformers raises OSError, ValueError ... on missing or bad tokenizer files
-        raise CheckpointError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
-    return Model(cfg, params, tokenizer, dtype)
+    return Model(cfg, params, folder_tokenizer(path), dtype)
 
 
 def load_params(path, mode: str, dtype, layers_per_decode: int | None = None):
     """``(LlamaConfig, Params)`` of a jcodec checkpoint in ``mode`` (what :func:`load` builds a Model from, less
     the tokenizer; ``jcodec bench`` needs no tokenizer)."""
     config, _, get = load_tensors(path, mode)
-    cfg = llama.LlamaConfig.from_hf(config)
     try:
+        cfg = llama.LlamaConfig.from_hf(config)
         llama.check_tensor_names(cfg, Checkpoint(path).names())
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None

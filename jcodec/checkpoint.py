@@ -59,6 +59,42 @@ def choose_encoding(array: np.ndarray, codec: str, **opts) -> codecs.EncodedTens
     return enc if enc.nbytes < array.nbytes else None
 
 
+def declaration() -> dict:
+    """The ``quantization_config`` a jcodec folder's config.json carries, so that other tools refuse the folder.
+
+    It has no ``quant_method`` on purpose: transformers (5.x) skips a ``quantization_config`` whose method it does
+    not know, with a warning, and then loads random weights in place of the encoded tensors; one without the key
+    makes ``from_pretrained`` raise (tests/test_load.py holds it to that)."""
+    return {"format": "jcodec", "format_version": str(FORMAT_VERSION),
+            "load_with": "jcodec.load(path): these tensors are jcodec-encoded; transformers cannot read them"}
+
+
+def declares_jcodec(path: str | os.PathLike) -> bool:
+    """Whether the folder ``path`` says it is a jcodec checkpoint (config.json's ``quantization_config``, or its
+    index's or first shard's metadata, names the format), damaged or not: a plain HF folder says nothing of the
+    kind, and is read as it is."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    try:
+        quantization = json.loads((path / "config.json").read_text()).get("quantization_config")
+        if isinstance(quantization, dict) and quantization.get("format") == "jcodec":
+            return True
+    except Exception:  # noqa: BLE001 - an unreadable config.json claims nothing; the reader that opens it says why
+        pass
+    try:
+        if index.is_file():
+            data = json.loads(index.read_text())
+            if VERSION_KEY in (data.get("metadata") or {}):
+                return True
+            shard = min(data["weight_map"].values())
+        else:
+            shard = "model.safetensors"
+        with safetensors.safe_open(str(path / Path(shard).name), framework="numpy") as f:
+            return VERSION_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - an unreadable index or shard claims nothing; the reader that opens it says why
+        return False
+
+
 class CheckpointWriter:
     """Writes a checkpoint into a temporary folder beside ``out`` and renames it into place on success,
     so an interrupted or failed conversion leaves nothing behind. Tensors are buffered into shards of
@@ -114,6 +150,7 @@ class CheckpointWriter:
         index = {"metadata": {"total_size": self.total_bytes, VERSION_KEY: str(FORMAT_VERSION)},
                  "weight_map": dict(sorted(self._weight_map.items()))}
         (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        config = {**config, "quantization_config": declaration()}
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if save_tokenizer is not None:
             save_tokenizer(str(self.tmp))
@@ -153,6 +190,7 @@ class Checkpoint:
         self._entries: dict[str, set[str]] = {}
         self._raw_crcs: dict[str, int] = {}
         self._handles: dict[str, object] = {}  # open shards: a header is parsed once, not per tensor read
+        self.metadata: dict[str, str] = {}  # the shards' metadata less records and checksums (format, version)
         for shard in shard_names:
             self._scan_shard(shard)
 
@@ -207,6 +245,7 @@ class Checkpoint:
         if version not in READS_VERSIONS:
             raise CheckpointError(f"{p}: format version {version}, this jcodec reads versions "
                                   f"{', '.join(READS_VERSIONS)}")
+        self.metadata.update({k: v for k, v in meta.items() if not k.startswith((RECORD_PREFIX, RAW_CRC_PREFIX))})
         encoded, crcs = {}, {}
         for key, text in meta.items():
             if key.startswith(RAW_CRC_PREFIX):

@@ -12,6 +12,7 @@ from jcodec import codecs
 from jcodec.benchmark import bench_checkpoint, report
 from jcodec.checkpoint import Checkpoint, CheckpointError
 from jcodec.convert import convert, verify
+from jcodec.reader import natural_key
 from jcodec.sources import SourceError, default_model_path
 
 EXIT_BAD_INPUT = 2
@@ -42,12 +43,16 @@ def cmd_convert(args) -> int:
     print(f"{rep.out}: {rep.tensors} tensors ({rep.encoded} encoded with {rep.codec}), "
           f"{_size(rep.original_bytes)} -> {_size(rep.stored_bytes)} = {rep.ratio:.4f} of the source, "
           f"{rep.seconds:.1f} s ({rep.original_bytes / 1e6 / max(rep.seconds, 1e-9):.0f} MB/s)")
+    if rep.not_runnable is None:
+        print("jcodec generate can run it (a Llama-family model)")
+    else:
+        print(f"jcodec generate cannot run it ({rep.not_runnable}); jcodec.open reads its tensors")
     return 0
 
 
 def cmd_info(args) -> int:
     ckpt = Checkpoint(args.path)
-    rows = [(name, ckpt.summary(name)) for name in ckpt.names()]
+    rows = [(name, ckpt.summary(name)) for name in sorted(ckpt.names(), key=natural_key)]
     total_s = sum(s["stored"] for _, s in rows)
     total_o = sum(s["original"] for _, s in rows)
     if not args.totals:
@@ -138,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jcodec",
         description="Compress LLM checkpoints losslessly and run them in JAX with the weights still compressed.")
+    parser.add_argument("--version", action="version", version=f"jcodec {jcodec.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("convert", help="compress an HF checkpoint folder or a GGUF file",

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from jcodec import codecs
 from jcodec.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, choose_encoding
+from jcodec.models import llama
 from jcodec.sources import open_source
 
 
@@ -28,6 +29,7 @@ class ConvertReport:
     original_bytes: int
     stored_bytes: int
     seconds: float
+    not_runnable: str | None = None  # why jcodec generate cannot run it (None: it can)
 
     @property
     def ratio(self) -> float:
@@ -59,7 +61,17 @@ def convert(src, out, codec: str = "bf16-lossless", *, lanes: int = codecs.DEFAU
             encoded += enc is not None
             bar.set_postfix(ratio=f"{stored / max(original, 1):.3f}")
         writer.finish(source.config, lambda d: _copy_tokenizer(source, d))
-    return ConvertReport(str(out), codec, len(names), encoded, original, stored, time.perf_counter() - t0)
+    return ConvertReport(str(out), codec, len(names), encoded, original, stored, time.perf_counter() - t0,
+                         why_not_runnable(source.config, names))
+
+
+def why_not_runnable(config: dict, names) -> str | None:
+    """Why the model (jcodec.models.llama) cannot run a checkpoint of this config and these tensors, or None."""
+    try:
+        llama.check_tensor_names(llama.LlamaConfig.from_hf(config), names)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

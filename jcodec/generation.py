@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcodec.models import llama
-from jcodec.sources import open_source
+from jcodec.sources import SourceError, open_source
 
 TRACES: collections.Counter = collections.Counter()  # jitted function name -> times traced
 
@@ -50,7 +50,12 @@ class Model:
         """A plain (uncompressed) HF checkpoint folder or GGUF file, with its tokenizer."""
         src = open_source(path)
         dtype = dtype or default_dtype()
-        cfg, params = llama.load_hf(src, dtype)
+        try:
+            cfg, params = llama.load_hf(src, dtype)
+        except SourceError:
+            raise
+        except ValueError as e:  # the config or the tensors are not a Llama the model can run: say which file
+            raise SourceError(f"{src.path}: {e}") from None
         return cls(cfg, params, src.tokenizer(), dtype)
 
 

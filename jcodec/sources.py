@@ -81,6 +81,26 @@ def default_model_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one of them
+
+
+def one_line(error) -> str:
+    """An error's message on one line (transformers' messages span several)."""
+    return " ".join(str(error).split())
+
+
+def folder_tokenizer(folder):
+    """The transformers tokenizer saved in a checkpoint folder (HF or jcodec); SourceError if it cannot be built."""
+    from transformers import AutoTokenizer  # here, not at the top: it takes seconds to import
+    folder = os.fspath(folder)
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise SourceError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError ... on missing or bad tokenizer files
+        raise SourceError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {one_line(e)})") from None
+
+
 class Source:
     """HF-named tensors of one checkpoint. Subclasses fill ``config``, ``_shapes``, ``_dtypes`` and ``read``."""
 
@@ -112,8 +132,10 @@ class Source:
         if self._tokenizer is None:
             try:
                 self._tokenizer = self._load_tokenizer()
+            except SourceError:
+                raise
             except Exception as e:  # transformers raises OSError, ValueError, KeyError ... on a bad tokenizer
-                raise SourceError(f"{self.path}: cannot build its tokenizer ({type(e).__name__}: {e})") from None
+                raise SourceError(f"{self.path}: cannot build its tokenizer ({type(e).__name__}: {one_line(e)})") from None
         return self._tokenizer
 
     def save_tokenizer(self, directory: str) -> None:
@@ -204,8 +226,7 @@ class SafetensorsSource(Source):
         return raw.view(dt).reshape(shape)
 
     def _load_tokenizer(self):
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(self.path)
+        return folder_tokenizer(self.path)
 
 
 # ------------------------------------------------------------------------------------------------------ GGUF

@@ -62,6 +62,10 @@ class LlamaConfig:
         for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
             if d.get(key, ok) != ok:
                 raise ValueError(f"{key}={d[key]!r} is not supported (Llama uses {ok!r})")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"the config has no {', '.join(missing)}")
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or d.get("rope_theta", 10000.0)
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))

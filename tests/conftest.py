@@ -51,14 +51,27 @@ TINY_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "voc
               "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
-def _write_llama(folder, **config):
-    """A tiny Llama checkpoint (every tensor the model needs, bfloat16, Gaussian), with no tokenizer;
-    ``config``: changes to TINY_LLAMA."""
+def _write_llama(folder, weight_dtype=BF16, shards=1, tokenizer=False, **config):
+    """A tiny Llama checkpoint (every tensor the model needs, Gaussian, of ``weight_dtype``) in ``shards`` files, with a
+    word-level tokenizer when ``tokenizer``; ``config``: changes to TINY_LLAMA."""
     config = {**TINY_LLAMA, **config}
     cfg = llama.LlamaConfig.from_hf(config)
     rng = np.random.default_rng(0)
-    tensors = {n: rng.normal(0, 0.02, s).astype(BF16) for n, s in llama.param_shapes(cfg).items()}
-    return write_hf_folder(folder, tensors, config)
+    tensors = {n: rng.normal(0, 0.02, s).astype(weight_dtype) for n, s in llama.param_shapes(cfg).items()}
+    write_hf_folder(folder, tensors, config, shards=shards)
+    if tokenizer:
+        _write_tokenizer(folder, config["vocab_size"])
+    return folder
+
+
+def _write_tokenizer(folder, vocab_size):
+    """A word-level tokenizer: ``<unk>``, ``<eos>`` and the words w2, w3, ... (``vocab_size`` ids in all)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>").save_pretrained(str(folder))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import jcodec
 from jcodec.cli import main
 from jcodec.models import llama
 
@@ -103,3 +104,25 @@ def test_help_as_a_subprocess():
     assert res.returncode == 0 and "--codec" in res.stdout and "bf16-lossless" in res.stdout
     res = subprocess.run([sys.executable, "-P", "-m", "jcodec.cli", "info", "/definitely/not/here"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("jcodec: error:") and "Traceback" not in res.stderr
+
+
+def test_convert_says_whether_generate_can_run_it(tmp_path, write_llama, hf_folder, capsys):
+    rc, text, _ = run(capsys, "convert", write_llama(tmp_path / "llama"), tmp_path / "a", "--quiet")
+    assert rc == 0 and text.splitlines()[-1] == "jcodec generate can run it (a Llama-family model)"
+    rc, text, _ = run(capsys, "convert", hf_folder, tmp_path / "b", "--quiet")  # tensors of no model in particular
+    assert rc == 0 and text.splitlines()[-1].startswith("jcodec generate cannot run it ("), text
+    assert "jcodec.open reads its tensors" in text.splitlines()[-1]
+
+
+def test_info_lists_layers_in_order(tmp_path, write_llama, capsys):
+    out = tmp_path / "m.jcodec"
+    assert run(capsys, "convert", write_llama(tmp_path / "llama", num_hidden_layers=12), out, "--quiet")[0] == 0
+    rc, text, _ = run(capsys, "info", out)
+    layers = [int(line.split(".")[2]) for line in text.splitlines() if line.startswith("model.layers.")]
+    assert rc == 0 and len(layers) == 12 * 9 and layers == sorted(layers)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"jcodec {jcodec.__version__}"

@@ -29,7 +29,7 @@ def gguf():
 
 @pytest.fixture(scope="module")
 def original(gguf):
-    return jcodec.Model.load(gguf, dtype=jnp.float32)
+    return jcodec.load(gguf, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")
