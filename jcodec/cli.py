@@ -77,7 +77,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model = jcodec.load(args.path, mode=args.mode)
+    model = jcodec.load(args.path, mode=args.mode, verify=args.verify)
     _answer(model, args.prompt, args)
     return 0
 
@@ -119,7 +119,7 @@ def cmd_demo(args) -> int:
         print(f"{out}: exists, reusing it (--overwrite to convert again)")
     cmd_info(argparse.Namespace(path=out, totals=True))
     print(f"> {args.prompt}")
-    _answer(jcodec.load(out, mode=args.mode), args.prompt, args)
+    _answer(jcodec.load(out, mode=args.mode, verify=args.verify), args.prompt, args)
     return 0
 
 
@@ -127,6 +127,9 @@ def _add_generation_args(p) -> None:
     p.add_argument("--mode", choices=["decoded", "compressed", "offload"], default="compressed",
                    help="decoded: decode all weights at load; compressed: keep them compressed on the device and "
                         "decode each layer inside the forward pass; offload: keep them in host memory (default: compressed)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="check every stored byte against its checksum while loading (default); --no-verify trusts "
+                        "the file")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
