@@ -7,6 +7,7 @@ A jcodec checkpoint looks like an HF checkpoint: ``config.json``, tokenizer file
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -65,7 +66,8 @@ def choose_encoding(array: np.ndarray, codec: str, **opts) -> codecs.EncodedTens
 
 class CheckpointWriter:
     """Writes a checkpoint into a temporary folder beside ``out`` and renames it into place on success,
-    so an interrupted or failed conversion leaves nothing behind. Tensors are buffered into shards of
+    so an interrupted or failed conversion leaves nothing behind; what a killed one left (``.OUT.PID.*.tmp``
+    of a process that is gone) the next one into the same folder removes. Tensors are buffered into shards of
     about ``shard_bytes`` and written as each shard fills, so memory stays bounded."""
 
     def __init__(self, out: str | os.PathLike, *, shard_bytes: int = 2 << 30, overwrite: bool = False):
@@ -73,7 +75,9 @@ class CheckpointWriter:
         if self.out.exists() and not overwrite:
             raise CheckpointError(f"{self.out}: already exists (pass --overwrite to replace it)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        remove_leftovers(self.out)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}.", suffix=".tmp",
+                                         dir=self.out.parent))
         self.shard_bytes = shard_bytes
         self._pending: dict[str, np.ndarray] = {}
         self._records: dict[str, str] = {}
@@ -129,9 +133,19 @@ class CheckpointWriter:
         for f in self.tmp.iterdir():  # mkdtemp made everything private; give it the usual permissions
             f.chmod(0o666 & ~umask)
         self.tmp.chmod(0o777 & ~umask)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
+        if not self.out.exists():
+            os.replace(self.tmp, self.out)
+            return self.out
+        # replace OUT atomically: renamed away first (a kill from here on leaves OUT or its replacement, and the
+        # old one under a leftover's name), and back if the new one cannot take its place
+        old = self.tmp.with_name(self.tmp.name[:-len(".tmp")] + ".old.tmp")
+        os.replace(self.out, old)
+        try:
+            os.replace(self.tmp, self.out)
+        except BaseException:
+            os.replace(old, self.out)
+            raise
+        _remove(old)
         return self.out
 
     def abort(self) -> None:
@@ -144,6 +158,35 @@ class CheckpointWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove the temporary folders (``.OUT.PID.*.tmp``) of conversions into ``out`` whose process is gone (killed:
+    SIGKILL runs no clean-up), and those of an older jcodec, which named them without a PID."""
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        pid = p.name[len(out.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        _remove(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OverflowError:  # a PID no process can have
+        return False
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 class Checkpoint:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 
 import jcodec
@@ -200,8 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as SIGINT: the same clean-up (a conversion removes its temporary folder)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
+        signal.signal(signal.SIGTERM, _terminated)
     # transformers advises at import that it found no torch; jcodec needs none (tokenizers and configs only).
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     expected = (CheckpointError, SourceError, codecs.FormatError, FileNotFoundError, IsADirectoryError,
