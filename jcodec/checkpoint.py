@@ -410,10 +410,13 @@ class Checkpoint:
             for k in self._entries[name]:
                 sl = f.get_slice(k)
                 stored += math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
-        dt = codecs.FLOAT_DTYPES.get(rec.get("dtype"), (np.dtype(np.uint8),))[0]
-        codec = rec.get("codec") + ("/pairs" if rec.get("pairs") is True else "")  # pair symbols shown as a kind
-        return dict(codec=codec, shape=rec.get("shape"), dtype=rec.get("dtype"), stored=stored,
-                    original=math.prod(rec.get("shape") or [0]) * dt.itemsize)
+        codec, shape, dtype = rec.get("codec"), rec.get("shape"), rec.get("dtype")
+        if not (type(codec) is str and type(dtype) is str and type(shape) is list
+                and all(type(d) is int and d >= 0 for d in shape)):  # (info lists without validating each tensor)
+            raise CheckpointError(f"{self.where(name)}: tensor {name}: record lacks a codec, dtype or shape")
+        dt = codecs.FLOAT_DTYPES.get(dtype, (np.dtype(np.uint8),))[0]
+        codec += "/pairs" if rec.get("pairs") is True else ""  # pair symbols shown as a kind
+        return dict(codec=codec, shape=shape, dtype=dtype, stored=stored, original=math.prod(shape) * dt.itemsize)
 
 
 def _max_elements(config: dict) -> int | None:

@@ -1,16 +1,21 @@
 """Nothing silently wrong: every stored byte and header field is checked at load, crafted files fail cleanly."""
+import contextlib
+import io
 import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jcodec
 from jcodec import api, checkpoint, cli, convert
 from jcodec.checkpoint import Checkpoint, CheckpointError
 from jcodec.codecs import bits_of
 from jcodec.sources import open_source
+from conftest import _write_llama as write_llama_folder
 
 # a Llama small enough to convert in a second, large enough that its matrices are encoded (>= 4096 values)
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
@@ -169,6 +174,14 @@ def test_record_field_types(converted, codec, change, match):
     _refused(converted, f"tensor {UP}: .*{match}")
 
 
+@pytest.mark.parametrize("change", [dict(codec=5), dict(dtype=["bfloat16"]), dict(shape=[1.5, 2]), dict(shape=None)])
+def test_info_and_verify_on_malformed_records_exit_2(converted, change, capsys):
+    _edit_record(converted, UP, **change)
+    for command in (["info", str(converted)], ["verify", str(converted), "-q"]):
+        assert cli.main(command) == cli.EXIT_BAD_INPUT
+        assert f"tensor {UP}" in capsys.readouterr().err
+
+
 def test_deeply_nested_record(converted):
     header, body = _header(converted)
     header["__metadata__"][checkpoint.RECORD_PREFIX + UP] = "[" * 50_000 + "]" * 50_000
@@ -230,3 +243,40 @@ def test_pristine_values_exact(tmp_path, write_llama):
     source = open_source(src)
     for name in Checkpoint(out).names():
         np.testing.assert_array_equal(bits_of(Checkpoint(out).decode(name)), bits_of(source.read(name)))
+
+
+# ---------------------------------------------------------------------------------------- property
+@pytest.fixture(scope="module", params=["bf16-lossless", "int8", "zstd"])
+def pristine(request, tmp_path_factory):
+    """(folder, shard bytes, every tensor decoded) of a tiny converted Llama, once per codec."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    src = write_llama_folder(tmp / "src", **SHAPE)
+    out = tmp / "c"
+    convert.convert(src, out, request.param, progress=False, **(GEOMETRY if request.param != "zstd" else {}))
+    ckpt = Checkpoint(out)
+    return out, (out / "model.safetensors").read_bytes(), {n: bits_of(ckpt.decode(n)) for n in ckpt.names()}
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7), st.booleans()),
+                      min_size=1, max_size=3))
+def test_mutations_give_clean_error_or_exact_weights(pristine, flips):
+    """Flipped bits anywhere (or in the JSON header): every read is a one-line CheckpointError or bit-exact."""
+    out, data, ref = pristine
+    b = bytearray(data)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    for at, bit, in_header in flips:
+        pos = 8 + int(at * (header_end - 8)) if in_header else int(at * len(b))
+        b[pos] ^= 1 << bit
+    (out / "model.safetensors").write_bytes(bytes(b))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(["info", str(out)]) in (0, cli.EXIT_BAD_INPUT)
+    try:
+        ckpt = Checkpoint(out)
+        got = {n: bits_of(ckpt.decode(n)) for n in ckpt.names()}
+    except CheckpointError as e:
+        assert "\n" not in str(e)
+    else:
+        assert got.keys() == ref.keys() and all(np.array_equal(got[n], ref[n]) for n in ref)
+    finally:
+        (out / "model.safetensors").write_bytes(data)
