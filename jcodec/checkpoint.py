@@ -21,14 +21,13 @@ import safetensors
 from safetensors.numpy import save_file
 
 from jcodec import codecs, integrity
-from jcodec.sources import SAFETENSORS_DTYPES
+from jcodec.sources import MAX_HEADER_BYTES, SAFETENSORS_DTYPES
 
 FORMAT_VERSION = 5
 # version 1: no carried raw bytes (a record without `carry`); version 2: no pair symbols (no `pairs`); version 3:
 # no runs (no `run`); version 4: no checksums of stored bytes (jcodec.integrity), so verifying one decodes it
 READS_VERSIONS = ("1", "2", "3", "4", "5")
 SEALED_VERSION = "5"
-MAX_HEADER_BYTES = 100 << 20  # as safetensors caps it; checked before safetensors reads the header
 MAX_RECORD_BYTES = 1 << 16  # a record is a few hundred bytes; a longer one is not ours (and may nest deep)
 MAX_JSON_BYTES = 100 << 20  # config.json and the index
 VERSION_KEY = "jcodec.version"

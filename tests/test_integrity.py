@@ -280,3 +280,23 @@ def test_mutations_give_clean_error_or_exact_weights(pristine, flips):
         assert got.keys() == ref.keys() and all(np.array_equal(got[n], ref[n]) for n in ref)
     finally:
         (out / "model.safetensors").write_bytes(data)
+
+
+def test_generate_refuses_a_flipped_byte(tmp_path, write_llama, capsys):
+    src = write_llama(tmp_path / "src", **SHAPE)
+    out = tmp_path / "c"
+    convert.convert(src, out, progress=False, **GEOMETRY)
+    _flip(out, f"{UP}.words")
+    assert cli.main(["generate", str(out), "hi", "--max-new-tokens", "1"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"tensor {UP}: tile " in err and err.count("\n") == 1
+
+
+def test_convert_refuses_a_deeply_nested_source_header(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    header = b'{"__metadata__":{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    (src / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert cli.main(["convert", str(src), str(tmp_path / "out"), "-q"]) == cli.EXIT_BAD_INPUT
+    assert "RecursionError" in capsys.readouterr().err
