@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             report = convert(hf, jc, "bf16-lossless", progress=False)
             convert_s = time.perf_counter() - t
             jc_bytes = sum(os.path.getsize(os.path.join(jc, f)) for f in os.listdir(jc) if f.endswith(".safetensors"))
-            print(f"{name}: bf16 file {hf_bytes / 1e6:.1f} MB (written in {write_s:.1f} s), jcodec "
+            print(f"{name}: {'source' if args.src else 'bf16'} file {hf_bytes / 1e6:.1f} MB (written in {write_s:.1f} s), jcodec "
                   f"{jc_bytes / 1e6:.1f} MB = {jc_bytes / hf_bytes:.4f} (converted in {convert_s:.1f} s)", flush=True)
             for row in ROWS[1:] if args.src else ROWS:
                 out = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", row,
