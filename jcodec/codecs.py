@@ -67,6 +67,11 @@ RUNS = (1, 2, 4, 8)
 PAIR_ALPHABETS = (15, 31, 63, 127, 191, 255)  # alphabet sizes (ESC included) the encoder tries
 
 
+# A zstd block holds at most 128 KiB and costs at least 4 bytes (an RLE block: 3 bytes of header, 1 of content), so a
+# frame never holds more than 2^15 times its own size: a frame that says it does is refused before allocating.
+ZSTD_MAX_EXPANSION = (128 << 10) // 4
+
+
 class FormatError(ValueError):
     """An encoded tensor that is inconsistent, corrupted, or of an unknown kind."""
 
@@ -466,6 +471,7 @@ def validate(enc: EncodedTensor) -> None:
             raise FormatError(f"zstd frame header corrupt: {e}") from None
         want = n * FLOAT_DTYPES[r["dtype"]][0].itemsize
         _need(size == want, f"zstd frame holds {size} bytes (-1: not said), shape needs {want}")
+        _need(want <= a["zstd"].size * ZSTD_MAX_EXPANSION, f"a zstd frame of {a['zstd'].size} bytes cannot hold {want}")
         return
     lanes, steps = r.get("lanes"), r.get("steps")
     _need(_is_int(lanes) and 1 <= lanes <= MAX_LANES, f"lanes={lanes!r} out of range")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jcodec
-from jcodec import api, checkpoint, cli, convert
+from jcodec import api, checkpoint, cli, codecs, convert
 from jcodec.checkpoint import Checkpoint, CheckpointError
 from jcodec.codecs import bits_of
 from jcodec.sources import open_source
@@ -300,3 +300,15 @@ def test_convert_refuses_a_deeply_nested_source_header(tmp_path, capsys):
     (src / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     assert cli.main(["convert", str(src), str(tmp_path / "out"), "-q"]) == cli.EXIT_BAD_INPUT
     assert "RecursionError" in capsys.readouterr().err
+
+
+def test_zstd_frame_claiming_more_than_it_can_hold():
+    """A frame header can say any content size; one larger than 2^15 times the frame is refused before a
+    decompressor allocates it, while a legitimately all-zero tensor (the most a frame expands) passes."""
+    zeros = codecs.encode_zstd(np.zeros((4096, 1024), np.float32))
+    codecs.validate(zeros)
+    fake_header = (0xFD2FB528).to_bytes(4, "little") + bytes([0xE0]) + (1 << 36).to_bytes(8, "little")
+    rec = dict(zeros.record, shape=[1 << 17, 1 << 17], dtype="float32")
+    frame = np.frombuffer(fake_header + bytes(64), np.uint8)
+    with pytest.raises(codecs.FormatError, match="cannot hold"):
+        codecs.validate(codecs.EncodedTensor(rec, dict(zstd=frame)))
