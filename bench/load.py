@@ -2,6 +2,7 @@
 
     python -P bench/load.py --out load.json                       # on the GPU: SmolLM2- and 1B-shaped
     python -P bench/load.py --models smollm2-135m --tiny          # a dry run on CPU
+    python -P bench/load.py --src SmolLM2.gguf                    # a real model (jcodec rows only)
 
 For each model shape (RANDOM weights, Gaussian std 0.02, as in bench/generate.py) it writes an HF folder
 (config.json + one BF16 safetensors file), converts it with ``jcodec convert`` (bf16-lossless), then in a
@@ -10,7 +11,8 @@ fresh process per row, once the JAX backend has started and made its first alloc
 (the checkpoint read, placed on the device and, in ``decoded`` mode, decoded; ``read_s`` of it is the
 file read into host arrays) and the first token (a 16-token prompt, one new token: the prefill's compile included, as a user sees it). Rows: the BF16
 folder read by ``llama.load_hf``; the jcodec checkpoint in ``decoded`` mode (decoded on the device once)
-and in ``compressed`` mode. Both files were just written, so both are read from the page cache: this
+and in ``compressed`` mode, each with its stored bytes verified against their checksums (the default) and
+without (``no-verify``), so the checks' cost is the difference. Both files were just written, so both are read from the page cache: this
 measures the work after the disk, not the disk.
 """
 from __future__ import annotations
@@ -25,7 +27,8 @@ import time
 
 import numpy as np
 
-ROWS = ("bf16 safetensors", "jcodec decoded", "jcodec compressed")
+ROWS = ("bf16 safetensors", "jcodec decoded", "jcodec decoded no-verify", "jcodec compressed",
+        "jcodec compressed no-verify")
 
 
 def write_hf_folder(path: str, config: dict) -> int:
@@ -67,11 +70,11 @@ def child(row: str, path: str) -> dict:
     if row == "bf16 safetensors":
         cfg, params = llama.load_hf(path, jnp.bfloat16)
     else:
-        mode = row.split()[-1]
-        config, _, get = api.load_tensors(path, mode)
+        mode, verify = row.split()[1], not row.endswith("no-verify")
+        config, _, get = api.load_tensors(path, mode, verify)
         cfg = llama.LlamaConfig.from_hf(config)
         if mode == "decoded":  # as jcodec.load does it  (its peak memory is not measured here)
-            params = api.load_decoded(path, cfg, jnp.bfloat16, timings=phases)
+            params = api.load_decoded(path, cfg, jnp.bfloat16, timings=phases, verify=verify)
         else:
             params = llama.params_from_tensors(cfg, get, jnp.bfloat16)
             phases["read_s"] = time.perf_counter() - t0
@@ -97,6 +100,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2-135m,llama-3.2-1b")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a dry run on CPU)")
+    p.add_argument("--src", help="convert this HF folder or GGUF file instead of random weights (no bf16 row)")
     p.add_argument("--out")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -106,20 +110,23 @@ def main(argv=None) -> int:
     from jcodec.convert import convert
 
     results = []
-    for name in args.models.split(","):
-        config = {**SHAPES[name], **(TINY if args.tiny else {})}
+    for name in [args.src] if args.src else args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             hf, jc = os.path.join(tmp, "hf"), os.path.join(tmp, "jcodec")
             t = time.perf_counter()
-            hf_bytes = write_hf_folder(hf, config)
+            if args.src:
+                hf, hf_bytes = args.src, os.path.getsize(args.src) if os.path.isfile(args.src) else sum(
+                    os.path.getsize(os.path.join(args.src, f)) for f in os.listdir(args.src) if f.endswith(".safetensors"))
+            else:
+                hf_bytes = write_hf_folder(hf, {**SHAPES[name], **(TINY if args.tiny else {})})
             write_s = time.perf_counter() - t
             t = time.perf_counter()
             report = convert(hf, jc, "bf16-lossless", progress=False)
             convert_s = time.perf_counter() - t
             jc_bytes = sum(os.path.getsize(os.path.join(jc, f)) for f in os.listdir(jc) if f.endswith(".safetensors"))
-            print(f"{name}: bf16 file {hf_bytes / 1e6:.1f} MB (written in {write_s:.1f} s), jcodec "
+            print(f"{name}: {'source' if args.src else 'bf16'} file {hf_bytes / 1e6:.1f} MB (written in {write_s:.1f} s), jcodec "
                   f"{jc_bytes / 1e6:.1f} MB = {jc_bytes / hf_bytes:.4f} (converted in {convert_s:.1f} s)", flush=True)
-            for row in ROWS:
+            for row in ROWS[1:] if args.src else ROWS:
                 out = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", row,
                                       hf if row.startswith("bf16") else jc], capture_output=True, text=True,
                                      env=child_env)

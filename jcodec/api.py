@@ -32,14 +32,15 @@ from jcodec.tensor import (CompressedTensor, PackBuilder, decode, decode_pack, f
 MODES = ("decoded", "compressed", "offload")
 
 
-def load_tensors(path, mode: str = "compressed"):
+def load_tensors(path, mode: str = "compressed", verify: bool = True):
     """(config dict, folder, get(name)) for a jcodec checkpoint. ``get`` returns a NumPy array for a raw or zstd
     tensor, and a host CompressedTensor for an rANS-coded one (to be stacked with its layers, then placed by
-    :func:`place_params`, and for ``decoded`` decoded by :func:`decode_params`). To read tensors of any model:
+    :func:`place_params`, and for ``decoded`` decoded by :func:`decode_params`). ``verify``: check every tensor's
+    stored bytes against their checksums as it is read (``Checkpoint.read``). To read tensors of any model:
     :func:`jcodec.open`."""
     if mode not in MODES:
         raise ValueError(f"{mode=} must be one of {', '.join(MODES)}")
-    reader = Reader(path)
+    reader = Reader(path, verify=verify)
     return reader.config, os.fspath(path), reader.host_form
 
 
@@ -107,7 +108,7 @@ def decode_params(params, *, workers: int | None = None, timings: dict | None = 
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
+def load_decoded(path, cfg, dtype, *, timings: dict | None = None, verify: bool = True):
     """``decoded`` mode: Params of plain arrays from a jcodec checkpoint, as fast as a BF16 checkpoint loads.
 
     The ``bf16-lossless`` tensors are decoded as packs (``tensor.PackBuilder``: all layers of a field, and
@@ -119,7 +120,7 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
     """
     clock, t0 = time.perf_counter, time.perf_counter()
     timings = {} if timings is None else timings
-    config, _, get = load_tensors(path, "decoded")
+    config, _, get = load_tensors(path, "decoded", verify)
     ckpt = Checkpoint(path)
     names = set(ckpt.names())
     L = cfg.num_layers
@@ -143,7 +144,7 @@ def load_decoded(path, cfg, dtype, *, timings: dict | None = None):
             i = 0
             for _, members, _ in packed:
                 for n in members:
-                    a = host_arrays(ckpt.read(n))  # (read validates the tensor against its record)
+                    a = host_arrays(ckpt.read(n, verify=verify))  # (read validates the tensor against its record)
                     try:
                         builder.add(i, a["words"], a["starts"], a["bases"], a["states"], a["raw"], a["table"])
                     except ValueError as e:
@@ -189,31 +190,33 @@ def _pack_record(ckpt, name):
         return None
 
 
-def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | None = None):
+def load(path, mode: str = "compressed", dtype=None, layers_per_decode: int | None = None, *, verify: bool = True):
     """A :class:`jcodec.generation.Model` from a jcodec checkpoint (in ``mode``), an HF folder or a GGUF file.
 
     Plain checkpoints (HF, GGUF) load as they are, whatever ``mode``. ``dtype`` is the compute dtype
     (default: bfloat16 on GPU, float32 on CPU); compressed weights decode to their stored dtype first.
     ``layers_per_decode``: how many compressed layers one kernel launch decodes in the forward pass
     (default: chosen by ``schedule.auto_layer_group``, 1 for large layers, a few for small models).
+    ``verify`` (default): refuse a jcodec checkpoint whose stored bytes do not match their checksums, naming the
+    file, tensor and tile; False trusts the bytes (a flipped bit then loads as a wrong weight).
     """
     if not (os.path.isdir(path) and declares_jcodec(path)):  # (a damaged jcodec folder gets the jcodec reader's error)
         return Model.load(path, dtype)
     dtype = dtype or default_dtype()
-    cfg, params = load_params(path, mode, dtype, layers_per_decode)
+    cfg, params = load_params(path, mode, dtype, layers_per_decode, verify=verify)
     return Model(cfg, params, folder_tokenizer(path), dtype)
 
 
-def load_params(path, mode: str, dtype, layers_per_decode: int | None = None):
+def load_params(path, mode: str, dtype, layers_per_decode: int | None = None, *, verify: bool = True):
     """``(LlamaConfig, Params)`` of a jcodec checkpoint in ``mode`` (what :func:`load` builds a Model from, less
     the tokenizer; ``jcodec bench`` needs no tokenizer)."""
-    config, _, get = load_tensors(path, mode)
+    config, _, get = load_tensors(path, mode, verify)
     try:
         cfg = llama.LlamaConfig.from_hf(config)
         llama.check_tensor_names(cfg, Checkpoint(path).names())
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if mode == "decoded":
-        return cfg, load_decoded(path, cfg, dtype)
+        return cfg, load_decoded(path, cfg, dtype, verify=verify)
     params = place_params(llama.params_from_tensors(cfg, get, dtype), mode)
     return cfg, params.replace(layers=schedule.group_layers(cfg, params.layers, layers_per_decode))

@@ -7,6 +7,7 @@ A jcodec checkpoint looks like an HF checkpoint: ``config.json``, tokenizer file
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -19,13 +20,16 @@ import numpy as np
 import safetensors
 from safetensors.numpy import save_file
 
-from jcodec import codecs
-from jcodec.sources import SAFETENSORS_DTYPES
+from jcodec import codecs, integrity
+from jcodec.sources import MAX_HEADER_BYTES, SAFETENSORS_DTYPES
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # version 1: no carried raw bytes (a record without `carry`); version 2: no pair symbols (no `pairs`); version 3:
-# no runs (no `run`)
-READS_VERSIONS = ("1", "2", "3", "4")
+# no runs (no `run`); version 4: no checksums of stored bytes (jcodec.integrity), so verifying one decodes it
+READS_VERSIONS = ("1", "2", "3", "4", "5")
+SEALED_VERSION = "5"
+MAX_RECORD_BYTES = 1 << 16  # a record is a few hundred bytes; a longer one is not ours (and may nest deep)
+MAX_JSON_BYTES = 100 << 20  # config.json and the index
 VERSION_KEY = "jcodec.version"
 RECORD_PREFIX = "jcodec.tensor."
 RAW_CRC_PREFIX = "jcodec.crc32."  # a raw tensor's CRC-32, so that every stored byte is checked
@@ -97,7 +101,8 @@ def declares_jcodec(path: str | os.PathLike) -> bool:
 
 class CheckpointWriter:
     """Writes a checkpoint into a temporary folder beside ``out`` and renames it into place on success,
-    so an interrupted or failed conversion leaves nothing behind. Tensors are buffered into shards of
+    so an interrupted or failed conversion leaves nothing behind; what a killed one left (``.OUT.PID.*.tmp``
+    of a process that is gone) the next one into the same folder removes. Tensors are buffered into shards of
     about ``shard_bytes`` and written as each shard fills, so memory stays bounded."""
 
     def __init__(self, out: str | os.PathLike, *, shard_bytes: int = 2 << 30, overwrite: bool = False):
@@ -105,7 +110,9 @@ class CheckpointWriter:
         if self.out.exists() and not overwrite:
             raise CheckpointError(f"{self.out}: already exists (pass --overwrite to replace it)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        remove_leftovers(self.out)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}.", suffix=".tmp",
+                                         dir=self.out.parent))
         self.shard_bytes = shard_bytes
         self._pending: dict[str, np.ndarray] = {}
         self._records: dict[str, str] = {}
@@ -118,11 +125,14 @@ class CheckpointWriter:
         if name in self._weight_map or name in self._pending:
             raise CheckpointError(f"tensor {name} added twice")
         if isinstance(value, codecs.EncodedTensor):
+            value = integrity.seal(name, value)
             entries = {f"{name}.{k}": np.ascontiguousarray(v) for k, v in value.arrays.items()}
             self._records[RECORD_PREFIX + name] = json.dumps(value.record, separators=(",", ":"))
         else:
-            entries = {name: np.ascontiguousarray(value)}
-            self._records[RAW_CRC_PREFIX + name] = str(zlib.crc32(entries[name].tobytes()))
+            a = np.ascontiguousarray(value)
+            entries = {name: a}
+            self._records[RAW_CRC_PREFIX + name] = str(integrity.raw_check(
+                name, integrity.safetensors_dtype(a.dtype), a.shape, a))
         for k, v in entries.items():
             self._pending[k] = v
             self._pending_bytes += v.nbytes
@@ -159,9 +169,19 @@ class CheckpointWriter:
         for f in self.tmp.iterdir():  # mkdtemp made everything private; give it the usual permissions
             f.chmod(0o666 & ~umask)
         self.tmp.chmod(0o777 & ~umask)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
+        if not self.out.exists():
+            os.replace(self.tmp, self.out)
+            return self.out
+        # replace OUT atomically: renamed away first (a kill from here on leaves OUT or its replacement, and the
+        # old one under a leftover's name), and back if the new one cannot take its place
+        old = self.tmp.with_name(self.tmp.name[:-len(".tmp")] + ".old.tmp")
+        os.replace(self.out, old)
+        try:
+            os.replace(self.tmp, self.out)
+        except BaseException:
+            os.replace(old, self.out)
+            raise
+        _remove(old)
         return self.out
 
     def abort(self) -> None:
@@ -174,6 +194,35 @@ class CheckpointWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove the temporary folders (``.OUT.PID.*.tmp``) of conversions into ``out`` whose process is gone (killed:
+    SIGKILL runs no clean-up), and those of an older jcodec, which named them without a PID."""
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        pid = p.name[len(out.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        _remove(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OverflowError:  # a PID no process can have
+        return False
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 class Checkpoint:
@@ -189,17 +238,23 @@ class Checkpoint:
         self._records: dict[str, dict] = {}
         self._entries: dict[str, set[str]] = {}
         self._raw_crcs: dict[str, int] = {}
+        self._versions: dict[str, str] = {}  # shard -> its format version
         self._handles: dict[str, object] = {}  # open shards: a header is parsed once, not per tensor read
         self.metadata: dict[str, str] = {}  # the shards' metadata less records and checksums (format, version)
+        self.max_elements = _max_elements(self.config)
         for shard in shard_names:
             self._scan_shard(shard)
 
     # ---------------------------------------------------------------------------------- opening
     def _read_json(self, p: Path) -> dict:
         try:
+            if p.stat().st_size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{p}: larger than {MAX_JSON_BYTES} bytes")
             value = json.loads(p.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{p}: missing") from None
+        except RecursionError:
+            raise CheckpointError(f"{p}: JSON nested too deep") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{p}: not valid JSON ({e})") from None
         if not isinstance(value, dict):
@@ -227,10 +282,16 @@ class Checkpoint:
             return contextlib.nullcontext(self._handles[shard])
         p = self.path / shard
         try:
+            with open(p, "rb") as f:  # safetensors would parse a header of any size (and time) first
+                n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{p}: header of {n} bytes, more than the {MAX_HEADER_BYTES} safetensors allows")
             self._handles[shard] = safetensors.safe_open(str(p), framework="numpy")
             return contextlib.nullcontext(self._handles[shard])
         except FileNotFoundError:
             raise CheckpointError(f"{p}: missing") from None
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors reports truncation and bad headers with its own error types
             raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
 
@@ -252,19 +313,31 @@ class Checkpoint:
                 crcs[key[len(RAW_CRC_PREFIX):]] = text
             if key.startswith(RECORD_PREFIX):
                 name = key[len(RECORD_PREFIX):]
+                if len(text) > MAX_RECORD_BYTES:
+                    raise CheckpointError(f"{p}: tensor {name}: record of {len(text)} bytes, more than "
+                                          f"{MAX_RECORD_BYTES}")
                 try:
                     encoded[name] = json.loads(text)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     raise CheckpointError(f"{p}: tensor {name}: record is not valid JSON") from None
                 if not isinstance(encoded[name], dict):
                     raise CheckpointError(f"{p}: tensor {name}: record is not a JSON object")
+                if version == SEALED_VERSION and integrity.CHECK_FIELD not in encoded[name]:
+                    raise CheckpointError(f"{p}: tensor {name}: record has no {integrity.CHECK_FIELD} "
+                                          f"(version {version} requires one)")
+        by_prefix: dict[str, set[str]] = {}  # NAME -> its entries NAME.ARRAY (one pass: headers hold ~10^6 keys)
+        for k in keys:
+            head, dot, _ = k.rpartition(".")
+            if dot:
+                by_prefix.setdefault(head, set()).add(k)
         claimed = set()
         for name in encoded:
-            entries = {k for k in keys if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+            entries = by_prefix.get(name, set())
             if not entries:
                 raise CheckpointError(f"{p}: tensor {name}: record without entries")
             self._entries[name] = entries
             claimed |= entries
+        self._versions[shard] = version
         for name in list(encoded) + [k for k in keys if k not in claimed]:
             if name in self._tensor_shard:
                 raise CheckpointError(f"{p}: tensor {name} also stored in {self._tensor_shard[name]}")
@@ -298,24 +371,50 @@ class Checkpoint:
     def where(self, name: str) -> str:
         return str(self.path / self._tensor_shard[name])
 
-    def read(self, name: str) -> codecs.EncodedTensor | np.ndarray:
-        """The stored form of ``name``: an EncodedTensor (validated) or the raw array."""
+    def read(self, name: str, *, verify: bool = True) -> codecs.EncodedTensor | np.ndarray:
+        """The stored form of ``name``: an EncodedTensor (validated) or the raw array. ``verify``: check its
+        stored bytes against their checksums first (a version 1-4 tensor, which has none, is decoded and its
+        tiles' checksums and lanes' end states checked); False reads faster and trusts the bytes."""
         self._check_name(name)
         shard = self._tensor_shard[name]
+        where = f"{self.path / shard}: tensor {name}"
+        sealed = self._versions[shard] == SEALED_VERSION
         with self._open(shard) as f:
             if name not in self._records:
                 value = self._get(f, shard, name, name)
-                if zlib.crc32(np.ascontiguousarray(value).tobytes()) != self._raw_crcs[name]:
-                    raise CheckpointError(f"{self.path / shard}: tensor {name}: checksum mismatch")
+                if verify:
+                    if sealed:
+                        sl = f.get_slice(name)
+                        crc = integrity.raw_check(name, sl.get_dtype(), sl.get_shape(), value)
+                    else:
+                        crc = zlib.crc32(np.ascontiguousarray(value).tobytes())
+                    if crc != self._raw_crcs[name]:
+                        raise CheckpointError(f"{where}: stored bytes, dtype or shape do not match the CRC-32 "
+                                              "(pass verify=False or --no-verify to load anyway)")
                 return value
+            self._check_size(name)
             prefix = len(name) + 1
             arrays = {k[prefix:]: self._get(f, shard, name, k) for k in sorted(self._entries[name])}
         enc = codecs.EncodedTensor(self._records[name], arrays)
         try:
+            if verify and sealed:
+                integrity.check_sealed(name, enc)
             codecs.validate(enc)
+            if verify and not sealed:
+                codecs.decode(enc)
         except codecs.FormatError as e:
-            raise CheckpointError(f"{self.path / shard}: tensor {name}: {e}") from None
+            raise CheckpointError(f"{where}: {e}" + (" (pass verify=False or --no-verify to load anyway)"
+                                                     if verify else "")) from None
         return enc
+
+    def _check_size(self, name: str) -> None:
+        """Refuse a record whose shape is larger than config.json's largest matrix, before its entries are read or
+        anything is allocated for its values (a few KB of int8 words can claim gigabytes)."""
+        shape = self._records[name].get("shape")
+        if (self.max_elements is not None and isinstance(shape, list) and all(type(d) is int for d in shape)
+                and math.prod(shape) > self.max_elements):
+            raise CheckpointError(f"{self.where(name)}: tensor {name}: shape {shape} holds more values than "
+                                  f"config.json's largest matrix ({self.max_elements})")
 
     def _get(self, f, shard, name, key) -> np.ndarray:
         try:
@@ -325,7 +424,9 @@ class Checkpoint:
 
     def decode(self, name: str) -> np.ndarray:
         """The tensor decoded with the NumPy reference decoders, every checksum checked."""
-        value = self.read(name)
+        # (a version 1-4 tensor is verified by the decode itself: read need not decode it twice)
+        sealed = self._versions[self._tensor_shard[name]] == SEALED_VERSION
+        value = self.read(name, verify=sealed or name not in self._records)
         if isinstance(value, np.ndarray):
             return value
         try:
@@ -347,10 +448,27 @@ class Checkpoint:
             for k in self._entries[name]:
                 sl = f.get_slice(k)
                 stored += math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
-        dt = codecs.FLOAT_DTYPES.get(rec.get("dtype"), (np.dtype(np.uint8),))[0]
-        codec = rec.get("codec") + ("/pairs" if rec.get("pairs") is True else "")  # pair symbols shown as a kind
-        return dict(codec=codec, shape=rec.get("shape"), dtype=rec.get("dtype"), stored=stored,
-                    original=math.prod(rec.get("shape") or [0]) * dt.itemsize)
+        codec, shape, dtype = rec.get("codec"), rec.get("shape"), rec.get("dtype")
+        if not (type(codec) is str and type(dtype) is str and type(shape) is list
+                and all(type(d) is int and d >= 0 for d in shape)):  # (info lists without validating each tensor)
+            raise CheckpointError(f"{self.where(name)}: tensor {name}: record lacks a codec, dtype or shape")
+        dt = codecs.FLOAT_DTYPES.get(dtype, (np.dtype(np.uint8),))[0]
+        codec += "/pairs" if rec.get("pairs") is True else ""  # pair symbols shown as a kind
+        return dict(codec=codec, shape=shape, dtype=dtype, stored=stored, original=math.prod(shape) * dt.itemsize)
+
+
+def _max_elements(config: dict) -> int | None:
+    """The most values one tensor of this model can hold (the embedding or an MLP matrix), from config.json;
+    None when it does not say."""
+    hidden = config.get("hidden_size")
+    others = [config.get(k) for k in ("vocab_size", "intermediate_size", "hidden_size")]
+    others = [v for v in others if type(v) is int and v > 0]
+    if type(hidden) is not int or hidden <= 0 or not others:
+        return None
+    heads, head_dim = config.get("num_attention_heads"), config.get("head_dim")
+    if type(heads) is int and type(head_dim) is int:  # (q_proj is heads * head_dim wide, which may exceed hidden)
+        others.append(heads * head_dim)
+    return hidden * max(others)
 
 
 def _itemsize(safetensors_dtype: str) -> int:

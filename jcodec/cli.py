@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 
 import jcodec
@@ -82,7 +84,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model = jcodec.load(args.path, mode=args.mode)
+    model = jcodec.load(args.path, mode=args.mode, verify=args.verify)
     _answer(model, args.prompt, args)
     return 0
 
@@ -124,7 +126,7 @@ def cmd_demo(args) -> int:
         print(f"{out}: exists, reusing it (--overwrite to convert again)")
     cmd_info(argparse.Namespace(path=out, totals=True))
     print(f"> {args.prompt}")
-    _answer(jcodec.load(out, mode=args.mode), args.prompt, args)
+    _answer(jcodec.load(out, mode=args.mode, verify=args.verify), args.prompt, args)
     return 0
 
 
@@ -132,6 +134,9 @@ def _add_generation_args(p) -> None:
     p.add_argument("--mode", choices=["decoded", "compressed", "offload"], default="compressed",
                    help="decoded: decode all weights at load; compressed: keep them compressed on the device and "
                         "decode each layer inside the forward pass; offload: keep them in host memory (default: compressed)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="check every stored byte against its checksum while loading (default); --no-verify trusts "
+                        "the file")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -203,8 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as SIGINT: the same clean-up (a conversion removes its temporary folder)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
+        signal.signal(signal.SIGTERM, _terminated)
     # transformers advises at import that it found no torch; jcodec needs none (tokenizers and configs only).
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     expected = (CheckpointError, SourceError, codecs.FormatError, FileNotFoundError, IsADirectoryError,

@@ -67,6 +67,11 @@ RUNS = (1, 2, 4, 8)
 PAIR_ALPHABETS = (15, 31, 63, 127, 191, 255)  # alphabet sizes (ESC included) the encoder tries
 
 
+# A zstd block holds at most 128 KiB and costs at least 4 bytes (an RLE block: 3 bytes of header, 1 of content), so a
+# frame never holds more than 2^15 times its own size: a frame that says it does is refused before allocating.
+ZSTD_MAX_EXPANSION = (128 << 10) // 4
+
+
 class FormatError(ValueError):
     """An encoded tensor that is inconsistent, corrupted, or of an unknown kind."""
 
@@ -431,41 +436,62 @@ def _need(cond: bool, what: str):
         raise FormatError(what)
 
 
+def _is_int(v) -> bool:
+    """An int field: JSON's 1.0 and true are not ints here (they pass ``==`` and fail later as indices)."""
+    return type(v) is int
+
+
 def validate(enc: EncodedTensor) -> None:
-    """Check every field and array size of an encoded tensor before anything is decoded from it."""
+    """Check every field's type and value and every array's size before anything is decoded from it."""
     r, a = enc.record, enc.arrays
     _need(isinstance(r, dict) and r.get("codec") in CODECS, f"unknown codec {r.get('codec') if isinstance(r, dict) else r!r}")
-    _need(r.get("dtype") in FLOAT_DTYPES, f"unknown dtype {r.get('dtype')!r}")
+    _need(type(r.get("dtype")) is str and r["dtype"] in FLOAT_DTYPES, f"unknown dtype {r.get('dtype')!r}")
     shape = r.get("shape")
-    _need(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape), f"bad shape {shape!r}")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    _need(n > 0, "empty tensors are stored raw, not encoded")
+    _need(isinstance(shape, list) and len(shape) >= (2 if r["codec"] == "int8" else 1)
+          and all(_is_int(d) and d >= 0 for d in shape), f"bad shape {shape!r}")
+    n = int(np.prod(shape, dtype=np.int64))
+    _need(n > 0 and all(d < 1 << 40 for d in shape) and n < 1 << 40, f"shape {shape} is empty or too large")
     paired = r.get("pairs", False)
     _need(type(paired) is bool and (not paired or (r["codec"] == "bf16-lossless" and r["dtype"] == "bfloat16")),
           f"pairs={paired!r}: pair symbols are a bf16-lossless layout of bfloat16 tensors")
+    sealed = "check" in r  # format version 5: stored bytes checksummed (jcodec.integrity)
+    _need(not sealed or _is_int(r["check"]), f"check={r.get('check')!r} must be an int")
     expected = {"zstd": {"zstd"}, "bf16-lossless": {"freqs", "states", "counts", "words", "raw", "tiles"},
                 "int8": {"freqs", "states", "counts", "words", "scales", "tiles"}}[r["codec"]] | ({"pairs"} if paired else set())
+    if sealed and r["codec"] in RANS_CODECS:
+        expected |= {"checks"}
     _need(set(a) == expected, f"entries {sorted(a)} do not match codec {r['codec']} (expected {sorted(expected)})")
     if r["codec"] == "zstd":
         _need(a["zstd"].dtype == np.uint8 and a["zstd"].ndim == 1, "zstd frame must be uint8[m]")
-        _need(type(r.get("crc32")) is int, "zstd record lacks its crc32")
+        _need(_is_int(r.get("crc32")), "zstd record lacks its crc32")
+        # the frame must say how much it holds, and hold the shape's bytes, before a decompressor allocates them
+        try:
+            size = zstandard.frame_content_size(a["zstd"][:18].tobytes())  # (18: the longest frame header)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"zstd frame header corrupt: {e}") from None
+        want = n * FLOAT_DTYPES[r["dtype"]][0].itemsize
+        _need(size == want, f"zstd frame holds {size} bytes (-1: not said), shape needs {want}")
+        _need(want <= a["zstd"].size * ZSTD_MAX_EXPANSION, f"a zstd frame of {a['zstd'].size} bytes cannot hold {want}")
         return
     lanes, steps = r.get("lanes"), r.get("steps")
-    _need(type(lanes) is int and 1 <= lanes <= MAX_LANES, f"lanes={lanes!r} out of range")
-    _need(type(steps) is int and 1 <= steps < 1 << 16, f"steps={steps!r} out of range")
-    _need(r.get("prob_bits") == rans.PROB_BITS, f"prob_bits={r.get('prob_bits')!r}, this version reads {rans.PROB_BITS}")
+    _need(_is_int(lanes) and 1 <= lanes <= MAX_LANES, f"lanes={lanes!r} out of range")
+    _need(_is_int(steps) and 1 <= steps < 1 << 16, f"steps={steps!r} out of range")
+    _need(_is_int(r.get("prob_bits")) and r["prob_bits"] == rans.PROB_BITS, f"prob_bits={r.get('prob_bits')!r}, this version reads {rans.PROB_BITS}")
     m = -(-n // 2) if paired else n  # symbols
     t = rans.num_tiles(m, lanes, steps)
-    _need(r.get("tiles") == t, f"tiles={r.get('tiles')!r} but shape and geometry give {t}")
-    for key, dt, shp in [("freqs", np.uint16, (rans.ALPHABET,)), ("states", np.uint32, (t * lanes,)),
-                         ("counts", counts_dtype(steps, 2 if paired else 1), (t * lanes,)),
-                         ("tiles", np.uint32, (t, 3))] + ([("pairs", np.uint16, (rans.ALPHABET,))] if paired else []):
+    _need(_is_int(r.get("tiles")) and r["tiles"] == t, f"tiles={r.get('tiles')!r} but shape and geometry give {t}")
+    arrays_expected = [("freqs", np.uint16, (rans.ALPHABET,)), ("states", np.uint32, (t * lanes,)),
+                       ("counts", counts_dtype(steps, 2 if paired else 1), (t * lanes,)), ("tiles", np.uint32, (t, 3))]
+    arrays_expected += [("pairs", np.uint16, (rans.ALPHABET,))] if paired else []
+    arrays_expected += [("checks", np.uint32, (t,))] if sealed else []
+    for key, dt, shp in arrays_expected:
         ok = a[key].dtype == dt or (key == "counts" and a[key].dtype == np.uint16)  # (version 1: always 16 bits)
         _need(ok and a[key].shape == shp, f"{key} must be {np.dtype(dt).name}{list(shp)}, "
                                           f"found {a[key].dtype.name}{list(a[key].shape)}")
     _need(int(a["freqs"].astype(np.int64).sum()) == rans.PROB_SCALE, "frequency table does not sum to 4096")
     total = int(a["counts"].astype(np.int64).sum())
-    _need(a["words"].dtype == np.uint16 and a["words"].shape == (total,) and r.get("words") == total,
+    _need(a["words"].dtype == np.uint16 and a["words"].shape == (total,) and _is_int(r.get("words"))
+          and r["words"] == total,
           f"words must be uint16[{total}] (the sum of lane counts), found {a['words'].dtype.name}{list(a['words'].shape)}")
     _need(np.array_equal(a["tiles"][:, 0], rans.lane_offsets(a["counts"])[::lanes].astype(np.uint32)),
           "tile word offsets disagree with lane counts")
@@ -473,7 +499,7 @@ def validate(enc: EncodedTensor) -> None:
         rb = 2 if paired else FLOAT_DTYPES[r["dtype"]][2]  # raw bytes per symbol
         carry = r.get("carry", 0)  # absent in version 1: nothing carried
         most = carry_values(r["dtype"], steps, paired)
-        _need(carry in (0, most), f"carry={carry!r}, must be 0 or {most} for {r['dtype']}")
+        _need(_is_int(carry) and carry in (0, most), f"carry={carry!r}, must be 0 or {most} for {r['dtype']}")
         size = stored_raw_values(m, lanes, steps, carry) * rb
         _need(a["raw"].dtype == np.uint8 and a["raw"].shape == (size,), f"raw must be uint8[{size}]")
         run = r.get("run", 1)
@@ -481,7 +507,7 @@ def validate(enc: EncodedTensor) -> None:
                                            f"{steps - carry}")
     else:
         rows, cols = r.get("rows"), r.get("cols")
-        _need(type(rows) is int and type(cols) is int and rows == shape[0] and rows * cols == n,
+        _need(_is_int(rows) and _is_int(cols) and rows == shape[0] and rows * cols == n,
               f"rows={rows!r}, cols={cols!r} do not fit shape {shape}")
         _need(a["scales"].dtype == np.float32 and a["scales"].shape == (rows,), f"scales must be float32[{rows}]")
         _need(bool(np.all(np.isfinite(a["scales"]))) and bool(np.all(a["scales"] >= 0)), "scales must be finite and >= 0")

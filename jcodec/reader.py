@@ -32,10 +32,11 @@ def natural_key(name: str) -> list:
 class Reader:
     """A jcodec checkpoint folder opened for reading (headers read and checked now, tensors on demand)."""
 
-    def __init__(self, path: str | os.PathLike, framework: str = "numpy"):
+    def __init__(self, path: str | os.PathLike, framework: str = "numpy", verify: bool = True):
         if framework not in FRAMEWORKS:
             raise ValueError(f"{framework=} must be one of {', '.join(FRAMEWORKS)}")
         self.framework = FRAMEWORKS[framework]
+        self.verify = verify  # check each tensor's stored bytes against their checksums as it is read
         self.checkpoint = Checkpoint(path)
 
     def __enter__(self) -> Reader:
@@ -75,7 +76,7 @@ class Reader:
 
     def host_form(self, name: str):
         """``name`` in host memory: a NumPy CompressedTensor for an rANS-coded tensor, else a NumPy array."""
-        value = self.checkpoint.read(self._known(name))
+        value = self.checkpoint.read(self._known(name), verify=self.verify)
         if isinstance(value, np.ndarray):
             return value
         if value.record["codec"] not in DEVICE_CODECS:
@@ -92,6 +93,7 @@ class Reader:
         return name
 
 
-def open(path: str | os.PathLike, framework: str = "numpy") -> Reader:  # noqa: A001 - named as safe_open's peers
-    """Open a jcodec checkpoint folder to read tensors one at a time (``framework``: "numpy" or "jax")."""
-    return Reader(path, framework)
+def open(path: str | os.PathLike, framework: str = "numpy", verify: bool = True) -> Reader:  # noqa: A001 - as safe_open
+    """Open a jcodec checkpoint folder to read tensors one at a time (``framework``: "numpy" or "jax"; ``verify``:
+    check each tensor's stored bytes against their checksums as it is read)."""
+    return Reader(path, framework, verify)

@@ -159,8 +159,8 @@ def read_safetensors_header(path: str) -> tuple[dict, dict, int]:
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise SourceError(f"{path}: not a safetensors file (header length {n} for a {size}-byte file)")
             header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: unreadable safetensors header ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # (Recursion: nested deep)
+        raise SourceError(f"{path}: unreadable safetensors header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -189,16 +189,16 @@ class SafetensorsSource(Source):
         try:
             with open(cfg_path) as f:
                 self.config = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SourceError(f"{cfg_path}: unreadable ({e})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise SourceError(f"{cfg_path}: unreadable ({type(e).__name__}: {e})") from None
         index = os.path.join(folder, "model.safetensors.index.json")
         single = os.path.join(folder, "model.safetensors")
         if os.path.isfile(index):
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-                raise SourceError(f"{index}: unreadable shard index ({e})") from None
+            except (OSError, KeyError, TypeError, json.JSONDecodeError, RecursionError) as e:
+                raise SourceError(f"{index}: unreadable shard index ({type(e).__name__}: {e})") from None
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
             files = ["model.safetensors"]

@@ -216,10 +216,10 @@ def bf16_lossless_pack_reference(words, offsets, states, raw, tables, info, *, s
     def step(k, val):
         x, ptr, out = val
         sym, x = rm.rans_step(x, table[lane_table, x & rm.SLOT_MASK])
-        x, need = rm.renormalise(x, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32))
+        x, need = rm.renormalise(x, words[jnp.clip(ptr, 0, last_word)].astype(jnp.uint32))
         ptr = ptr + need.astype(ptr.dtype)
         if pairs:
-            sym, x, ptr = rm.pair_step(sym, x, ptr, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32),
+            sym, x, ptr = rm.pair_step(sym, x, ptr, words[jnp.clip(ptr, 0, last_word)].astype(jnp.uint32),
                                        pair_table[lane_table, sym])
         return x, ptr, out.at[k].set(sym.astype(out.dtype))
 

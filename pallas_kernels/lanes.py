@@ -76,10 +76,13 @@ def lanes_init(words_ref, start, x, word_base, prefetch: int) -> LaneState:
     shift = group_shift(words_ref)
     last = words_ref.shape[0] - 1
     ptr = start + (word_base << shift)
-    word = words_ref[jnp.minimum(ptr >> shift, last)].astype(jnp.uint32)
+    # every word index is clamped at both ends: a corrupted start or count (a file read with verify=False) must
+    # not make a lane read before or after `words` on a GPU (interpret mode on a CPU never faults, so tests cannot
+    # see it)
+    word = words_ref[jnp.clip(ptr >> shift, 0, last)].astype(jnp.uint32)
     sink = jnp.zeros_like(x)
     if prefetch:
-        sink = words_ref[jnp.minimum((ptr + SECTOR_WORDS) >> shift, last)].astype(jnp.uint32)
+        sink = words_ref[jnp.clip((ptr + SECTOR_WORDS) >> shift, 0, last)].astype(jnp.uint32)
     return LaneState(x, ptr, word, sink)
 
 
@@ -104,7 +107,7 @@ def lanes_touch(words_ref, lane_state: LaneState, prefetch: int):
     ahead = ptr + prefetch
     # sectors by shifts: `//` on int32 is a floor division, which Triton emits with a fix-up for negative values
     near = (ahead >> SECTOR_SHIFT) != (ptr >> SECTOR_SHIFT)
-    return plgpu.load(words_ref.at[jnp.minimum(ahead >> group_shift(words_ref), words_ref.shape[0] - 1)],
+    return plgpu.load(words_ref.at[jnp.clip(ahead >> group_shift(words_ref), 0, words_ref.shape[0] - 1)],
                       mask=near, other=0).astype(jnp.uint32)
 
 
@@ -153,11 +156,11 @@ def lanes_step(words_ref, table_ref, lane_state: LaneState, coarse_bits: int, ta
         # renormalised (the pair layer's kernel: 65.5 -> 63.8 SASS instructions a step; its time under ncu
         # did not change)
         at = ptr + need.astype(jnp.int32)
-        second = plgpu.load(words_ref.at[jnp.minimum(at, last)], mask=esc, other=0).astype(jnp.uint32)
+        second = plgpu.load(words_ref.at[jnp.clip(at, 0, last)], mask=esc, other=0).astype(jnp.uint32)
         payload, escaped = rm.bypass(x, second)
         x = jnp.where(esc, escaped, x)
         ptr = at + esc.astype(jnp.int32)
-        word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=need | esc,
+        word = plgpu.load(words_ref.at[jnp.clip(ptr, 0, last)], mask=need | esc,
                           other=word.astype(jnp.uint16)).astype(jnp.uint32)
         # (every lane loads its pair-table entry, ESC's being in the table: no mask, no `other`)
         pair = plgpu.load(table_ref.at[sym.astype(jnp.int32) + pair_base])
@@ -166,12 +169,12 @@ def lanes_step(words_ref, table_ref, lane_state: LaneState, coarse_bits: int, ta
         x, need = rm.renormalise(x, (word >> ((ptr & 1) << 4).astype(jnp.uint32)) & 0xFFFF)
         ptr = ptr + need.astype(jnp.int32)
         # the next pair, loaded only by the lanes that moved into it (half the word loads)
-        word = plgpu.load(words_ref.at[jnp.minimum(ptr >> 1, last)], mask=need & ((ptr & 1) == 0), other=word)
+        word = plgpu.load(words_ref.at[jnp.clip(ptr >> 1, 0, last)], mask=need & ((ptr & 1) == 0), other=word)
     else:
         x, need = rm.renormalise(x, word)
         ptr = ptr + need.astype(jnp.int32)
         # the word the lane needs next (at most one a step), loaded a step before it can be needed
-        word = plgpu.load(words_ref.at[jnp.minimum(ptr, last)], mask=need,
+        word = plgpu.load(words_ref.at[jnp.clip(ptr, 0, last)], mask=need,
                           other=word.astype(jnp.uint16)).astype(jnp.uint32)
     return sym, LaneState(x, ptr, word, sink)
 
@@ -388,11 +391,11 @@ def symbols_reference(words, starts, bases, states, table, *, n: int, lanes: int
     def step(k, val):
         x, ptr, out = val
         sym, x = rm.rans_step(x, table[x & rm.SLOT_MASK])
-        word = words[jnp.minimum(ptr, last_word)].astype(jnp.uint32)
+        word = words[jnp.clip(ptr, 0, last_word)].astype(jnp.uint32)
         x, need = rm.renormalise(x, word)
         ptr = ptr + need.astype(ptr.dtype)
         if pairs:
-            sym, x, ptr = rm.pair_step(sym, x, ptr, words[jnp.minimum(ptr, last_word)].astype(jnp.uint32),
+            sym, x, ptr = rm.pair_step(sym, x, ptr, words[jnp.clip(ptr, 0, last_word)].astype(jnp.uint32),
                                        pair_table[sym])
         return x, ptr, out.at[k].set(sym.astype(out.dtype))
 

@@ -1,11 +1,13 @@
 """Shared fixtures: small HF-style checkpoints written as real safetensors folders, and tiny GGUF files."""
 import json
+import zlib
 
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from jcodec import checkpoint, integrity
 from jcodec.models import llama
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -104,3 +106,13 @@ def _write_gguf(path, tokens=None):
 @pytest.fixture
 def write_gguf():
     return _write_gguf
+
+
+@pytest.fixture
+def legacy_writer(monkeypatch):
+    """Conversions in this test write format version 4 (no checksums of stored bytes; a raw tensor's CRC-32 over
+    its data alone), as jcodec wrote it before version 5. Reading is unaffected."""
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 4)
+    monkeypatch.setattr(integrity, "seal", lambda name, enc: enc)
+    monkeypatch.setattr(integrity, "raw_check",
+                        lambda name, dtype, shape, a: zlib.crc32(np.ascontiguousarray(a).tobytes()))

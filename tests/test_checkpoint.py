@@ -1,6 +1,10 @@
 """The checkpoint folder: conversion, reading back, and every kind of bad input."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -107,14 +111,15 @@ def test_wrong_version(converted):
         Checkpoint(converted)
 
 
-def test_reads_version_3(tmp_path, hf_folder, small_tensors):
-    """A version 3 file (no runs: 32 steps leave 31 for runs of 4) still reads; the version is the only change."""
+def test_reads_version_3(tmp_path, hf_folder, small_tensors, legacy_writer):
+    """A version 3 file (no runs: 32 steps leave 31 for runs of 4) still reads; the version is the only change
+    from version 4."""
     out = tmp_path / "v3"
     convert.convert(hf_folder, out, progress=False, lanes=16, steps=32)
     f = out / "model.safetensors"
     data = f.read_bytes()
     assert b'"run"' not in data and b'\\"run\\"' not in data
-    f.write_bytes(data.replace(b'"jcodec.version":"%d"' % FORMAT_VERSION, b'"jcodec.version":"3"'))
+    f.write_bytes(data.replace(b'"jcodec.version":"4"', b'"jcodec.version":"3"'))
     for name, ref in small_tensors.items():
         np.testing.assert_array_equal(bits_of(Checkpoint(out).decode(name)), bits_of(ref))
 
@@ -179,3 +184,61 @@ def test_index_cannot_point_outside(converted):
 
 def test_permissions_are_ordinary(converted):
     assert os.stat(converted).st_mode & 0o055  # group/other can read, as for any folder we make
+
+
+def test_leftovers_of_killed_conversions_removed(tmp_path, hf_folder):
+    """A killed conversion's temporary folder (its process gone) is removed by the next one into the same folder;
+    a live conversion's is not."""
+    dead = tmp_path / ".out.999999999.abc123.tmp"
+    old_style = tmp_path / ".out.k2j4h5g6.tmp"  # (named by an older jcodec, without a PID)
+    live = tmp_path / f".out.{os.getpid()}.def456.tmp"
+    for p in (dead, old_style, live):
+        p.mkdir()
+        (p / "model-00001.safetensors").write_bytes(b"x" * 100)
+    other = tmp_path / ".another.999999999.abc.tmp"
+    other.mkdir()
+    convert.convert(hf_folder, tmp_path / "out", progress=False, **GEOMETRY)
+    assert not dead.exists() and not old_style.exists() and live.exists() and other.exists()
+
+
+def test_overwrite_is_atomic(tmp_path, hf_folder, monkeypatch):
+    """--overwrite renames the old OUT away before the new one takes its place, and back if that fails."""
+    out = tmp_path / "out"
+    convert.convert(hf_folder, out, progress=False, **GEOMETRY)
+    before = (out / "model.safetensors").read_bytes()
+    real = os.replace
+
+    def failing(src, dst):
+        if os.fspath(dst) == os.fspath(out) and ".old." not in os.fspath(src):
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        convert.convert(hf_folder, out, "zstd", progress=False, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    convert.convert(hf_folder, out, "zstd", progress=False, overwrite=True)
+    assert Checkpoint(out).record("model.embed_tokens.weight")["codec"] == "zstd"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_sigterm_removes_the_temporary_folder(tmp_path, hf_folder):
+    """SIGTERM is handled as SIGINT: the conversion stops with status 130 and leaves nothing behind."""
+    script = (
+        "import sys, time\n"
+        "from jcodec import checkpoint, cli\n"
+        "add = checkpoint.CheckpointWriter.add\n"
+        "checkpoint.CheckpointWriter.add = lambda self, *a: (add(self, *a), time.sleep(1))[0]\n"
+        f"sys.exit(cli.main(['convert', {str(hf_folder)!r}, {str(tmp_path / 'out')!r}, '-q']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".out.*.tmp")), "the conversion never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
