@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcodec.benchmark import time_calls
+from jcodec.benchmark import copy_pass, time_calls
 from jcodec.pallas_kernels.stacked_matmul import stacked_matmul, stacked_matmul_reference
 
 SHAPES_8B = {  # name: (K, [N_i]) of one layer's matmul (several N: one launch), and layers
@@ -40,9 +40,8 @@ VARIANTS = {  # (block_n, block_k, num_warps, num_stages[, block_m]) per M
 
 
 def copy_bandwidth(reps: int, nbytes: int = 2 << 30) -> float:
-    a = jnp.zeros((nbytes // 4,), jnp.uint16) + jnp.uint16(1)
-    t = time_calls(jax.jit(lambda a: a ^ jnp.uint16(1)), [(a,)], reps, min_rounds=4)
-    return nbytes / t.seconds
+    """Bytes a second an XLA pass moves reading and writing ``nbytes`` (half read, half written)."""
+    return nbytes / copy_pass(nbytes // 2, reps, min_rounds=4).seconds
 
 
 def scan_over(layers: int, matmul):

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import generate as gen_bench  # noqa: E402  (bench/generate.py: the models and modes benchmarked)
 
 from jcodec import generation as gen  # noqa: E402
-from jcodec.benchmark import time_calls  # noqa: E402
+from jcodec.benchmark import copy_pass  # noqa: E402
 from jcodec.models import llama  # noqa: E402
 
 COPY_BYTES = 2 << 30  # the roofline pass reads and writes this many bytes
@@ -146,10 +146,7 @@ def breakdown(events, steps: int, op_bytes: dict[str, int]) -> dict:
 
 def copy_bandwidth(reps: int) -> float:
     """Bytes a second an XLA pass moves reading and writing a ``COPY_BYTES`` buffer (half read, half written)."""
-    a = jnp.zeros((COPY_BYTES // 4,), jnp.uint16) + jnp.uint16(1)
-    t = time_calls(jax.jit(lambda a: a ^ jnp.uint16(1)), [(a,)], reps, min_rounds=4)
-    del a
-    return COPY_BYTES / t.seconds
+    return COPY_BYTES / copy_pass(COPY_BYTES // 2, reps, min_rounds=4).seconds
 
 
 def profile_row(model_name: str, mode: str, batches, args, copy_bps: float) -> dict:
@@ -212,7 +209,6 @@ def profile_row(model_name: str, mode: str, batches, args, copy_bps: float) -> d
         ttft = statistics.median(times)
         flops = 2 * cfg.num_params * T  # the weights' matmuls (attention's are a few % at this length)
         row["prefill"] = dict(tokens=T, ttft_ms=ttft * 1e3, tflops=flops / ttft / 1e12)
-    del params
     return row
 
 
@@ -239,7 +235,7 @@ def report(rows, copy_bps: float) -> str:
             for k, v in x["kinds"].items():
                 gbs = f"{v['gbs']:.0f}" if v["gbs"] else "-"
                 out.append(f"  {k:<20} {v['launches']:>8.1f} {v['ms']:>8.3f} {v['bytes'] / 1e6:>9.1f} {gbs:>7}")
-            out.append(f"  top ops: " + "; ".join(f"{t['op']} ({t['kind']}) {t['ms']:.3f} ms x{t['launches']:g}"
+            out.append("  top ops: " + "; ".join(f"{t['op']} ({t['kind']}) {t['ms']:.3f} ms x{t['launches']:g}"
                                                  + (f" {t['gbs']:.0f} GB/s" if t["gbs"] else "")
                                                  for t in x["top"][:8]))
     return "\n".join(out)

@@ -73,6 +73,15 @@ def time_calls(fn, inputs, reps: int, *, min_rounds: int = 4, run_seconds: float
 CEILING_BYTES = 2 << 30  # the ceiling's pass runs over as many bytes as the layers decode to, at most this many
 
 
+def copy_pass(nbytes: int, reps: int, *, min_rounds: int = 2) -> Timing:
+    """The timing of an XLA elementwise pass over a uint16 array of ``nbytes`` bytes, read once and written once:
+    the memory ceiling a decoder (bytes written) or a weight-reading step (bytes read) is measured against."""
+    a = jnp.zeros((nbytes // 2,), jnp.uint16) + jnp.uint16(1)
+    t = time_calls(jax.jit(lambda a: a ^ jnp.uint16(1)), [(a,)], reps, min_rounds=min_rounds)
+    del a
+    return t
+
+
 def bench_checkpoint(path, *, reps: int = 5, layers_per_decode: int | None = None) -> dict:
     """Time the layer decodes of the jcodec checkpoint at ``path`` (see the module docstring); returns a dict of
     what was measured. Raises ValueError when it has no compressed layer weights to decode."""
@@ -103,9 +112,7 @@ def bench_checkpoint(path, *, reps: int = 5, layers_per_decode: int | None = Non
 
     decode_time = time_calls(jax.jit(all_layers), [(cts,)], reps, min_rounds=2)
     ceiling_bytes = min(decoded_bytes, CEILING_BYTES) // 2 * 2
-    plain = jnp.zeros((ceiling_bytes // 2,), jnp.uint16) + jnp.uint16(1)
-    ceiling_time = time_calls(jax.jit(lambda a: a ^ jnp.uint16(1)), [(plain,)], reps, min_rounds=2)
-    del plain
+    ceiling_time = copy_pass(ceiling_bytes, reps)
     device = jax.devices()[0]
     codecs_used = sorted({c.meta.codec for c in cts})
     return dict(

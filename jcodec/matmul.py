@@ -34,14 +34,6 @@ class LayerOf:
     stack: Any   # [L, ...] a jax.Array
     index: Any   # [] int32, traced
 
-    @property
-    def shape(self):
-        return self.stack.shape[1:]
-
-    @property
-    def dtype(self):
-        return self.stack.dtype
-
 
 def dense_weight(w):
     """The weight as one dense array: a stack's layer sliced out, a compressed tensor decoded."""
@@ -127,8 +119,7 @@ def linear(x, weights, dtype, out_dtype=None, *, backend: str | None = None) -> 
     """``[x @ w.T for w in weights]``: x [..., C] in ``dtype``, each w [N_i, C] (an array, a :class:`LayerOf` or
     a CompressedTensor); results [..., N_i] in ``out_dtype`` (default ``dtype``). ``backend``: "pallas" (the
     stacked kernel where it applies), "interpret" (the same in interpret mode) or "xla"; None: :data:`BACKEND`.
-    Weights the kernel cannot take
-    together (layers at different indices) are multiplied one at a time."""
+    Weights the kernel cannot take together (layers at different indices) are multiplied one at a time."""
     weights = list(weights)
     out_dtype = jnp.dtype(out_dtype or dtype)
     plan = kernel_plan(x, weights, dtype, backend)

@@ -4,16 +4,16 @@ The model (``jcodec.models.llama``) says what is computed; this module says how 
 - layers: one ``lax.scan`` over groups of G layers (:func:`group_layers`, :func:`auto_layer_group`). The
   compressed layer weights held on the device are decoded a group per kernel launch straight from their stacks
   (:func:`layer_stacks`); compressed weights in host memory (``offload`` mode) move to the device then, and
-  are decoded in one launch too;
+  are decoded in one launch too; plain layer matrices are handed over in place (:func:`matrix_stacks`);
 - the output head: multiplied in chunks of rows when it is larger than a layer (:func:`head_chunk_rows`), so
-  that a compressed head never decodes whole;
+  that a compressed head never decodes whole (a plain head the GPU kernel reads in place goes whole);
 - the embedding: a compressed embedding decodes only the rows looked up, unless the head is tied to it and
   multiplied whole, when it is decoded once for both.
 
 It reads sizes from the model's config (``num_layers``, ``num_params``, ``layer_params``, ``vocab_size``,
-``hidden_size``) and takes the per-layer computation and the head's matmul as functions: it knows nothing of
-a layer's maths. Plain arrays take the same path (the same groups, the same head chunks), so plain and
-compressed params run the same matmuls and give bitwise equal logits.
+``hidden_size``) and takes the per-layer computation as a function: it knows nothing of a layer's maths; the
+head is multiplied through ``jcodec.matmul.linear``. Plain and compressed params run the same matmuls on the
+same blocks of columns, so they give bitwise equal logits.
 
 ``layers`` below is the model's dataclass pytree of layer weights, each stacked on a leading layer axis
 ``[L, ...]``, or ``[L/G, G, ...]`` once grouped.

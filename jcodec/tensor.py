@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcodec import codecs, rans
+from jcodec.pallas_kernels import bf16_lossless, bf16_lossless_pack, int8, rans_math
+from jcodec.pallas_kernels.bf16_lossless_pack import COUNT, OUT, OUT_AT, RAW_AT, TABLE
 
 # Arrays a CompressedTensor holds on the device, by codec (see docs/FORMAT.md for the file's arrays).
 #   words   uint16[W]     every lane's word stream, concatenated lane by lane; W even (zero words pad it, and
@@ -128,7 +130,6 @@ def host_arrays(enc: codecs.EncodedTensor) -> dict[str, np.ndarray]:
     r, a = enc.record, enc.arrays
     if r["codec"] not in DEVICE_ARRAYS:
         raise ValueError(f"codec {r['codec']} is decoded on the host, not kept compressed on the device")
-    from jcodec.pallas_kernels import rans_math
 
     slots = rans.packed_slot_table(a["freqs"])
     bases = np.ascontiguousarray(a["tiles"][:, 0])  # each tile's first lane offset (validate checked them)
@@ -218,7 +219,6 @@ def _check_backend(ct, backend):
 def kernel_args(ct: CompressedTensor):
     """``(arrays, meta)`` as the kernels' ``*_decode_many`` take them (for one tensor or a stack): a
     ``bf16_lossless.LosslessMeta`` (with pair symbols n counts pairs) or an ``int8.Int8Meta``."""
-    from jcodec.pallas_kernels import bf16_lossless, int8
     m, a = ct.meta, ct.arrays
     if m.codec == "bf16-lossless":
         return (tuple(a[k] for k in ("words", "starts", "bases", "states", "raw", "table")),
@@ -229,7 +229,6 @@ def kernel_args(ct: CompressedTensor):
 
 def _reference(ct: CompressedTensor) -> jax.Array:
     """The pure-JAX decoder of one (unstacked) tensor, flat."""
-    from jcodec.pallas_kernels import bf16_lossless, int8
     args, meta = kernel_args(ct)
     if ct.meta.codec == "bf16-lossless":
         return bf16_lossless.bf16_lossless_reference(*args, **meta._asdict())[:ct.meta.size]
@@ -242,7 +241,6 @@ def decode_many(cts: list, *, tiles=None, start=None, window: int = 0, interpret
     all of one codec in ONE launch. ``tiles``: None, or per tensor None or int32[R] (see ``decode_tiles``);
     ``start``/``window``: copies ``start .. start + window`` of every stack (see ``decode_window``).
     Returns flat arrays: ``[n]``, ``[copies, n]``, ``[window, n]`` or ``[R * tile]``."""
-    from jcodec.pallas_kernels import bf16_lossless, int8
     tiles = [None] * len(cts) if tiles is None else list(tiles)
     out = [None] * len(cts)
     for codec, fn in (("bf16-lossless", bf16_lossless.bf16_lossless_decode_many),
@@ -406,7 +404,6 @@ class PackBuilder:
 
     def __init__(self, tensors: list[tuple[int, int, int]], lanes: int, steps: int, dtype: str, carry: int = 0,
                  run: int = 1, pairs: bool = False):
-        from jcodec.pallas_kernels import bf16_lossless_pack, rans_math
         tile = lanes * steps
         outs = 1 + max(j for j, _, _ in tensors)
         sizes = [0] * outs
@@ -438,7 +435,6 @@ class PackBuilder:
     def add(self, i: int, words, starts, bases, states, raw, table) -> None:
         """Tensor ``i``'s arrays in the kernels' layout (``host_arrays``); the pack's lanes start at absolute
         word offsets (their tile's base plus their start, moved to the tensor's words)."""
-        from jcodec.pallas_kernels.bf16_lossless_pack import COUNT, OUT, OUT_AT, RAW_AT, TABLE
         words_at, lanes_at, values_at, j, out_at, n = self.slots[i]
         w = words.reshape(-1)
         end = self.slots[i + 1][0] if i + 1 < len(self.slots) else self.arrays[0].size
@@ -495,7 +491,6 @@ def decode_pack(arrays, *, sizes, lanes: int, steps: int, dtype: str, carry: int
                 unroll: int = 1) -> list[jax.Array]:
     """Decode a pack: the Pallas kernel on GPU (``unroll`` 1: it compiles fastest, and a load decodes
     once), the pure-JAX reference elsewhere."""
-    from jcodec.pallas_kernels import bf16_lossless_pack
     backend = backend or default_backend()
     static = dict(sizes=tuple(sizes), lanes=lanes, steps=steps, dtype=dtype, carry=carry, run=run, pairs=pairs)
     if backend == "pallas":
@@ -530,6 +525,5 @@ def pack_groups(cts: list, limit: int = PACK_LIMIT) -> list[list[int]]:
 
 
 def _pack_values(ct) -> int:
-    from jcodec.pallas_kernels import rans_math
     copies = ct.batch_shape[0] if ct.batch_shape else 1
     return ct.meta.symbols * copies * rans_math.raw_bytes(ct.meta.dtype, ct.meta.pairs)

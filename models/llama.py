@@ -310,12 +310,6 @@ def rms_norm(x, w, eps):
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def dense(x, weights, dtype) -> list:
-    """x [..., in] @ w[out, in].T for each of ``weights`` (which share x: one kernel launch on a GPU), in the
-    compute dtype; a weight may be a layer of a stack or compressed (jcodec.matmul)."""
-    return linear(x, weights, dtype)
-
-
 def dot_product_attention(q, k, v, mask):
     """q [B, T, H, D]; k, v [B, S, K, D]; mask [B, T, S] -> [B, T, H*D]. Grouped-query: G = H // K."""
     B, T, H, D = q.shape
@@ -333,7 +327,7 @@ def attention(x, w: Layers, k_cache, v_cache, i, pos, cos, sin, mask, cfg: Llama
     are written into the caches [L, B, S, K, D] at layer ``i``, slots pos .. pos+T-1, then attended over."""
     B, T, _ = x.shape
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q, k, v = dense(x, [w.q_proj, w.k_proj, w.v_proj], dtype)
+    q, k, v = linear(x, [w.q_proj, w.k_proj, w.v_proj], dtype)
     q = apply_rope(q.reshape(B, T, H, D), cos, sin)                          # [B, T, H, D]
     k = apply_rope(k.reshape(B, T, K, D), cos, sin)                          # [B, T, K, D]
     v = v.reshape(B, T, K, D)                                                # [B, T, K, D]
@@ -342,13 +336,13 @@ def attention(x, w: Layers, k_cache, v_cache, i, pos, cos, sin, mask, cfg: Llama
     k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
     o = dot_product_attention(q, k_cache[i].astype(dtype), v_cache[i].astype(dtype), mask)  # [B, T, H*D]
-    return dense(o, [w.o_proj], dtype)[0], k_cache, v_cache
+    return linear(o, [w.o_proj], dtype)[0], k_cache, v_cache
 
 
 def mlp(x, w: Layers, dtype):
     """SwiGLU: x [B, T, C] -> [B, T, C] through F hidden units."""
-    gate, up = dense(x, [w.gate_proj, w.up_proj], dtype)                     # [B, T, F] each
-    return dense(jax.nn.silu(gate) * up, [w.down_proj], dtype)[0]
+    gate, up = linear(x, [w.gate_proj, w.up_proj], dtype)                    # [B, T, F] each
+    return linear(jax.nn.silu(gate) * up, [w.down_proj], dtype)[0]
 
 
 # ------------------------------------------------------------------------------------------------- layer

@@ -24,15 +24,10 @@ except ImportError:
     sys.modules["jcodec.pallas_kernels"] = pallas_kernels
 
 from jcodec import codecs, rans, tensor
+from jcodec.codecs import bits_of
 from jcodec.pallas_kernels import bf16_lossless, int8, rans_math as rm
 
 FLOATS = ("bfloat16", "float16", "float32")
-
-
-def bits(a) -> np.ndarray:
-    """A float array's bit patterns (so that NaN payloads and -0.0 compare exactly)."""
-    a = np.asarray(a)
-    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
 def device_args(ct: tensor.CompressedTensor):
@@ -97,27 +92,27 @@ class KernelTestBase:
     def check_float(self, x: np.ndarray, lanes: int, steps: int, run=None, **blocks):
         enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, run=run)
         assert enc.record.get("run", 1) == (run or 1)
-        want = bits(codecs.decode(enc)).reshape(-1)
-        np.testing.assert_array_equal(want, bits(x).reshape(-1))
+        want = bits_of(codecs.decode(enc)).reshape(-1)
+        np.testing.assert_array_equal(want, bits_of(x).reshape(-1))
         args, kw = device_args(tensor.from_encoded(enc))
         ref = bf16_lossless.bf16_lossless_reference(*args, **kw)
-        np.testing.assert_array_equal(bits(ref), want)
+        np.testing.assert_array_equal(bits_of(ref), want)
         out = bf16_lossless.bf16_lossless_decode(*args, **kw, **blocks, interpret=self.INTERPRET)
         assert out.dtype == jnp.dtype(x.dtype) and out.shape == (x.size,)
-        np.testing.assert_array_equal(bits(out), want)
+        np.testing.assert_array_equal(bits_of(out), want)
 
     def check_int8(self, x: np.ndarray, lanes: int, steps: int, predictors=None, **blocks):
         enc = codecs.encode(x, "int8", lanes=lanes, steps=steps)
         if predictors is not None:  # the data must make the predictor we mean to test win somewhere
             assert predictors in set(enc.arrays["tiles"][:, 2].tolist()), enc.arrays["tiles"][:, 2]
-        want = bits(codecs.decode(enc)).reshape(-1)
+        want = bits_of(codecs.decode(enc)).reshape(-1)
         args, kw = device_args(tensor.from_encoded(enc))
         ref = int8.int8_reference(*args, **kw)
-        np.testing.assert_array_equal(bits(ref), want)
+        np.testing.assert_array_equal(bits_of(ref), want)
         used = tensor.from_encoded(enc).meta.predictors
         out = int8.int8_decode(*args, **kw, predictors_used=used, **blocks, interpret=self.INTERPRET)
         assert out.dtype == jnp.dtype(x.dtype) and out.shape == (x.size,)
-        np.testing.assert_array_equal(bits(out), want)
+        np.testing.assert_array_equal(bits_of(out), want)
 
 
 class TestFloatKernel(KernelTestBase):
@@ -147,7 +142,7 @@ class TestFloatKernel(KernelTestBase):
         metas = tuple(bf16_lossless.LosslessMeta(**kw) for _, kw in args)
         outs = bf16_lossless.bf16_lossless_decode_many([a for a, _ in args], metas=metas, interpret=self.INTERPRET)
         for out, x in zip(outs, xs):
-            np.testing.assert_array_equal(bits(out), bits(x).reshape(-1))
+            np.testing.assert_array_equal(bits_of(out), bits_of(x).reshape(-1))
 
     @pytest.mark.parametrize("dtype", FLOATS)
     def test_carried_raw_bytes(self, dtype):
@@ -160,14 +155,14 @@ class TestFloatKernel(KernelTestBase):
         assert off.arrays["raw"].size - on.arrays["raw"].size == 3 * 32 * codecs.CARRY[rb] * rb
         assert on.arrays["counts"].dtype == np.uint8  # steps <= 255: one byte per lane
         off.arrays["counts"] = off.arrays["counts"].astype(np.uint16)  # as version 1 wrote them
-        np.testing.assert_array_equal(bits(codecs.decode(off)), bits(x))
+        np.testing.assert_array_equal(bits_of(codecs.decode(off)), bits_of(x))
         for enc in (on, off):
             args, kw = device_args(tensor.from_encoded(enc))
             outs = [bf16_lossless.bf16_lossless_reference(*args, **kw)]
             outs += [bf16_lossless.bf16_lossless_decode(*args, **kw, unroll=u, raw_early=r, interpret=self.INTERPRET)
                      for u, r in ((1, False), (4, True))]
             for out in outs:
-                np.testing.assert_array_equal(bits(out), bits(x))
+                np.testing.assert_array_equal(bits_of(out), bits_of(x))
 
     @pytest.mark.parametrize("dtype,lanes,steps,run,blocks", [
         ("bfloat16", 32, 18, 4, {}), ("bfloat16", 24, 10, 8, dict(unroll=16, prefetch=8)),
@@ -189,11 +184,11 @@ class TestFloatKernel(KernelTestBase):
         x = random_float(np.random.default_rng(8), (2 * 16 * 8 + 21,), dtype, "bits")
         enc = codecs.encode_float(x, 16, 8, carry=False, run=4)
         assert (enc.record["carry"], enc.record["run"]) == (0, 4)
-        np.testing.assert_array_equal(bits(codecs.decode(enc)), bits(x))
+        np.testing.assert_array_equal(bits_of(codecs.decode(enc)), bits_of(x))
         args, kw = device_args(tensor.from_encoded(enc))
         for out in (bf16_lossless.bf16_lossless_reference(*args, **kw),
                     bf16_lossless.bf16_lossless_decode(*args, **kw, interpret=self.INTERPRET)):
-            np.testing.assert_array_equal(bits(out), bits(x))
+            np.testing.assert_array_equal(bits_of(out), bits_of(x))
 
     @pytest.mark.parametrize("dtype", FLOATS)
     def test_incompressible_bits(self, dtype):
@@ -283,7 +278,7 @@ class TestInt8Kernel(KernelTestBase):
         metas = tuple(int8.Int8Meta(**kw, predictors_used=(0, 1, 2)) for _, kw in args)
         outs = int8.int8_decode_many([a for a, _ in args], metas=metas, interpret=self.INTERPRET)
         for out, e in zip(outs, encs):
-            np.testing.assert_array_equal(bits(out), bits(codecs.decode(e)).reshape(-1))
+            np.testing.assert_array_equal(bits_of(out), bits_of(codecs.decode(e)).reshape(-1))
 
     def test_all_equal_and_zero_rows(self):
         x = np.zeros((20, 60), np.float32)
@@ -327,7 +322,7 @@ class TestInsideJit(KernelTestBase):
         layers = [(rng.standard_normal((24, 70)) * 0.02 * (i + 1)).astype(ml_dtypes.bfloat16) for i in range(3)]
         layers[1][0, :5] = 0  # different word counts per layer: the stack pads the word streams
         encs = [codecs.encode(x, codec, lanes=32, steps=16) for x in layers]
-        want = np.stack([bits(codecs.decode(e)) for e in encs])
+        want = np.stack([bits_of(codecs.decode(e)) for e in encs])
         stacked = tensor.stack_layers([tensor.from_encoded(e) for e in encs])
         assert stacked.shape == (3, 24, 70)
 
@@ -341,10 +336,10 @@ class TestInsideJit(KernelTestBase):
             return lax.scan(body, jnp.uint32(0), st)
 
         total, ys = run(stacked)
-        np.testing.assert_array_equal(bits(ys), want)
+        np.testing.assert_array_equal(bits_of(ys), want)
         assert int(total) == int(want.astype(np.uint64).sum() % (1 << 32))
         # the batched path of decode (lax.map over the stack) agrees too
-        np.testing.assert_array_equal(bits(tensor.decode(stacked, backend=backend, interpret=self.INTERPRET)),
+        np.testing.assert_array_equal(bits_of(tensor.decode(stacked, backend=backend, interpret=self.INTERPRET)),
                                       want)
 
 
@@ -387,15 +382,15 @@ class TestStacksAndTiles(KernelTestBase):
         layers[1][0, :9] = 0
         encs = [codecs.encode(x, codec, lanes=32, steps=16) for x in layers]
         stacked = tensor.stack_layers([tensor.from_encoded(e) for e in encs])
-        want = np.stack([bits(codecs.decode(e)) for e in encs])
+        want = np.stack([bits_of(codecs.decode(e)) for e in encs])
         out = tensor.decode_many([stacked], interpret=self.INTERPRET)[0]
         assert out.shape == (3, 24 * 70)
-        np.testing.assert_array_equal(bits(out).reshape(want.shape), want)
+        np.testing.assert_array_equal(bits_of(out).reshape(want.shape), want)
         # mixed with a single tensor of the same codec, as materialize_all launches a layer group
         single = tensor.from_encoded(encs[0])
         both = tensor.materialize_all({"a": stacked, "b": single}, backend="pallas", interpret=self.INTERPRET)
-        np.testing.assert_array_equal(bits(both["a"]), want)
-        np.testing.assert_array_equal(bits(both["b"]), want[0])
+        np.testing.assert_array_equal(bits_of(both["a"]), want)
+        np.testing.assert_array_equal(bits_of(both["b"]), want[0])
 
     @pytest.mark.parametrize("codec", ["bf16-lossless", "int8"])
     def test_window_of_a_stack_read_in_place(self, codec):
@@ -409,16 +404,16 @@ class TestStacksAndTiles(KernelTestBase):
             layers[3] = np.cumsum(layers[3].astype(np.float32), axis=1).astype(ml_dtypes.bfloat16)
             encs = [codecs.encode(x, codec, lanes=32, steps=16) for x in layers]
             stacks.append(tensor.stack_layers([tensor.from_encoded(e) for e in encs]))
-            wants.append(np.stack([bits(codecs.decode(e)) for e in encs]))
+            wants.append(np.stack([bits_of(codecs.decode(e)) for e in encs]))
         window = jax.jit(lambda cts, s: tensor.decode_window(cts, s, 2, backend="pallas", interpret=self.INTERPRET))
         for start, first in [(1, 1), (0, 0), (3, 2), (-5, 0)]:  # past either end: clamped
             outs = window(stacks, jnp.int32(start))
             for out, want, shape in zip(outs, wants, shapes):
                 assert out.shape == (2,) + shape
-                np.testing.assert_array_equal(bits(out), want[first:first + 2])
+                np.testing.assert_array_equal(bits_of(out), want[first:first + 2])
         ref = tensor.decode_window(stacks, jnp.int32(1), 2, backend="reference")
         for out, want in zip(ref, wants):
-            np.testing.assert_array_equal(bits(out), want[1:3])
+            np.testing.assert_array_equal(bits_of(out), want[1:3])
         with pytest.raises(ValueError, match="stacks of >= window=5"):
             tensor.decode_window(stacks, 0, 5, backend="pallas", interpret=self.INTERPRET)
 
@@ -436,18 +431,18 @@ class TestStacksAndTiles(KernelTestBase):
         cts = [tensor.CompressedTensor({**c.arrays, "words": c.arrays["words"][:w]}, c.meta) for c, w in zip(cts, counts)]
         stacked = tensor.stack_layers(cts)
         assert stacked.arrays["words"].shape[-1] % 2 == 0
-        want = np.stack([bits(codecs.decode(e)).reshape(-1) for e in encs])
+        want = np.stack([bits_of(codecs.decode(e)).reshape(-1) for e in encs])
         decode_many, opts = ((bf16_lossless.bf16_lossless_decode_many, dict(word_group=2))
                              if codec == "bf16-lossless"
                              else (int8.int8_decode_many, dict(word_group=2)))
         args, meta = tensor.kernel_args(stacked)
         out = decode_many([args], metas=(meta,), **opts, interpret=self.INTERPRET)[0]
-        np.testing.assert_array_equal(bits(out), want)
+        np.testing.assert_array_equal(bits_of(out), want)
         # a subset of the tiles of one tensor, the partial last tile first
         args, meta = tensor.kernel_args(tensor.from_encoded(encs[0]))
         tile, count = 32 * 16, -(-want.shape[1] // (32 * 16))
         ids = jnp.asarray([count - 1, 0, 1], jnp.int32)
-        got = bits(decode_many([args], metas=(meta,), tiles=[ids], **opts, interpret=self.INTERPRET)[0])
+        got = bits_of(decode_many([args], metas=(meta,), tiles=[ids], **opts, interpret=self.INTERPRET)[0])
         for r, t in enumerate(np.asarray(ids)):
             part = want[0, t * tile:(t + 1) * tile]
             np.testing.assert_array_equal(got[r * tile:r * tile + part.size], part)
@@ -462,22 +457,22 @@ class TestStacksAndTiles(KernelTestBase):
         x[1] = np.cumsum(x[1].astype(np.float32)).astype(ml_dtypes.bfloat16)
         enc = codecs.encode(x, codec, lanes=lanes, steps=steps)
         ct = tensor.from_encoded(enc)
-        want = bits(codecs.decode(enc))  # [rows, cols]
+        want = bits_of(codecs.decode(enc))  # [rows, cols]
         flat = want.reshape(-1)
         tile, count = lanes * steps, ct.meta.tiles
         ids = jnp.asarray([count - 1, 0, count - 1, min(1, count - 1)], jnp.int32)  # the partial last tile too
         for backend in ("pallas", "reference"):
-            got = bits(tensor.decode_tiles(ct, ids, backend=backend, interpret=self.INTERPRET)).reshape(4, tile)
+            got = bits_of(tensor.decode_tiles(ct, ids, backend=backend, interpret=self.INTERPRET)).reshape(4, tile)
             for r, t in enumerate(np.asarray(ids)):
                 part = flat[t * tile:(t + 1) * tile]
                 np.testing.assert_array_equal(got[r, :part.size], part)
             for start, n in [(0, 1), (shape[0] - 1, 1), (1, shape[0] - 1), (shape[0] // 2, 2)]:
                 n = min(n, shape[0])
                 rows = jax.jit(lambda s: tensor.decode_rows(ct, s, n, backend=backend, interpret=self.INTERPRET))
-                np.testing.assert_array_equal(bits(rows(jnp.int32(start))), want[start:start + n])
+                np.testing.assert_array_equal(bits_of(rows(jnp.int32(start))), want[start:start + n])
             tokens = jnp.asarray(rng.integers(0, shape[0], (2, 5)), jnp.int32)
             emb = jax.jit(lambda t: tensor.take_rows(ct, t, chunk=3, backend=backend, interpret=self.INTERPRET))
-            np.testing.assert_array_equal(bits(emb(tokens)), want[np.asarray(tokens)])
+            np.testing.assert_array_equal(bits_of(emb(tokens)), want[np.asarray(tokens)])
 
 
 class TestStacksAndTilesInterpret(TestStacksAndTiles):
@@ -491,15 +486,15 @@ class TestPairSymbols(KernelTestBase):
         enc = codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=True, run=run)
         if run is not None:
             assert enc.record.get("run", 1) == run
-        want = bits(codecs.decode(enc)).reshape(-1)
-        np.testing.assert_array_equal(want, bits(x).reshape(-1))
+        want = bits_of(codecs.decode(enc)).reshape(-1)
+        np.testing.assert_array_equal(want, bits_of(x).reshape(-1))
         ct = tensor.from_encoded(enc)
         args, meta = tensor.kernel_args(ct)
         assert meta.n == -(-x.size // 2) and meta.pairs and meta.dtype == "bfloat16"
-        np.testing.assert_array_equal(bits(tensor.decode(ct, backend="reference")).reshape(-1), want)
+        np.testing.assert_array_equal(bits_of(tensor.decode(ct, backend="reference")).reshape(-1), want)
         out = bf16_lossless.bf16_lossless_decode_many([args], metas=(meta,), **blocks, interpret=self.INTERPRET)[0]
         assert out.dtype == jnp.bfloat16 and out.shape == (2 * meta.n,)
-        np.testing.assert_array_equal(bits(out)[:x.size], want)
+        np.testing.assert_array_equal(bits_of(out)[:x.size], want)
         return enc
 
     @pytest.mark.parametrize("n,lanes,steps,run,blocks", [
@@ -543,7 +538,7 @@ class TestPairSymbols(KernelTestBase):
         outs = tensor.materialize_all([tensor.from_encoded(e) for e in encs], backend="pallas",
                                       interpret=self.INTERPRET)
         for out, x in zip(outs, xs):
-            np.testing.assert_array_equal(bits(out), bits(x))
+            np.testing.assert_array_equal(bits_of(out), bits_of(x))
         layers = [random_float(rng, (24, 69), "bfloat16") * (i + 1) for i in range(3)]
         stacked = tensor.stack_layers([tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=32, steps=8,
                                                                          pairs=True)) for x in layers])
@@ -554,8 +549,8 @@ class TestPairSymbols(KernelTestBase):
             return ys, tensor.decode_window([st], start, 2, backend="pallas", interpret=self.INTERPRET)[0]
 
         ys, window = run(stacked, jnp.int32(1))
-        np.testing.assert_array_equal(bits(ys), bits(np.stack(layers)))
-        np.testing.assert_array_equal(bits(window), bits(np.stack(layers[1:])))
+        np.testing.assert_array_equal(bits_of(ys), bits_of(np.stack(layers)))
+        np.testing.assert_array_equal(bits_of(window), bits_of(np.stack(layers[1:])))
 
     @pytest.mark.parametrize("shape,lanes,steps", [((37, 41), 32, 8), ((3, 500), 32, 4)])
     def test_tiles_rows_and_embedding_lookup(self, shape, lanes, steps):
@@ -564,18 +559,18 @@ class TestPairSymbols(KernelTestBase):
         ct = tensor.from_encoded(codecs.encode(x, "bf16-lossless", lanes=lanes, steps=steps, pairs=True))
         tile, count = 2 * lanes * steps, ct.meta.tiles
         assert ct.meta.tile == tile
-        flat = bits(x).reshape(-1)
+        flat = bits_of(x).reshape(-1)
         ids = jnp.asarray([count - 1, 0, min(1, count - 1)], jnp.int32)
         for backend in ("pallas", "reference"):
-            got = bits(tensor.decode_tiles(ct, ids, backend=backend, interpret=self.INTERPRET)).reshape(3, tile)
+            got = bits_of(tensor.decode_tiles(ct, ids, backend=backend, interpret=self.INTERPRET)).reshape(3, tile)
             for r, t in enumerate(np.asarray(ids)):
                 part = flat[t * tile:(t + 1) * tile]
                 np.testing.assert_array_equal(got[r, :part.size], part)
             rows = jax.jit(lambda s: tensor.decode_rows(ct, s, 2, backend=backend, interpret=self.INTERPRET))
-            np.testing.assert_array_equal(bits(rows(jnp.int32(shape[0] - 2))), bits(x[-2:]))
+            np.testing.assert_array_equal(bits_of(rows(jnp.int32(shape[0] - 2))), bits_of(x[-2:]))
             tokens = jnp.asarray(rng.integers(0, shape[0], (2, 3)), jnp.int32)
             emb = jax.jit(lambda t: tensor.take_rows(ct, t, chunk=2, backend=backend, interpret=self.INTERPRET))
-            np.testing.assert_array_equal(bits(emb(tokens)), bits(x[np.asarray(tokens)]))
+            np.testing.assert_array_equal(bits_of(emb(tokens)), bits_of(x[np.asarray(tokens)]))
 
     def test_refused_options(self):
         x = random_float(np.random.default_rng(5), (300,), "bfloat16")
@@ -666,7 +661,7 @@ class TestSymbolLayout(KernelTestBase):
         for arrays, blocks in ((args, dict(unroll=4)), (given, dict(unroll=3, prefetch=8, raw_early=True))):
             out = bf16_lossless.bf16_lossless_decode(*arrays, **kw, coarse_bits=rm.BY_SYMBOL, **blocks,
                                                      interpret=self.INTERPRET)
-            np.testing.assert_array_equal(bits(out), bits(x))
+            np.testing.assert_array_equal(bits_of(out), bits_of(x))
 
     def test_pairs_stack_and_window(self):
         rng = np.random.default_rng(8)
@@ -679,7 +674,7 @@ class TestSymbolLayout(KernelTestBase):
             out = bf16_lossless.bf16_lossless_decode_many([args], metas=(meta,), coarse_bits=rm.BY_SYMBOL, **kw,
                                                           interpret=self.INTERPRET)[0]
             want = np.stack(layers[1:] if kw else layers)
-            np.testing.assert_array_equal(bits(out)[:, :701], bits(want))
+            np.testing.assert_array_equal(bits_of(out)[:, :701], bits_of(want))
 
     def test_int8_every_predictor_every_lookup(self):
         x = three_predictors()

@@ -265,7 +265,7 @@ def test_smollm2_logits_match_transformers(smollm2):
 
     On this 30-layer model the logits reach ~27 (45 on longer prompts), and last-ulp differences grow through
     the layers: transformers' own float32 logits are 5-9e-5 from float64. Our float32 matmuls and the output
-    head (blocked as MKL's, see ``llama.contract``) and RoPE frequencies equal transformers' bit for bit;
+    head (blocked as MKL's, see ``jcodec.matmul.contract``) and RoPE frequencies equal transformers' bit for bit;
     what is left differs in the last ulp: cos/sin, SiLU (x * sigmoid(x) here, x / (1 + exp(-x)) in torch),
     attention (torch's sdpa kernel has its own exp and summation order). Seen on 8 prompts of 1-39 tokens:
     4.4e-5 to 8.8e-5, median 4.6e-5 (4.5e-5 on this one); transformers' eager vs sdpa differ by up to 9.3e-5.

@@ -22,14 +22,10 @@ except ImportError:
     sys.modules["jcodec.pallas_kernels"] = pallas_kernels
 
 from jcodec import api, codecs, tensor
+from jcodec.codecs import bits_of
 from jcodec.convert import convert
 from jcodec.models import llama
 from jcodec.pallas_kernels import bf16_lossless_pack, rans_math as rm
-
-
-def bits(a) -> np.ndarray:
-    a = np.asarray(a)
-    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
 def host_ct(x, lanes, steps, pairs=False, run=1):
@@ -95,8 +91,8 @@ class TestPackKernel:
                                                            coarse_bits=coarse_bits, interpret=self.INTERPRET, **opts)
         ref = bf16_lossless_pack.bf16_lossless_pack_reference(*arrays, **static)
         for x, g, r in zip(xs, got, ref):
-            np.testing.assert_array_equal(bits(g), bits(x).reshape(-1))
-            np.testing.assert_array_equal(bits(r), bits(x).reshape(-1))
+            np.testing.assert_array_equal(bits_of(g), bits_of(x).reshape(-1))
+            np.testing.assert_array_equal(bits_of(r), bits_of(x).reshape(-1))
 
 
 class TestPackKernelInterpret(TestPackKernel):
@@ -133,7 +129,7 @@ def test_decode_params_equals_leafwise_decode():
     flat = out["a"] + [out["b"]["stack"]] + out["c"]
     for x, y in zip(xs[:3] + [xs[-1]] + xs[3:-1], flat):
         assert y.shape == x.shape and isinstance(y, jax.Array)
-        np.testing.assert_array_equal(bits(y), bits(x))
+        np.testing.assert_array_equal(bits_of(y), bits_of(x))
     np.testing.assert_array_equal(out["b"]["plain"], np.arange(4.0))
 
 
@@ -158,4 +154,4 @@ def test_load_decoded_gives_the_original_weights(tmp_path, pairs):
     want = llama.params_from_tensors(cfg, tensors.__getitem__, jax.numpy.bfloat16)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(want)):
         assert a.shape == b.shape, path
-        np.testing.assert_array_equal(bits(a), bits(b), err_msg=str(path))
+        np.testing.assert_array_equal(bits_of(a), bits_of(b), err_msg=str(path))
